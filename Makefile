@@ -1,0 +1,46 @@
+# cachemode: two commands for a fresh Debian machine with Python 3.11, as root.
+#   make demo   set up, then serve the demo image over NBD and show a client session against it
+#   make test   set up everything (Debian peers included) and run the whole suite
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint bench debs venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/cachemode modes
+	$(VENV)/bin/cachemode disk info demo.img --create 1G --cache none
+
+test: debs $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+bench: debs $(STAMP)
+	$(PY) bench/nbd_bench.py
+	$(PY) bench/cpu_bench.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

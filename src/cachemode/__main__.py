@@ -1,0 +1,5 @@
+"""Allow ``python -m cachemode``."""
+
+from cachemode.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Click options shared by every command that opens a disk, so each spells them the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cachemode.errors import CachemodeError
+from cachemode.modes import DEFAULT_MODE, mode_names
+from cachemode.units import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SizeParam(click.ParamType):
+    """A byte size such as ``4096``, ``64M`` or ``1G``."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except CachemodeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeParam()
+
+
+def on_off(value: str) -> bool:
+    return value == "on"
+
+
+def disk_options(func: F) -> F:
+    """``--cache MODE``, ``--write-cache on|off`` and ``--read-only``."""
+    func = click.option("--read-only", is_flag=True, help="Open the image read-only.")(func)
+    func = click.option(
+        "--write-cache",
+        type=click.Choice(["on", "off"]),
+        default="on",
+        show_default=True,
+        help="The guest-visible write cache (QEMU write-cache=); off makes every write durable "
+        "before it is acknowledged, except in unsafe.",
+    )(func)
+    func = click.option(
+        "--cache",
+        "cache",
+        type=click.Choice(mode_names(), case_sensitive=False),
+        default=DEFAULT_MODE,
+        show_default=True,
+        help="Cache mode, as QEMU's -drive cache=.",
+    )(func)
+    return func

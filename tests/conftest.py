@@ -1,0 +1,50 @@
+"""Fixtures shared by the whole suite: real image files and, where the machine allows, real filesystems."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def run_cli(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cachemode ARGS`` for real and capture its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cachemode", *args],
+        input=input.decode() if input is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A 1 MiB raw image full of random data (allocated, so O_DIRECT probing sees real blocks)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(1 << 20))
+    return path
+
+
+@pytest.fixture
+def no_odirect_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a filesystem that refuses O_DIRECT: a ramfs mounted for the test (needs root)."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a ramfs (a filesystem without O_DIRECT) needs root and mount(8)")
+    result = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs here: {result.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
