@@ -18,6 +18,7 @@ from cachemode.errors import CachemodeError
 SUBCOMMANDS: dict[str, str] = {
     "modes": "cachemode.commands:modes",
     "disk": "cachemode.commands:disk",
+    "serve": "cachemode.nbd.commands:serve",
 }
 
 

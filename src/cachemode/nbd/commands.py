@@ -1,0 +1,144 @@
+"""``cachemode serve``: serve an image over NBD with a cache mode's exact semantics."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cachemode.errors import CachemodeError
+from cachemode.options import SIZE, disk_options, on_off
+
+DEMO_SIZE = 1 << 30
+DEFAULT_PORT = 10809
+
+
+class ServeError(CachemodeError):
+    """The server could not start (address in use, bad socket path, ...)."""
+
+
+def demo_image_path() -> Path:
+    """The sparse demo image in the user's data directory (created on first use)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("cachemode")) / "demo.img"
+
+
+def ensure_demo_image() -> Path:
+    path = demo_image_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServeError(f"cannot create {path.parent}: {exc.strerror}") from None
+    if not path.exists():
+        from cachemode.disk import create_image
+
+        create_image(path, DEMO_SIZE)
+    return path
+
+
+def ready_line(server: Any) -> str:
+    """The one line printed when the server listens: URI, mode, what the client is told."""
+    from cachemode.nbd.export import describe_flags
+
+    disk = server.disk
+    told = "SEND_FLUSH+SEND_FUA" if disk.guest_write_cache else "no write cache (no SEND_FLUSH/SEND_FUA)"
+    flags = server.export.transmission_flags(True)
+    return (
+        f"cachemode serve: {server.uri} cache={disk.mode.name} "
+        f"write-cache={'on' if disk.write_cache else 'off'} size={disk.size} "
+        f"told={told} flags={'|'.join(describe_flags(flags))}"
+    )
+
+
+def check_address(port: int | None, socket_path: str | None) -> int:
+    if port is not None and socket_path:
+        raise click.UsageError("--port and --socket are mutually exclusive")
+    if port is None:
+        return DEFAULT_PORT
+    if not 0 <= port <= 65535:
+        raise click.UsageError(f"--port {port} is out of range 0..65535")
+    return port
+
+
+def open_served_disk(image: str | None, cache: str, write_cache: str, read_only: bool, create_size: int | None) -> Any:
+    from cachemode.disk import open_disk
+
+    if image is None:
+        if create_size is not None:
+            raise click.UsageError("--create needs an IMAGE")
+        image = str(ensure_demo_image())
+    elif create_size is None and not os.path.exists(image):
+        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
+    if create_size is not None and create_size <= 0:
+        raise click.UsageError("--create SIZE must be positive")
+    return open_disk(image, cache, write_cache=on_off(write_cache), read_only=read_only, create_size=create_size)
+
+
+def run_server(
+    disk: Any,
+    *,
+    bind: str,
+    port: int,
+    socket_path: str | None,
+    export_name: str,
+    on_ready: Any = None,
+) -> Any:
+    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError."""
+    from cachemode.nbd.server import serve
+
+    def ready(server: Any) -> None:
+        click.echo(ready_line(server))
+        sys.stdout.flush()
+        if on_ready is not None:
+            on_ready(server)
+
+    try:
+        return serve(
+            disk,
+            host=bind,
+            port=port,
+            socket_path=socket_path,
+            export_name=export_name,
+            description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
+            on_ready=ready,
+        )
+    except OSError as exc:
+        where = socket_path or f"{bind}:{port}"
+        raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+@click.command()
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@disk_options
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=None, help=f"TCP port [default: {DEFAULT_PORT}].")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, help="Unix socket instead.")
+@click.option("--export-name", default="", help="Export name (the empty default name is always accepted).")
+@click.option("--create", "create_size", type=SIZE, default=None, help="Create a sparse image of SIZE first.")
+def serve(
+    image: str | None,
+    cache: str,
+    write_cache: str,
+    read_only: bool,
+    bind: str,
+    port: int | None,
+    socket_path: str | None,
+    export_name: str,
+    create_size: int | None,
+) -> None:
+    """Serve IMAGE over NBD with the exact semantics of a QEMU cache mode.
+
+    With no IMAGE, serves a sparse 1 GiB demo image in the user's data directory. The client is told of a
+    volatile write cache (SEND_FLUSH, SEND_FUA) exactly when the mode has one. Stops on SIGINT/SIGTERM after
+    finishing in-flight requests and flushing (except in unsafe).
+    """
+    port = check_address(port, socket_path)
+    disk = open_served_disk(image, cache, write_cache, read_only, create_size)
+    try:
+        run_server(disk, bind=bind, port=port, socket_path=socket_path, export_name=export_name)
+    finally:
+        disk.close()

@@ -1,0 +1,195 @@
+"""The transmission phase as a sans-IO parser: request bytes in, typed events out.
+
+    tx = Transmission(negotiated)
+    for event in tx.receive_data(chunk):
+        match event:
+            case Request(): ...        # valid: dispatch it to the disk, build the reply with ``replies``
+            case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
+            case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
+
+A bad request magic raises :class:`ProtocolError` (the stream cannot be resynchronised). The parser buffers at
+most one request header plus one WRITE payload (<= the maximum payload, 32 MiB); a rejected WRITE's payload is
+counted off as it arrives and never held, whatever length the header claims.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from cachemode.nbd import constants as c
+from cachemode.nbd import replies, validate
+from cachemode.nbd.handshake import Negotiated, ProtocolError
+
+_REQUEST = struct.Struct(">IHHQQI")
+REQUEST_SIZE = _REQUEST.size  # 28
+
+
+class Request:
+    """A valid request. ``data`` is the WRITE payload (bytes-like), else None."""
+
+    __slots__ = ("command", "cookie", "data", "flags", "length", "offset")
+
+    def __init__(self, command: int, flags: int, cookie: int, offset: int, length: int, data: object = None) -> None:
+        self.command = command
+        self.flags = flags
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.data = data
+
+    def __repr__(self) -> str:
+        name = c.COMMAND_NAMES.get(self.command, str(self.command))
+        return f"Request({name}, flags={self.flags:#x}, cookie={self.cookie}, {self.offset}+{self.length})"
+
+
+class Rejected:
+    """A request refused by validation; ``reply`` is the complete error reply to send."""
+
+    __slots__ = ("command", "cookie", "error", "message", "reply")
+
+    def __init__(self, command: int, cookie: int, error: int, message: str, reply: bytes) -> None:
+        self.command = command
+        self.cookie = cookie
+        self.error = error
+        self.message = message
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"Rejected({c.ERROR_NAMES.get(self.error, self.error)}, cookie={self.cookie}, {self.message!r})"
+
+
+class Disconnect:
+    """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Disconnect()"
+
+
+Event = Request | Rejected | Disconnect
+
+
+class Transmission:
+    """Parses requests for one connection after a successful handshake."""
+
+    def __init__(self, negotiated: Negotiated) -> None:
+        self.negotiated = negotiated
+        self.export = negotiated.export
+        self.structured = negotiated.structured
+        self.meta_context_id = negotiated.meta_context_id
+        self.closed = False
+        self._buf = bytearray()
+        self._skip = 0  # payload bytes of a rejected WRITE still to discard
+        self._pending: tuple[int, int, int, int] | None = None  # WRITE header waiting for its payload
+        self._payload = bytearray()
+        self._filled = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes currently held by the parser (for tests of the memory bound)."""
+        return len(self._buf) + len(self._payload)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self.closed:
+            return []
+        events: list[Event] = []
+        view = memoryview(data)
+        if self._skip:
+            n = min(self._skip, len(view))
+            self._skip -= n
+            view = view[n:]
+        if self._pending is not None and len(view):
+            view = self._fill(view, events)
+        if not len(view) or self.closed:
+            return events
+        if self._buf:
+            self._buf += view
+            src: bytes | bytearray = self._buf
+            pos = self._parse(src, events)
+            del self._buf[:pos]
+        else:
+            src = bytes(view) if not isinstance(data, bytes) or len(view) != len(data) else data
+            pos = self._parse(src, events)
+            if pos < len(src):
+                self._buf = bytearray(memoryview(src)[pos:])
+        return events
+
+    def _fill(self, view: memoryview, events: list[Event]) -> memoryview:
+        need = len(self._payload) - self._filled
+        n = min(need, len(view))
+        self._payload[self._filled : self._filled + n] = view[:n]
+        self._filled += n
+        if self._filled == len(self._payload):
+            command, flags, cookie, offset = self._pending  # type: ignore[misc]
+            events.append(Request(command, flags, cookie, offset, len(self._payload), self._payload))
+            self._pending = None
+            self._payload = bytearray()
+            self._filled = 0
+        return view[n:]
+
+    def _parse(self, src: bytes | bytearray, events: list[Event]) -> int:
+        pos = 0
+        end = len(src)
+        unpack = _REQUEST.unpack_from
+        export = self.export
+        size = export.size
+        max_block = export.max_block
+        simple_ok = not export.read_only and export.min_block == 1
+        while end - pos >= REQUEST_SIZE:
+            magic, flags, command, cookie, offset, length = unpack(src, pos)
+            if magic != c.REQUEST_MAGIC:
+                self.closed = True
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            body = pos + REQUEST_SIZE
+            # fast path: plain READ/WRITE within bounds
+            if (
+                command <= c.CMD_WRITE
+                and not flags & ~c.CMD_FLAG_FUA
+                and 0 < length <= max_block
+                and offset + length <= size
+                and (command == c.CMD_READ or simple_ok)
+            ):
+                error = None
+            else:
+                if command == c.CMD_DISC:
+                    self.closed = True
+                    events.append(Disconnect())
+                    return end
+                error = validate.check(command, flags, offset, length, export, self.structured, self.meta_context_id)
+            if command == c.CMD_WRITE:
+                if error is not None:
+                    events.append(self._reject(command, cookie, error))
+                    have = min(end - body, length)
+                    self._skip = length - have
+                    pos = body + have
+                    if self._skip:
+                        return end
+                    continue
+                if end - body >= length:
+                    events.append(Request(command, flags, cookie, offset, length, src[body : body + length]))
+                    pos = body + length
+                    continue
+                # payload incomplete: collect it in its own buffer, exactly once
+                self._pending = (command, flags, cookie, offset)
+                self._payload = bytearray(length)
+                self._filled = 0
+                pos = body
+                rest = memoryview(src)[pos:]
+                try:
+                    self._fill(rest, events)
+                finally:
+                    rest.release()
+                return end
+            pos = body
+            if error is not None:
+                events.append(self._reject(command, cookie, error))
+            else:
+                events.append(Request(command, flags, cookie, offset, length))
+        return pos
+
+    def _reject(self, command: int, cookie: int, error: tuple[int, str]) -> Rejected:
+        errno, message = error
+        return Rejected(
+            command, cookie, errno, message, replies.error(self.structured, cookie, command, errno, message)
+        )

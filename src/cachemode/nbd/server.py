@@ -1,0 +1,480 @@
+"""The asyncio transport around the sans-IO core: sockets in, disk calls, reply bytes out.
+
+Everything the protocol decides (handshake, parsing, validation, reply layout) lives in the core; this module
+only moves bytes and runs disk calls. The hot path is kept lean on purpose:
+
+* a plain READ from a buffered image (``disk.fast_read_fd``) is one ``os.pread`` on the image's fd, run
+  inline in the event loop -- a page-cache hit costs no thread hand-off;
+* a plain WRITE in a page-cache mode is one ``disk.pwrite`` inline;
+* everything that may wait on the device -- FLUSH, FUA, O_DIRECT or O_DSYNC I/O, TRIM, WRITE_ZEROES, block
+  status -- runs on a thread pool shared by all connections, so many requests are in flight at once and
+  their replies go out in completion order;
+* replies produced in one loop iteration are sent with one vectored write.
+
+FLUSH covers every write already replied to: inline writes have completed before the FLUSH is even parsed,
+pooled writes are replied to only after they completed, and ``disk.flush()`` syncs the one image every
+connection shares -- which is why CAN_MULTI_CONN is advertised. The server never decides about fsync itself:
+FUA and FLUSH go to the disk stack, which applies the cache mode.
+
+Memory per connection is bounded: the parser holds at most one request plus one WRITE payload, reading pauses
+while more than :data:`MAX_IN_FLIGHT` requests are outstanding or while the client is not reading replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cachemode.nbd import constants as c
+from cachemode.nbd import replies
+from cachemode.nbd.export import ExportInfo
+from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
+from cachemode.nbd.requests import Rejected, Request, Transmission
+
+log = logging.getLogger("cachemode.nbd")
+
+MAX_IN_FLIGHT = 64
+"""Requests outstanding per connection before the server stops reading from it."""
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+"""Unsent reply bytes per connection before the server stops reading from it."""
+LARGE_REPLY = 64 * 1024
+"""Reads at least this long are sent as header + data without joining them."""
+
+
+def _error_of(exc: BaseException, command: int) -> int:
+    host = getattr(exc, "errno", None)
+    error = c.wire_errno(host)
+    if error == c.EINVAL and command in (c.CMD_WRITE, c.CMD_WRITE_ZEROES):
+        error = c.ENOSPC
+    return error
+
+
+class Stats:
+    """Counters a test, the demo or the lab can read."""
+
+    __slots__ = ("connections", "errors", "flushes", "requests")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.flushes = 0
+        self.errors = 0
+
+
+class NBDConnection(asyncio.Protocol):
+    """One client connection: handshake, then transmission."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.disk = server.disk
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.handshake: Handshake | None = Handshake(server.export)
+        self.tx: Transmission | None = None
+        self.structured = False
+        self.in_flight = 0
+        self.closing = False  # DISC received or server shutting down: no new work
+        self.closed = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._out: list[bytes | memoryview] = []
+        self._flush_scheduled = False
+        self._done = asyncio.Event()
+        self.peer = ""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server._connections.add(self)
+        self.server.stats.connections += 1
+        if self.server.shutting_down:
+            self._close()
+            return
+        assert self.handshake is not None
+        transport.write(self.handshake.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closing = True
+        self._out.clear()
+        self.server._connections.discard(self)
+        self._done.set()
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            if self.tx is None:
+                self._handshake_data(data)
+            else:
+                self._transmission_data(data)
+        except ProtocolError as err:
+            log.info("%s: closing: %s", self.peer, err)
+            self._abort()
+
+    def eof_received(self) -> bool | None:
+        # The client closed its side: finish what is in flight, send the replies, then close.
+        self.closing = True
+        self._maybe_close()
+        return True
+
+    # -- handshake ----------------------------------------------------------------------------------------------
+    def _handshake_data(self, data: bytes) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        events = hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        for event in events:
+            if isinstance(event, Aborted):
+                self._close()
+                return
+            if isinstance(event, Ready):
+                negotiated = event.negotiated
+                self.handshake = None
+                self.tx = Transmission(negotiated)
+                self.structured = negotiated.structured
+                if event.trailing:
+                    self._transmission_data(event.trailing)
+                return
+
+    # -- transmission -------------------------------------------------------------------------------------------
+    def _transmission_data(self, data: bytes) -> None:
+        tx = self.tx
+        assert tx is not None
+        events = tx.receive_data(data)
+        if not events:
+            return
+        server = self.server
+        server.stats.requests += len(events)
+        out = self._out
+        disk = self.disk
+        read_inline = server.read_inline
+        inline_write = server.inline_writes
+        structured = self.structured
+        read_header = replies.read_header
+        for ev in events:
+            if ev.__class__ is Request:
+                cmd = ev.command
+                if self.closing:
+                    out.append(replies.error(structured, ev.cookie, cmd, c.ESHUTDOWN, "server shutting down"))
+                    continue
+                if cmd == c.CMD_READ and read_inline is not None:
+                    try:
+                        data_out = read_inline(ev.length, ev.offset)
+                    except Exception as exc:
+                        server.stats.errors += 1
+                        out.append(replies.error(structured, ev.cookie, cmd, _error_of(exc, cmd), str(exc)))
+                        continue
+                    if len(data_out) < ev.length:
+                        data_out += bytes(ev.length - len(data_out))
+                    hdr = read_header(structured, ev.cookie, ev.offset, ev.length)
+                    if ev.length >= LARGE_REPLY:
+                        out.append(hdr)
+                        out.append(data_out)
+                    else:
+                        out.append(hdr + data_out)
+                elif cmd == c.CMD_WRITE and inline_write and not ev.flags & c.CMD_FLAG_FUA:
+                    try:
+                        disk.pwrite(ev.data, ev.offset)
+                    except Exception as exc:
+                        server.stats.errors += 1
+                        out.append(replies.simple(ev.cookie, _error_of(exc, cmd)))
+                        continue
+                    out.append(replies.simple(ev.cookie))
+                else:
+                    self._submit(ev)
+            elif ev.__class__ is Rejected:
+                server.stats.errors += 1
+                log.debug("%s: rejected: %r", self.peer, ev)
+                out.append(ev.reply)
+            else:  # Disconnect
+                self.closing = True
+        if out:
+            self._send()
+        if self.closing:
+            self._maybe_close()
+
+    def _submit(self, req: Request) -> None:
+        self.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+        fut = self.loop.run_in_executor(self.server.pool, self._execute, req)
+        fut.add_done_callback(lambda f: self._completed(req, f))
+
+    def _execute(self, req: Request) -> bytes | tuple[bytes, Any]:
+        """Run one request against the disk (in a pool thread); return the reply bytes."""
+        disk = self.disk
+        cmd = req.command
+        fua = bool(req.flags & c.CMD_FLAG_FUA)
+        cookie = req.cookie
+        structured = self.structured
+        try:
+            if cmd == c.CMD_READ:
+                data = disk.pread(req.length, req.offset)
+                return (replies.read_header(structured, cookie, req.offset, req.length), data)
+            if cmd == c.CMD_WRITE:
+                disk.pwrite(req.data, req.offset, fua=fua)
+            elif cmd == c.CMD_FLUSH:
+                disk.flush()
+                self.server.stats.flushes += 1
+            elif cmd == c.CMD_TRIM:
+                disk.trim(req.offset, req.length, fua=fua)
+            elif cmd == c.CMD_WRITE_ZEROES:
+                disk.zero(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & c.CMD_FLAG_NO_HOLE,
+                    fua=fua,
+                    fast=bool(req.flags & c.CMD_FLAG_FAST_ZERO),
+                )
+            elif cmd == c.CMD_CACHE:
+                disk.cache(req.offset, req.length)
+            elif cmd == c.CMD_BLOCK_STATUS:
+                extents = disk.block_status(req.offset, req.length)
+                descriptors = replies.clip_extents(
+                    extents, req.offset, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE)
+                )
+                ctx = self.tx.meta_context_id if self.tx is not None else None
+                return replies.block_status(cookie, ctx or 0, descriptors)
+            else:  # validation makes this unreachable
+                return replies.error(structured, cookie, cmd, c.EINVAL, "unknown command")
+        except Exception as exc:
+            self.server.stats.errors += 1
+            if not hasattr(exc, "errno"):
+                log.exception("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd))
+            return replies.error(structured, cookie, cmd, _error_of(exc, cmd), str(exc))
+        return replies.simple(cookie)
+
+    def _completed(self, req: Request, fut: asyncio.Future[Any]) -> None:
+        self.in_flight -= 1
+        if self.closed:
+            return
+        try:
+            result = fut.result()
+        except BaseException as exc:  # the pool is gone (shutdown) or the task was cancelled
+            result = replies.error(self.structured, req.cookie, req.command, _error_of(exc, req.command))
+        if isinstance(result, tuple):
+            self._out.extend(result)
+        else:
+            self._out.append(result)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._send)
+        if self.in_flight == MAX_IN_FLIGHT - 1:
+            self._update_reading()
+        if self.closing:
+            self._maybe_close()
+
+    # -- output and lifetime ----------------------------------------------------------------------------------
+    def _send(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self.closed or self.transport is None:
+            out.clear()
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            self.transport.writelines(out)
+        out.clear()
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        pause = self._paused_writing or self.in_flight >= MAX_IN_FLIGHT
+        if pause and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        elif not pause and self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self.in_flight == 0 and not self.closed:
+            self._send()
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # sends what is buffered, then closes
+
+    def _abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work (ESHUTDOWN), finish what is in flight, then close."""
+        self.closing = True
+        if self.tx is None:
+            self._close()
+        else:
+            self._maybe_close()
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+
+class Server:
+    """An NBD server for one export backed by a :class:`cachemode.disk.VirtualDisk`.
+
+    The disk is handed in ready-made, so other parts (the power-loss lab) can serve their own stack. The
+    server never closes a disk it was given; :func:`serve` opens and closes its own.
+    """
+
+    def __init__(
+        self,
+        disk: Any,
+        *,
+        export_name: str = "",
+        description: str = "",
+        workers: int | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.disk = disk
+        self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
+        self.loop = loop or asyncio.get_event_loop()
+        self.pool = ThreadPoolExecutor(max_workers=workers or 32, thread_name_prefix="nbd-io")
+        self.stats = Stats()
+        self.shutting_down = False
+        self._connections: set[NBDConnection] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self.address: str = ""
+        self.uri: str = ""
+        # Reads may bypass the stack only for a buffered image with nothing emulated in between; writes may
+        # run inline only when they cannot wait on the device (no O_DIRECT, no O_DSYNC, no per-write FUA).
+        blocking = bool(getattr(disk, "blocking", True))
+        self.fast_read_fd: int | None = None if blocking else getattr(disk, "fast_read_fd", None)
+        self.inline_writes = not blocking and not disk.read_only
+        self.read_inline: Callable[[int, int], bytes] | None = None
+        if not blocking:
+            fd = self.fast_read_fd
+            self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+
+    def _factory(self) -> NBDConnection:
+        return NBDConnection(self)
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
+        """Listen on TCP; returns the bound port (useful with ``port=0``)."""
+        srv = await self.loop.create_server(self._factory, host, port, reuse_address=True, backlog=128)
+        self._servers.append(srv)
+        bound = srv.sockets[0].getsockname()[1]
+        hostpart = f"[{host}]" if ":" in host else host
+        self.address = f"{host}:{bound}"
+        self.uri = f"nbd://{hostpart}:{bound}/{self.export.name}"
+        return int(bound)
+
+    async def start_unix(self, path: str) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not os.path.isdir(path):
+                os.unlink(path)
+        srv = await self.loop.create_unix_server(self._factory, path, backlog=128)
+        self._servers.append(srv)
+        self.address = path
+        self.uri = f"nbd+unix:///{self.export.name}?socket={path}"
+        return path
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish in-flight requests, close connections, flush the disk (unless unsafe)."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        for srv in self._servers:
+            srv.close()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.begin_shutdown()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=timeout)
+            for conn in conns:
+                if not conn.closed:
+                    conn._abort()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        # The disk applies the mode: flush syncs in writeback/none, is a no-op in unsafe and O_DSYNC modes.
+        await self.loop.run_in_executor(self.pool, self.disk.flush)
+        self.pool.shutdown(wait=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(
+    disk: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 10809,
+    socket_path: str | None = None,
+    export_name: str = "",
+    description: str = "",
+    on_ready: Callable[[Server], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Server:
+    """Serve ``disk`` in the foreground until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly.
+
+    ``on_ready`` is called once the socket listens (the command prints the URI there). Returns the server,
+    after shutdown, so the caller can read its stats. The disk is flushed but not closed.
+    """
+    import signal
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(disk, export_name=export_name, description=description, loop=loop)
+
+    async def main() -> None:
+        done = stop or asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        try:
+            if socket_path:
+                await server.start_unix(socket_path)
+            else:
+                await server.start_tcp(host, port)
+            if on_ready is not None:
+                on_ready(server)
+            await done.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await server.shutdown()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+    return server

@@ -1,0 +1,390 @@
+"""The sans-IO NBD core, byte for byte, without sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachemode.disk.layer import Extent
+from cachemode.nbd import constants as c
+from cachemode.nbd import replies
+from cachemode.nbd.export import ExportInfo, describe_flags
+from cachemode.nbd.handshake import (
+    Aborted,
+    Handshake,
+    Negotiated,
+    ProtocolError,
+    Ready,
+    State,
+    greeting,
+)
+from cachemode.nbd.requests import Disconnect, Rejected, Request, Transmission
+
+SIZE = 1 << 20
+EXPORT = ExportInfo(name="disk", size=SIZE, description="test export")
+
+
+def opt(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", c.IHAVEOPT, option, len(data)) + data
+
+
+def parse_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        magic, option, rtype, length = struct.unpack_from(">QIII", data, pos)
+        assert magic == c.OPTION_REPLY_MAGIC
+        out.append((option, rtype, data[pos + 20 : pos + 20 + length]))
+        pos += 20 + length
+    return out
+
+
+def go_data(name: bytes = b"disk", infos: tuple[int, ...] = ()) -> bytes:
+    return struct.pack(">I", len(name)) + name + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+
+
+def meta_data(name: bytes, *queries: bytes) -> bytes:
+    out = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q)) + q
+    return out
+
+
+def started(export: ExportInfo = EXPORT, cflags: int = 3) -> Handshake:
+    hs = Handshake(export)
+    assert hs.data_to_send() == greeting(True)
+    hs.receive_data(struct.pack(">I", cflags))
+    assert hs.state is State.NEGOTIATING
+    return hs
+
+
+# -- handshake -------------------------------------------------------------------------------------------------
+def test_greeting_bytes() -> None:
+    assert greeting(True) == b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03"
+
+
+def test_unknown_client_flag_drops_connection() -> None:
+    hs = Handshake(EXPORT)
+    with pytest.raises(ProtocolError):
+        hs.receive_data(struct.pack(">I", 4))
+
+
+def test_no_zeroes_not_offered_must_not_be_set() -> None:
+    hs = Handshake(EXPORT, offer_no_zeroes=False)
+    with pytest.raises(ProtocolError):
+        hs.receive_data(struct.pack(">I", 3))
+
+
+def test_bad_option_magic_is_fatal() -> None:
+    hs = started()
+    with pytest.raises(ProtocolError):
+        hs.receive_data(struct.pack(">QII", 0x1234, c.OPT_GO, 0))
+
+
+def test_go_full_reply_byte_for_byte() -> None:
+    hs = started()
+    events = hs.receive_data(opt(c.OPT_GO, go_data(b"disk", (c.INFO_NAME, c.INFO_DESCRIPTION, c.INFO_BLOCK_SIZE))))
+    out = parse_replies(hs.data_to_send())
+    flags = EXPORT.transmission_flags(False)
+    assert out == [
+        (c.OPT_GO, c.REP_INFO, struct.pack(">H", c.INFO_NAME) + b"disk"),
+        (c.OPT_GO, c.REP_INFO, struct.pack(">H", c.INFO_DESCRIPTION) + b"test export"),
+        (c.OPT_GO, c.REP_INFO, struct.pack(">HIII", c.INFO_BLOCK_SIZE, 1, 4096, 32 << 20)),
+        (c.OPT_GO, c.REP_INFO, struct.pack(">HQH", c.INFO_EXPORT, SIZE, flags)),
+        (c.OPT_GO, c.REP_ACK, b""),
+    ]
+    ready = [e for e in events if isinstance(e, Ready)]
+    assert ready and ready[0].negotiated.flags == flags and not ready[0].negotiated.structured
+    assert hs.state is State.TRANSMISSION
+
+
+def test_default_export_name_and_unknown_export() -> None:
+    hs = started()
+    hs.receive_data(opt(c.OPT_INFO, go_data(b"nope")))
+    assert parse_replies(hs.data_to_send())[-1][1] == c.REP_ERR_UNKNOWN
+    hs.receive_data(opt(c.OPT_INFO, go_data(b"")))
+    assert parse_replies(hs.data_to_send())[-1][1] == c.REP_ACK
+    assert hs.state is State.NEGOTIATING
+
+
+def test_malformed_info_is_err_invalid_and_negotiation_goes_on() -> None:
+    hs = started()
+    hs.receive_data(opt(c.OPT_GO, go_data(b"disk", (1,))[:-1]))
+    assert parse_replies(hs.data_to_send())[-1][1] == c.REP_ERR_INVALID
+    hs.receive_data(opt(c.OPT_GO, b"\x00\x00"))
+    assert parse_replies(hs.data_to_send())[-1][1] == c.REP_ERR_INVALID
+    hs.receive_data(opt(c.OPT_GO, go_data()))
+    assert hs.state is State.TRANSMISSION
+
+
+@pytest.mark.parametrize("option", [c.OPT_STARTTLS, c.OPT_EXTENDED_HEADERS, 4, 99, 0xFFFF])
+def test_unknown_options_get_unsup(option: int) -> None:
+    hs = started()
+    hs.receive_data(opt(option, b"junk"))
+    assert parse_replies(hs.data_to_send()) == [(option, c.REP_ERR_UNSUP, b"option %d not supported" % option)]
+    assert hs.state is State.NEGOTIATING
+
+
+def test_oversized_option_is_skipped_not_buffered() -> None:
+    hs = started()
+    big = c.MAX_OPTION_DATA + 1000
+    hs.receive_data(struct.pack(">QII", c.IHAVEOPT, 99, big))
+    for _ in range(big // 1000):
+        hs.receive_data(b"x" * 1000)
+        assert len(hs._in) == 0
+    assert hs.data_to_send() == b""
+    hs.receive_data(b"y" * (big % 1000) + opt(c.OPT_STRUCTURED_REPLY))
+    out = parse_replies(hs.data_to_send())
+    assert [r[1] for r in out] == [c.REP_ERR_TOO_BIG, c.REP_ACK]
+
+
+def test_export_name_with_and_without_zeroes() -> None:
+    hs = started(cflags=1)
+    events = hs.receive_data(opt(c.OPT_EXPORT_NAME, b"disk"))
+    flags = EXPORT.transmission_flags(False)
+    assert hs.data_to_send() == struct.pack(">QH", SIZE, flags) + bytes(124)
+    assert isinstance(events[-1], Ready) and events[-1].negotiated.via == "EXPORT_NAME"
+    hs = started(cflags=3)
+    hs.receive_data(opt(c.OPT_EXPORT_NAME, b""))
+    assert hs.data_to_send() == struct.pack(">QH", SIZE, flags)
+
+
+def test_export_name_unknown_closes() -> None:
+    hs = started()
+    with pytest.raises(ProtocolError):
+        hs.receive_data(opt(c.OPT_EXPORT_NAME, b"other"))
+
+
+def test_list_and_abort() -> None:
+    hs = started()
+    hs.receive_data(opt(c.OPT_LIST))
+    out = parse_replies(hs.data_to_send())
+    assert out == [
+        (c.OPT_LIST, c.REP_SERVER, struct.pack(">I", 4) + b"disk" + b"test export"),
+        (c.OPT_LIST, c.REP_ACK, b""),
+    ]
+    hs.receive_data(opt(c.OPT_LIST, b"x"))
+    assert parse_replies(hs.data_to_send())[0][1] == c.REP_ERR_INVALID
+    events = hs.receive_data(opt(c.OPT_ABORT))
+    assert isinstance(events[-1], Aborted)
+    assert parse_replies(hs.data_to_send()) == [(c.OPT_ABORT, c.REP_ACK, b"")]
+    assert hs.state is State.CLOSED
+
+
+def test_meta_context_requires_structured_then_selects_base_allocation() -> None:
+    hs = started()
+    hs.receive_data(opt(c.OPT_SET_META_CONTEXT, meta_data(b"disk", b"base:allocation")))
+    assert parse_replies(hs.data_to_send())[0][1] == c.REP_ERR_INVALID
+    hs.receive_data(opt(c.OPT_STRUCTURED_REPLY))
+    hs.receive_data(opt(c.OPT_LIST_META_CONTEXT, meta_data(b"disk")))
+    hs.receive_data(opt(c.OPT_LIST_META_CONTEXT, meta_data(b"disk", b"x-foo:bar")))
+    hs.receive_data(opt(c.OPT_SET_META_CONTEXT, meta_data(b"disk", b"base:allocation", b"x-foo:bar")))
+    out = parse_replies(hs.data_to_send())
+    assert out == [
+        (c.OPT_STRUCTURED_REPLY, c.REP_ACK, b""),
+        (c.OPT_LIST_META_CONTEXT, c.REP_META_CONTEXT, b"\x00\x00\x00\x00base:allocation"),
+        (c.OPT_LIST_META_CONTEXT, c.REP_ACK, b""),
+        (c.OPT_LIST_META_CONTEXT, c.REP_ACK, b""),
+        (c.OPT_SET_META_CONTEXT, c.REP_META_CONTEXT, b"\x00\x00\x00\x01base:allocation"),
+        (c.OPT_SET_META_CONTEXT, c.REP_ACK, b""),
+    ]
+    hs.receive_data(opt(c.OPT_SET_META_CONTEXT, meta_data(b"disk", b"base:allocation")[:-3]))
+    assert parse_replies(hs.data_to_send())[0][1] == c.REP_ERR_INVALID
+    events = hs.receive_data(opt(c.OPT_GO, go_data()))
+    negotiated = events[-1].negotiated  # type: ignore[union-attr]
+    assert negotiated.structured and negotiated.meta_context_id == 1
+    assert negotiated.flags & c.TF_SEND_DF
+
+
+def test_options_split_across_reads() -> None:
+    hs = Handshake(EXPORT)
+    hs.data_to_send()
+    stream = struct.pack(">I", 3) + opt(c.OPT_STRUCTURED_REPLY) + opt(c.OPT_GO, go_data())
+    events = []
+    for i in range(len(stream)):
+        events += hs.receive_data(stream[i : i + 1])
+    assert isinstance(events[-1], Ready)
+
+
+# -- transmission flags ----------------------------------------------------------------------------------------
+def test_flags_follow_write_cache() -> None:
+    on = ExportInfo(name="", size=SIZE, write_cache=True)
+    off = ExportInfo(name="", size=SIZE, write_cache=False)
+    assert on.transmission_flags() & (c.TF_SEND_FLUSH | c.TF_SEND_FUA) == c.TF_SEND_FLUSH | c.TF_SEND_FUA
+    assert off.transmission_flags() & (c.TF_SEND_FLUSH | c.TF_SEND_FUA) == 0
+    ro = ExportInfo(name="", size=SIZE, read_only=True)
+    names = describe_flags(ro.transmission_flags(False))
+    assert "READ_ONLY" in names and "SEND_TRIM" not in names and "SEND_DF" not in names
+
+
+# -- requests --------------------------------------------------------------------------------------------------
+def req(command: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7, data: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, command, cookie, offset, length) + data
+
+
+def tx(structured: bool = True, export: ExportInfo = EXPORT, ctx: int | None = 1) -> Transmission:
+    return Transmission(Negotiated(export, structured, ctx, export.transmission_flags(structured), True, "GO"))
+
+
+def test_read_and_write_parse() -> None:
+    t = tx()
+    events = t.receive_data(req(c.CMD_READ, 4096, 512) + req(c.CMD_WRITE, 0, 3, data=b"abc", cookie=9))
+    assert [type(e) for e in events] == [Request, Request]
+    assert (events[0].command, events[0].offset, events[0].length) == (c.CMD_READ, 4096, 512)
+    assert bytes(events[1].data) == b"abc" and events[1].cookie == 9
+
+
+def test_write_payload_split_byte_by_byte() -> None:
+    t = tx()
+    stream = req(c.CMD_WRITE, 10, 5, data=b"hello") + req(c.CMD_FLUSH)
+    events = []
+    for i in range(len(stream)):
+        events += t.receive_data(stream[i : i + 1])
+    assert bytes(events[0].data) == b"hello"
+    assert events[1].command == c.CMD_FLUSH
+
+
+def test_bad_magic_is_fatal() -> None:
+    with pytest.raises(ProtocolError):
+        tx().receive_data(b"\x00" * 28)
+
+
+def test_disc() -> None:
+    t = tx()
+    events = t.receive_data(req(c.CMD_DISC) + req(c.CMD_READ, 0, 1))
+    assert [type(e) for e in events] == [Disconnect]
+    assert t.receive_data(req(c.CMD_READ, 0, 1)) == []
+
+
+def errors_of(t: Transmission, data: bytes) -> list[int]:
+    return [e.error if isinstance(e, Rejected) else 0 for e in t.receive_data(data)]
+
+
+@pytest.mark.parametrize(
+    ("command", "offset", "length", "flags", "error"),
+    [
+        (c.CMD_READ, SIZE - 1, 2, 0, c.EINVAL),
+        (c.CMD_WRITE_ZEROES, SIZE - 1, 2, 0, c.ENOSPC),
+        (c.CMD_TRIM, SIZE, 1, 0, c.EINVAL),
+        (c.CMD_BLOCK_STATUS, SIZE, 1, 0, c.EINVAL),
+        (c.CMD_CACHE, SIZE, 1, 0, c.EINVAL),
+        (c.CMD_READ, 0, 0, 0, c.EINVAL),
+        (c.CMD_READ, 0, (32 << 20) + 1, 0, c.EOVERFLOW),
+        (c.CMD_READ, 0, 1, 1 << 7, c.EINVAL),
+        (c.CMD_READ, 0, 1, c.CMD_FLAG_NO_HOLE, c.EINVAL),
+        (c.CMD_FLUSH, 1, 0, 0, c.EINVAL),
+        (c.CMD_FLUSH, 0, 1, 0, c.EINVAL),
+        (c.CMD_FLUSH, 0, 0, c.CMD_FLAG_FUA, 0),
+        (c.CMD_BLOCK_STATUS, 0, 1, c.CMD_FLAG_DF, c.EINVAL),
+        (c.CMD_BLOCK_STATUS, 0, 1, c.CMD_FLAG_REQ_ONE, 0),
+        (c.CMD_WRITE_ZEROES, 0, 1, c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_FAST_ZERO | c.CMD_FLAG_FUA, 0),
+        (c.CMD_WRITE_ZEROES, 0, 64 << 20, 0, c.ENOSPC),
+        (8, 0, 0, 0, c.EINVAL),
+        (0xFFFF, 0, 0, 0, c.EINVAL),
+        (c.CMD_READ, 0, 1, c.CMD_FLAG_DF, 0),
+    ],
+)
+def test_validation_errors(command: int, offset: int, length: int, flags: int, error: int) -> None:
+    assert errors_of(tx(), req(command, offset, length, flags)) == [error]
+
+
+def test_df_without_structured_and_block_status_without_context() -> None:
+    assert errors_of(tx(structured=False), req(c.CMD_READ, 0, 1, c.CMD_FLAG_DF)) == [c.EINVAL]
+    assert errors_of(tx(ctx=None), req(c.CMD_BLOCK_STATUS, 0, 1)) == [c.EINVAL]
+
+
+def test_read_only_export_is_eperm() -> None:
+    ro = ExportInfo(name="", size=SIZE, read_only=True)
+    t = tx(export=ro)
+    assert errors_of(t, req(c.CMD_WRITE, 0, 2, data=b"ab")) == [c.EPERM]
+    assert errors_of(t, req(c.CMD_TRIM, 0, 2)) == [c.EPERM]
+    assert errors_of(t, req(c.CMD_WRITE_ZEROES, 0, 2)) == [c.EPERM]
+    assert errors_of(t, req(c.CMD_READ, 0, 2)) == [0]
+
+
+def test_rejected_write_payload_is_consumed_and_connection_goes_on() -> None:
+    t = tx()
+    events = t.receive_data(req(c.CMD_WRITE, SIZE - 2, 4, data=b"abcd", cookie=1) + req(c.CMD_READ, 0, 8, cookie=2))
+    assert [type(e) for e in events] == [Rejected, Request]
+    assert events[0].error == c.ENOSPC and events[0].reply == replies.simple(1, c.ENOSPC)
+    assert events[1].cookie == 2
+
+
+def test_oversized_write_is_skipped_without_buffering() -> None:
+    t = tx()
+    length = (32 << 20) + 4096
+    events = t.receive_data(req(c.CMD_WRITE, 0, length, cookie=3))
+    assert isinstance(events[0], Rejected) and events[0].error == c.EINVAL
+    chunk = b"z" * (1 << 20)
+    sent = 0
+    while sent + len(chunk) <= length:
+        assert t.receive_data(chunk) == []
+        assert t.buffered == 0
+        sent += len(chunk)
+    events = t.receive_data(b"z" * (length - sent) + req(c.CMD_FLUSH, cookie=4))
+    assert [e.cookie for e in events] == [4]
+
+
+def test_large_write_collected_once() -> None:
+    t = tx()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    events = t.receive_data(req(c.CMD_WRITE, 0, len(payload), cookie=5) + payload[:1000])
+    assert events == []
+    assert t.buffered == len(payload)
+    events = t.receive_data(payload[1000:] + req(c.CMD_READ, 0, 1, cookie=6))
+    assert bytes(events[0].data) == payload and events[1].cookie == 6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 31), st.integers(0, 2 * SIZE), st.integers(0, 70000)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(1, 100),
+)
+def test_any_request_stream_gets_one_event_per_request(reqs: list[tuple[int, int, int, int]], cut: int) -> None:
+    """Whatever the commands, flags and ranges, each request yields exactly one event, in order, however the
+    stream is split; valid requests are within the export."""
+    t = tx()
+    stream = b""
+    for i, (cmd, flags, offset, length) in enumerate(reqs):
+        if cmd == c.CMD_DISC:
+            cmd = c.CMD_READ
+        stream += req(cmd, offset, length, flags, cookie=i, data=b"\x01" * length if cmd == c.CMD_WRITE else b"")
+    events = []
+    for pos in range(0, len(stream), cut):
+        events += t.receive_data(stream[pos : pos + cut])
+    assert [e.cookie for e in events] == list(range(len(reqs)))
+    for e in events:
+        if isinstance(e, Request) and e.command != c.CMD_FLUSH:
+            assert e.length > 0 and e.offset + e.length <= SIZE
+
+
+# -- replies ---------------------------------------------------------------------------------------------------
+def test_reply_bytes() -> None:
+    assert replies.simple(5, c.EIO) == struct.pack(">IIQ", c.SIMPLE_REPLY_MAGIC, 5, 5)
+    assert replies.read_header(True, 1, 100, 4) == struct.pack(
+        ">IHHQIQ", c.STRUCTURED_REPLY_MAGIC, 1, c.REPLY_TYPE_OFFSET_DATA, 1, 12, 100
+    )
+    assert replies.read_header(False, 1, 100, 4) == replies.simple(1)
+    err = replies.error(True, 2, c.CMD_READ, c.EINVAL, "bad")
+    assert err == struct.pack(">IHHQIIH", c.STRUCTURED_REPLY_MAGIC, 1, c.REPLY_TYPE_ERROR, 2, 9, c.EINVAL, 3) + b"bad"
+    assert replies.error(True, 2, c.CMD_WRITE, c.EINVAL) == replies.simple(2, c.EINVAL)
+    bs = replies.block_status(3, 1, [(4096, 3), (100, 0)])
+    assert bs == struct.pack(">IHHQII", c.STRUCTURED_REPLY_MAGIC, 1, 5, 3, 20, 1) + struct.pack(
+        ">IIII", 4096, 3, 100, 0
+    )
+
+
+def test_clip_extents() -> None:
+    ext = [Extent(0, 4096, 3), Extent(4096, 4096, 3), Extent(8192, 8192, 0)]
+    assert replies.clip_extents(ext, 1000, 10000, False) == [(7192, 3), (2808, 0)]
+    assert replies.clip_extents(ext, 1000, 10000, True) == [(7192, 3)]
+    assert replies.clip_extents(ext, 5000, 10, True) == [(10, 3)]
+    assert replies.clip_extents([], 0, 10, False) == [(10, 0)]
+    assert replies.clip_extents([Extent(100, 10, 3)], 0, 200, False) == [(100, 0), (10, 3), (90, 0)]
