@@ -101,7 +101,7 @@ def clip_extents(extents: Iterable[object], offset: int, length: int, req_one: b
             else:
                 out.append((stop - pos, flags))
             pos = stop
-        if pos >= end or (req_one and out):
+        if pos >= end or (req_one and len(out) > 1):
             break
     if not out:
         out.append((length, 0))
