@@ -48,3 +48,22 @@ def no_odirect_dir(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A real block device: a 16 MiB loop device with 4096-byte logical sectors (needs root and losetup)."""
+    backing = tmp_path / "loop-backing.img"
+    backing.write_bytes(os.urandom(16 << 20))
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup(8)")
+    result = subprocess.run(
+        ["losetup", "--find", "--show", "--sector-size", "4096", str(backing)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {result.stderr.strip()}")
+    device = result.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)

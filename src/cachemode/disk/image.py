@@ -177,7 +177,7 @@ class ImageFile(Layer):
     @property
     def can_fast_zero(self) -> bool:
         """Whether write-zeroes without holes is done by fallocate(ZERO_RANGE); learnt on first use."""
-        return self._zero_range_ok and not self._read_only and not self.is_block_device
+        return self._zero_range_ok and not self._read_only
 
     # -- data path ------------------------------------------------------------------------------------------
     def pread(self, length: int, offset: int) -> bytes:
@@ -241,7 +241,7 @@ class ImageFile(Layer):
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if self._read_only:
             raise ReadOnlyError(f"{self.path}: discard on a read-only image")
-        if length == 0 or not self._punch_ok or self.is_block_device:
+        if length == 0 or not self._punch_ok:
             return  # discard is advisory
         try:
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -268,9 +268,9 @@ class ImageFile(Layer):
     def _zero_fast(self, offset: int, length: int, may_trim: bool) -> bool:
         """Zero with fallocate: punch a hole when allowed, else ZERO_RANGE; False if neither works here."""
         attempts = []
-        if may_trim and self._punch_ok and not self.is_block_device:
+        if may_trim and self._punch_ok:
             attempts.append(("_punch_ok", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
-        if self._zero_range_ok and not self.is_block_device:
+        if self._zero_range_ok:
             attempts.append(("_zero_range_ok", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))
         for attr, mode in attempts:
             try:
