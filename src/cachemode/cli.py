@@ -19,6 +19,9 @@ SUBCOMMANDS: dict[str, str] = {
     "modes": "cachemode.commands:modes",
     "disk": "cachemode.commands:disk",
     "serve": "cachemode.nbd.commands:serve",
+    "sim": "cachemode.cpu.commands:sim",
+    "dinero": "cachemode.cpu.commands:dinero",
+    "trace": "cachemode.cpu.commands:trace",
 }
 
 
