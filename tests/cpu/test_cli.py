@@ -1,0 +1,114 @@
+"""The command line, run as a user would: `python -m cachemode sim|dinero|trace ...`, exit codes included."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_dinero import lcg_trace, report_rows
+
+
+def cm(*args: str, stdin: bytes | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cachemode", *args], input=stdin, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def xdin(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cpu") / "lcg.xdin"
+    p.write_text(lcg_trace())
+    return p
+
+
+def test_sim_table_and_json(xdin):
+    p = cm("sim", str(xdin), "--level", "u:1k:16:2:ccc")
+    assert p.returncode == 0, p.stderr
+    assert "l1-ucache" in p.stdout.decode() and "4,627" in p.stdout.decode()  # Dinero IV's figure (test_dinero)
+    p = cm("sim", str(xdin), "--level", "i:512:16:1", "--level", "d:1k:32:4:walloc=f", "--level", "u:4k:64:4", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    names = [c["name"] for c in doc["caches"]]
+    assert names == ["l1-icache", "l1-dcache", "l2-ucache"]
+    assert doc["caches"][0]["misses"]["total"] == 780 and doc["caches"][1]["misses"]["total"] == 3123
+
+
+def test_sim_toml_config(xdin, tmp_path):
+    cfg = tmp_path / "h.toml"
+    cfg.write_text('[[level]]\nu = { size = "1k", block = 16, assoc = 2, ccc = true }\n')
+    p = cm("sim", str(xdin), "--config", str(cfg), "--json")
+    assert p.returncode == 0, p.stderr
+    c = json.loads(p.stdout)["caches"][0]
+    assert c["conflict"]["total"] == 549 and c["bytes_to_next_level"] == 29024
+
+
+def test_dinero_reads_stdin(xdin):
+    p = cm("dinero", "-l1-usize", "1k", "-l1-ubsize", "16", "-l1-uassoc", "2", "-l1-uccc", stdin=xdin.read_bytes())
+    assert p.returncode == 0, p.stderr
+    rows = report_rows(p.stdout.decode())["l1-ucache"]
+    assert rows["Conflict misses"] == [549, 78, 471, 236, 168, 67]
+    assert p.stdout.decode().rstrip().endswith("---Execution complete.")
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "fragment"),
+    [
+        (["dinero", "-l1-usize", "1k"], b"", "block size must be specified"),
+        (["dinero", "-l1-usize", "1k", "-l1-ubsize", "16", "-l1-ufetch", "a"], b"", "prefetch"),
+        (["dinero", "-l1-usize", "1k", "-l1-ubsize", "16", "-informat", "d"], b"0 10\n1 zz\n", "line 2"),
+        (["dinero", "-l1-usize", "1k", "-l1-ubsize", "16"], b"r 10 4\nq 10 4\n", "unknown access type 'q'"),
+    ],
+)
+def test_errors_are_one_line_and_status_2(args, stdin, fragment):
+    p = cm(*args, stdin=stdin)
+    err = p.stderr.decode()
+    assert p.returncode == 2
+    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_sim_errors(tmp_path, xdin):
+    bad = tmp_path / "bad.din"
+    bad.write_text("0 10\n0 10\n9 10\n")
+    for args, fragment in [
+        (["sim", str(bad), "--level", "u:1k:16:1"], "bad.din: line 3: din format error: label 9"),
+        (["sim", str(xdin), "--level", "u:1k:16:3"], "power-of-2 number of sets"),
+        (["sim", str(xdin)], "no caches"),
+        (["sim", str(tmp_path / "missing.din"), "--level", "u:1k:16:1"], "cannot read trace"),
+    ]:
+        p = cm(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 2, (args, err)
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sweep_with_plot(xdin, tmp_path):
+    png = tmp_path / "curves.png"
+    p = cm("sim", "sweep", str(xdin), "--sizes", "256,512,1k", "--assoc", "1,2,full", "--block", "16", "--plot",
+           str(png), "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    pts = json.loads(p.stdout)
+    assert len(pts) == 9
+    rate = {(d["size"], d["assoc"]): d["miss_rate"] for d in pts}
+    assert rate[(1024, 2)] == pytest.approx(4627 / 6866)  # the Dinero IV figure for 1k/16/2
+    assert all(rate[(256, a)] >= rate[(1024, a)] for a in (1, 2, "full"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_trace_record_real_program(tmp_path):
+    out = tmp_path / "true.npz"
+    p = cm("trace", "record", "-o", str(out), "--", "/bin/true", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert out.exists()
+    p = cm("sim", str(out), "--level", "i:32k:64:8", "--level", "d:32k:64:8", "--json")
+    assert p.returncode == 0, p.stderr
+    caches = json.loads(p.stdout)["caches"]
+    assert caches[0]["fetches"]["ifetch"] > 1000 and caches[1]["fetches"]["read"] > 100
+
+
+def test_trace_record_needs_a_command():
+    p = cm("trace", "record", "-o", "x.npz")
+    assert p.returncode == 2 and "Traceback" not in p.stderr.decode()
