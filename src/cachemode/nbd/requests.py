@@ -81,6 +81,7 @@ class Transmission:
         self.closed = False
         self._buf = bytearray()
         self._skip = 0  # payload bytes of a rejected WRITE still to discard
+        self._skipped: Rejected | None = None  # its error reply, released once the payload is consumed
         self._pending: tuple[int, int, int, int] | None = None  # WRITE header waiting for its payload
         self._payload = bytearray()
         self._filled = 0
@@ -99,6 +100,9 @@ class Transmission:
             n = min(self._skip, len(view))
             self._skip -= n
             view = view[n:]
+            if not self._skip and self._skipped is not None:
+                events.append(self._skipped)
+                self._skipped = None
         if self._pending is not None and len(view):
             view = self._fill(view, events)
         if not len(view) or self.closed:
@@ -159,12 +163,16 @@ class Transmission:
                 error = validate.check(command, flags, offset, length, export, self.structured, self.meta_context_id)
             if command == c.CMD_WRITE:
                 if error is not None:
-                    events.append(self._reject(command, cookie, error))
+                    # The error goes out only after the whole payload has been read: a client may still be
+                    # sending it and not yet expect a reply (libnbd does not).
+                    rejected = self._reject(command, cookie, error)
                     have = min(end - body, length)
                     self._skip = length - have
                     pos = body + have
                     if self._skip:
+                        self._skipped = rejected
                         return end
+                    events.append(rejected)
                     continue
                 if end - body >= length:
                     events.append(Request(command, flags, cookie, offset, length, src[body : body + length]))
