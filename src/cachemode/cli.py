@@ -16,6 +16,8 @@ from cachemode.errors import CachemodeError
 
 # name -> "module:attribute"; each attribute is a click command or group.
 SUBCOMMANDS: dict[str, str] = {
+    "lab": "cachemode.lab.commands:lab",
+    "crash": "cachemode.lab.commands:crash",
     "modes": "cachemode.commands:modes",
     "disk": "cachemode.commands:disk",
     "serve": "cachemode.nbd.commands:serve",

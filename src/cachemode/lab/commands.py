@@ -1,0 +1,510 @@
+"""``cachemode lab ...`` and ``cachemode crash ...``, and the ``--lab`` options ``cachemode serve`` applies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cachemode.modes import Failure, get_mode, mode_names
+from cachemode.options import SIZE
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- the options cachemode serve takes ------------------------------------------------------------------------
+def lab_options(func: F) -> F:
+    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record."""
+    opts = [
+        click.option(
+            "--record",
+            "lab_record",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Lab: log every completed write, trim, zero, FLUSH and FUA to this file.",
+        ),
+        click.option(
+            "--control",
+            "lab_control",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Lab: Unix socket for 'cachemode lab power-cut|crash-process|status'.",
+        ),
+        click.option(
+            "--writeback-after",
+            "lab_writeback_after",
+            type=float,
+            default=None,
+            help="Lab: write back data dirty for longer than SECONDS (default: never, deterministic).",
+        ),
+        click.option(
+            "--disk-cache",
+            "lab_disk_cache",
+            type=SIZE,
+            default=None,
+            help="Lab: the device's volatile write cache [default: 64M; 0 = a device without one].",
+        ),
+        click.option(
+            "--host-cache",
+            "lab_host_cache",
+            type=SIZE,
+            default=None,
+            help="Lab: dirty data the emulated host page cache holds before writing back [default: 256M].",
+        ),
+        click.option(
+            "--lab",
+            "lab",
+            is_flag=True,
+            help="Emulate the host page cache and the device's write cache in memory (power-loss lab).",
+        ),
+    ]
+    for opt in opts:
+        func = opt(func)
+    return func
+
+
+def lab_config_from_options(
+    *,
+    lab: bool,
+    lab_host_cache: int | None = None,
+    lab_disk_cache: int | None = None,
+    lab_writeback_after: float | None = None,
+    lab_control: str | None = None,
+    lab_record: str | None = None,
+) -> Any:
+    """The LabConfig the options ask for, or None without ``--lab`` (then no lab option may be given)."""
+    from cachemode.lab.disk import LabConfig
+
+    given = {
+        "--host-cache": lab_host_cache,
+        "--disk-cache": lab_disk_cache,
+        "--writeback-after": lab_writeback_after,
+        "--control": lab_control,
+        "--record": lab_record,
+    }
+    if not lab:
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)} need --lab")
+        return None
+    defaults = LabConfig()
+    return LabConfig(
+        host_cache=defaults.host_cache if lab_host_cache is None else lab_host_cache,
+        disk_cache=defaults.disk_cache if lab_disk_cache is None else lab_disk_cache,
+        writeback_after=lab_writeback_after,
+        record=lab_record,
+    )
+
+
+def open_lab_from_options(
+    image: str, cache: str, write_cache: bool, config: Any, create_size: int | None = None, read_only: bool = False
+) -> Any:
+    """Open IMAGE as a lab disk (what ``serve --lab`` serves)."""
+    from cachemode.lab.disk import LabError, open_lab_disk
+
+    if read_only:
+        raise LabError("--lab cannot serve read-only: the lab emulates writes")
+    return open_lab_disk(image, cache, config, write_cache=write_cache, create_size=create_size)
+
+
+def start_control(disk: Any, path: str | None, server: Any = None) -> Any:
+    """Start the control socket for a served lab disk; on a failure the server's connections are dropped."""
+    if path is None:
+        return None
+    from cachemode.lab.control import ControlServer
+
+    try:
+        control = ControlServer(disk, path)
+    except OSError as exc:
+        from cachemode.lab.control import ControlError
+
+        raise ControlError(f"{path}: cannot listen on the control socket: {exc.strerror or exc}") from None
+    if server is not None:
+        control.on_failure.append(lambda _cmd: drop_connections(server))
+    return control.start()
+
+
+def drop_connections(server: Any) -> None:
+    """Abort every client connection of an NBD server (a crash takes them away)."""
+
+    def abort() -> None:
+        for conn in list(getattr(server, "_connections", ())):
+            conn._abort()
+
+    server.loop.call_soon_threadsafe(abort)
+
+
+# -- output helpers -----------------------------------------------------------------------------------------
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _write_json(data: Any, path: str | None) -> None:
+    if path is None:
+        return
+    text = json.dumps(data, indent=2)
+    if path == "-":
+        click.echo(text)
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        raise click.UsageError(f"--json {path}: {exc.strerror}") from None
+
+
+def _mode_choice() -> click.Choice:
+    return click.Choice(mode_names(), case_sensitive=False)
+
+
+# -- cachemode lab ----------------------------------------------------------------------------------------------
+@click.group()
+def lab() -> None:
+    """The power-loss lab: emulated host caches, power cuts, the durability matrix, SQLite under crashes."""
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"lab status (cache={status['mode']})")
+    table.add_column("layer")
+    table.add_column("capacity", justify="right")
+    table.add_column("dirty bytes", justify="right")
+    for layer in status["layers"]:
+        table.add_row(layer["layer"], str(layer["capacity"]), str(layer["dirty_bytes"]))
+    con = _console()
+    con.print(table)
+    con.print(
+        f"writes acknowledged {status['writes_acknowledged']}, durable {status['writes_durable']}, "
+        f"volatile {status['writes_volatile']}, lost {status['writes_lost']}; flushes {status['flushes']}, "
+        f"FUA writes {status['fua_writes']}; power cuts {status['power_cuts']}, "
+        f"process crashes {status['process_crashes']}"
+    )
+
+
+_control_option = click.option(
+    "--control",
+    "control",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The control socket of a 'cachemode serve --lab --control PATH'.",
+)
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+
+
+@lab.command("power-cut")
+@_control_option
+@click.option(
+    "--survivors",
+    type=click.Choice(["worst", "random"]),
+    default="worst",
+    show_default=True,
+    help="worst: every volatile byte is lost; random: an arbitrary subset of dirty sectors lands.",
+)
+@click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
+@_json_flag
+def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> None:
+    """Cut the power: the host page cache and the device cache are lost; the export serves what survived."""
+    from cachemode.lab.control import send
+
+    if seed is not None and survivors != "random":
+        raise click.UsageError("--seed needs --survivors random")
+    reply = send(control, {"cmd": "power-cut", "survivors": survivors, "seed": seed})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    lost = reply.get("lost_now", {})
+    click.echo(
+        f"power cut ({survivors}): {lost.get('writes', 0)} writes, {lost.get('bytes', 0)} bytes "
+        "were only in volatile caches and are gone"
+    )
+
+
+@lab.command("crash-process")
+@_control_option
+@_json_flag
+def crash_process(control: str, as_json: bool) -> None:
+    """Kill the hypervisor process; the host lives, so its page cache and the device cache survive."""
+    from cachemode.lab.control import send
+
+    reply = send(control, {"cmd": "crash-process"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    click.echo(
+        f"process crashed: {reply['writes_volatile']} acknowledged writes still in the host's caches (they survive)"
+    )
+
+
+@lab.command("status")
+@_control_option
+@_json_flag
+def status(control: str, as_json: bool) -> None:
+    """Dirty bytes per emulated layer; writes acknowledged, durable, volatile, lost."""
+    from cachemode.lab.control import send
+
+    reply = send(control, {"cmd": "status"})
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    _print_status(reply)
+
+
+@lab.command("matrix")
+@click.option("--host-cache", type=SIZE, default="256M", show_default=True, help="Emulated page cache size.")
+@click.option(
+    "--disk-cache", type=SIZE, default="64M", show_default=True, help="Device write cache (0 = a device without one)."
+)
+@click.option(
+    "--write-cache",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="The guest-visible write cache (off: every write durable, except in unsafe).",
+)
+@click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
+@click.option("--json", "json_path", default=None, help="Write the cells as JSON to FILE ('-': stdout).")
+def matrix(
+    host_cache: int,
+    disk_cache: int,
+    write_cache: str,
+    survivors: str,
+    seed: int | None,
+    plot: str | None,
+    json_path: str | None,
+) -> None:
+    """Measure, for every mode and failure, how many acknowledged writes are lost.
+
+    Runs a built-in workload (writes, some flushed, some FUA, some not) on a fresh lab disk per cell, then a
+    guest crash (the client vanishes without flushing), a process crash, or a power loss.
+    """
+    from rich.table import Table
+
+    from cachemode.lab.disk import LabConfig
+    from cachemode.lab.matrix import plot_matrix, run_matrix
+
+    cells = run_matrix(
+        LabConfig(host_cache=host_cache, disk_cache=disk_cache),
+        write_cache=write_cache == "on",
+        survivors=survivors,
+        seed=seed,
+    )
+    table = Table(
+        title=f"acknowledged writes lost (measured; device cache {disk_cache} bytes, "
+        f"write-cache {write_cache}, survivors {survivors})"
+    )
+    table.add_column("mode")
+    for f in Failure:
+        table.add_column(f"{f.label}\nunflushed lost", justify="right")
+        table.add_column(f"{f.label}\nflushed lost", justify="right")
+    for mode in dict.fromkeys(c.mode for c in cells):
+        row = [mode]
+        for f in Failure:
+            c = next(c for c in cells if c.mode == mode and c.failure == f.value)
+            row += [f"{c.acked_unflushed_lost}/{c.acked_unflushed}", f"{c.flushed_lost}/{c.flushed}"]
+        table.add_row(*row)
+    if json_path != "-":
+        _console().print(table)
+    _write_json([c.as_dict() for c in cells], json_path)
+    if plot:
+        try:
+            plot_matrix(cells, plot)
+        except OSError as exc:
+            raise click.UsageError(f"--plot {plot}: {exc.strerror}") from None
+        if json_path != "-":
+            click.echo(f"heat map written to {plot}")
+
+
+@lab.command("sqlite")
+@click.option("--cache", type=_mode_choice(), default="writeback", show_default=True, help="Cache mode.")
+@click.option(
+    "--synchronous",
+    type=click.Choice(["FULL", "NORMAL", "OFF", "EXTRA"], case_sensitive=False),
+    default="FULL",
+    show_default=True,
+    help="SQLite's PRAGMA synchronous.",
+)
+@click.option("--states", type=click.IntRange(min=1), default=500, show_default=True, help="Crash states.")
+@click.option(
+    "--transfers",
+    type=click.IntRange(min=1, max=2000),
+    default=40,
+    show_default=True,
+    help="Bank-transfer transactions in the workload.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
+)
+@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+def sqlite(
+    cache: str, synchronous: str, states: int, transfers: int, seed: int, sector: str, json_path: str | None
+) -> None:
+    """Run real SQLite (a bank-transfer workload) on the lab disk, then check every crash state.
+
+    Checks PRAGMA integrity_check, that the total balance is constant, and that every transaction whose
+    COMMIT returned is present. Exit status 1 when a violation was found.
+    """
+    from cachemode.lab.sqlite import sqlite_lab
+
+    with _progress(states, "checking crash states") as advance:
+        work, report = sqlite_lab(
+            cache,
+            synchronous=synchronous,
+            states=states,
+            seed=seed,
+            transfers=transfers,
+            sector=int(sector),
+            progress=advance,
+        )
+    data = {
+        "workload": {
+            "cache": work.mode,
+            "synchronous": work.synchronous,
+            "transfers": transfers,
+            "commits": work.commits,
+        },
+        **report.as_dict(),
+    }
+    if json_path != "-":
+        con = _console()
+        _print_report(
+            report, f"SQLite bank workload, cache={work.mode}, synchronous={work.synchronous}, {work.commits} commits"
+        )
+        if report.violations:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.violations.items()))
+            con.print(f"VIOLATIONS in {report.failed} of {report.checked} states: {kinds}")
+        else:
+            con.print(f"no violation in {report.checked} crash states")
+    _write_json(data, json_path)
+    if report.failed:
+        sys.exit(1)
+
+
+# -- cachemode crash ------------------------------------------------------------------------------------------
+@click.group()
+def crash() -> None:
+    """Crash-state exploration over a write log recorded with --record."""
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total = total
+        self.what = what
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not sys.stderr.isatty():
+            return lambda done: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.what, total=self.total)
+        return lambda done: self.bar.update(task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_report(report: Any, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("cache mode", report.mode),
+        ("seed", str(report.seed)),
+        ("tear granularity", f"{report.sector} B"),
+        ("log entries / writes / barriers", f"{report.log_entries} / {report.log_writes} / {report.barriers}"),
+        ("states generated", str(report.generated)),
+        ("duplicates dropped", str(report.duplicates)),
+        ("states checked", str(report.checked)),
+        ("  prefix / subset / torn", " / ".join(str(report.by_kind[k]) for k in ("prefix", "subset", "torn"))),
+        ("passed", str(report.passed)),
+        ("failed", str(report.failed)),
+        ("time per state", f"{report.per_state_ms:.2f} ms"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    _console().print(table)
+    for failure in report.failures[:5]:
+        state = failure["state"]
+        click.echo(
+            f"  failed: crash point {state['crash_point']} ({state['kind']}, "
+            f"{state['durable_writes']} durable writes, {len(state['kept'])} kept, "
+            f"{len(state['torn'])} torn): {failure['output'][:300]}"
+        )
+
+
+@crash.command("explore")
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("--base", required=True, type=click.Path(dir_okay=False), help="The image before the logged run.")
+@click.option(
+    "--cache",
+    type=_mode_choice(),
+    default="writeback",
+    show_default=True,
+    help="The mode whose crash states to build (writethrough/directsync: every write is a barrier; "
+    "unsafe: no flush is).",
+)
+@click.option("--check", "check", required=True, help="Checker command; {image} is the crash state's image.")
+@click.option("--states", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
+)
+@click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
+@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+def explore_cmd(
+    log: str,
+    base: str,
+    cache: str,
+    check: str,
+    states: int,
+    seed: int,
+    sector: str,
+    jobs: int,
+    timeout: float,
+    json_path: str | None,
+) -> None:
+    """Build the crash states the mode allows from LOG, run the checker on each, report.
+
+    Exit status 1 when a state failed the check.
+    """
+    from cachemode.lab.explore import CommandChecker, explore
+    from cachemode.lab.record import read_log
+
+    checker = CommandChecker(check, timeout=timeout)
+    wlog = read_log(log)
+    mode = get_mode(cache)
+    with _progress(states, "checking crash states") as advance:
+        report = explore(
+            wlog,
+            mode,
+            base=base,
+            command=checker,
+            states=states,
+            seed=seed,
+            sector=int(sector),
+            jobs=jobs,
+            progress=advance,
+        )
+    if json_path != "-":
+        _print_report(report, f"crash states of {log} (cache={mode.name})")
+    _write_json({"log": log, "base": base, "check": check, **report.as_dict()}, json_path)
+    if report.failed:
+        sys.exit(1)
