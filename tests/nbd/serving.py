@@ -114,7 +114,7 @@ class ServeProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str, str]:
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
+            os.kill(self.server_pid(), sig)
         out, err = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out, err
 
