@@ -508,3 +508,33 @@ def explore_cmd(
     _write_json({"log": log, "base": base, "check": check, **report.as_dict()}, json_path)
     if report.failed:
         sys.exit(1)
+
+
+def serve_lab(
+    image: str | None,
+    cache: str,
+    write_cache: bool,
+    read_only: bool,
+    create_size: int | None,
+    config: Any,
+    control: str | None,
+    **listen: Any,
+) -> None:
+    """``cachemode serve IMAGE --lab ...``: serve a lab disk, with its control socket, until stopped."""
+    import os
+
+    from cachemode.nbd.commands import ServeError, run_server
+
+    if image is None:
+        raise click.UsageError("--lab needs an IMAGE")
+    if create_size is None and not os.path.exists(image):
+        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
+    disk = open_lab_from_options(image, cache, write_cache, config, create_size, read_only)
+    controls: list[Any] = []
+    try:
+        run_server(disk, on_ready=lambda server: controls.append(start_control(disk, control, server)), **listen)
+    finally:
+        for c in controls:
+            if c is not None:
+                c.stop()
+        disk.close()  # a clean shutdown of the emulated host: its caches are written back

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from cachemode.errors import CachemodeError
+from cachemode.lab.commands import lab_config_from_options, lab_options, serve_lab
 from cachemode.options import SIZE, disk_options, on_off
 
 DEMO_SIZE = 1 << 30
@@ -119,6 +120,7 @@ def run_server(
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, help="Unix socket instead.")
 @click.option("--export-name", default="", help="Export name (the empty default name is always accepted).")
 @click.option("--create", "create_size", type=SIZE, default=None, help="Create a sparse image of SIZE first.")
+@lab_options
 def serve(
     image: str | None,
     cache: str,
@@ -129,6 +131,7 @@ def serve(
     socket_path: str | None,
     export_name: str,
     create_size: int | None,
+    **lab: Any,
 ) -> None:
     """Serve IMAGE over NBD with the exact semantics of a QEMU cache mode.
 
@@ -137,6 +140,11 @@ def serve(
     finishing in-flight requests and flushing (except in unsafe).
     """
     port = check_address(port, socket_path)
+    lab_config = lab_config_from_options(**lab)
+    if lab_config is not None:  # the power-loss lab (cachemode.lab): emulated host caches, --control, --record
+        listen = {"bind": bind, "port": port, "socket_path": socket_path, "export_name": export_name}
+        serve_lab(image, cache, on_off(write_cache), read_only, create_size, lab_config, lab["lab_control"], **listen)
+        return
     disk = open_served_disk(image, cache, write_cache, read_only, create_size)
     try:
         run_server(disk, bind=bind, port=port, socket_path=socket_path, export_name=export_name)
