@@ -7,6 +7,7 @@ and ``cachemode lab power-cut`` / ``crash-process`` act through the control sock
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -166,3 +167,60 @@ def test_serve_lab_bad_options(tmp_path):
         [sys.executable, "-m", "cachemode", "serve", "--lab"], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 2 and "--lab needs an IMAGE" in proc.stderr
+
+
+CHECKER = """
+import sys
+d = open(sys.argv[1], 'rb').read()
+flushed = d[{f}:{f} + 65536] == bytes([{fp}]) * 65536
+fua = d[{u}:{u} + 65536] == bytes([{up}]) * 65536
+# the FUA write was issued after the FLUSH completed: a state holding it must hold the flushed write too
+sys.exit(1 if fua and not flushed else 0)
+"""
+
+
+@pytest.mark.parametrize("mode, expect_rc", [("writeback", 0), ("none", 0), ("unsafe", 1)])
+def test_explore_a_log_recorded_over_nbd(tmp_path, mode, expect_rc):
+    log = tmp_path / "w.log"
+    srv = LabServer(tmp_path, "writeback", "--record", str(log))
+    try:
+        guest_writes(srv)
+    finally:
+        srv.stop()
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(4 << 20))
+    checker = tmp_path / "check.py"
+    checker.write_text(CHECKER.format(f=FLUSHED[1], fp=FLUSHED[0], u=FUA[1], up=FUA[0]))
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cachemode",
+            "crash",
+            "explore",
+            str(log),
+            "--base",
+            str(base),
+            "--cache",
+            mode,
+            "--check",
+            f"{sys.executable} {checker} {{image}}",
+            "--states",
+            "60",
+            "--seed",
+            "3",
+            "--jobs",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["states"]["checked"] > 5 and report["log"]["writes"] == 3
+    assert (report["states"]["failed"] > 0) == (expect_rc == 1)
