@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cachemode.lab.disk import LabConfig, LabDisk
 from cachemode.lab.explore import CommandChecker, ExploreError, Outcome, explore
@@ -201,3 +203,52 @@ def test_cli_bad_input_is_one_line_exit_2(log_path, tmp_path, args, message):
 def test_bad_options_in_the_api(log_path):
     with pytest.raises(ExploreError, match="sector"):
         run(log_path, "writeback", lambda i, s: Outcome(True), sector=1000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    writes=st.lists(
+        st.tuples(st.integers(0, 4000), st.integers(1, 1500), st.integers(0, 255), st.booleans()),
+        min_size=1,
+        max_size=12,
+    ),
+    choose=st.lists(st.booleans(), min_size=12, max_size=12),
+    sector=st.sampled_from([512, 4096]),
+)
+def test_overlay_equals_applying_the_writes_in_order(writes, choose, sector):
+    from cachemode.lab.explore import CrashState, build_overlay
+    from cachemode.lab.record import WRITE, ZERO, LogEntry, WriteLog
+
+    size = 6000
+    base = bytes((i * 7) & 0xFF for i in range(size))
+    entries = []
+    for i, (off, length, byte, is_zero) in enumerate(writes):
+        length = min(length, size - off)
+        if is_zero:
+            entries.append(LogEntry(i, ZERO, off, length))
+        else:
+            entries.append(LogEntry(i, WRITE, off, length, data=bytes([byte]) * length))
+    log = WriteLog(size, entries)
+    chosen = [i for i in range(len(entries)) if choose[i]]
+    kept = tuple(i for i in chosen if i % 3)
+    # every third chosen write is torn: only its even-numbered sectors land
+    torn = {
+        i: {s_ for s_ in range(entries[i].offset // sector, size // sector + 1) if s_ % 2 == 0}
+        for i in chosen
+        if i % 3 == 0
+    }
+    state = CrashState(len(entries), "torn", (), kept, tuple((i, tuple(sorted(v))) for i, v in torn.items()))
+    ov = build_overlay(state, log, lambda n, o: base[o : o + n], sector)
+    got = bytearray(base)
+    for s_, buf in ov.sectors.items():
+        got[s_ * sector : s_ * sector + len(buf)] = buf
+    want = bytearray(base)
+    for i in chosen:
+        e = entries[i]
+        data = e.data if e.kind == WRITE else bytes(e.length)
+        end = e.offset + e.length
+        for s_ in range(e.offset // sector, (end + sector - 1) // sector):
+            if i not in torn or s_ in torn[i]:
+                lo, hi = max(e.offset, s_ * sector), min(end, (s_ + 1) * sector)
+                want[lo:hi] = data[lo - e.offset : hi - e.offset]
+    assert got == want

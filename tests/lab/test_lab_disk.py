@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cachemode.lab.disk import LabConfig, LabDisk, LabError, open_lab_disk
@@ -122,3 +124,17 @@ def test_bad_lab_requests():
     disk = LabDisk(MemoryDisk(4096), "writeback")
     with pytest.raises(LabError, match="survivor"):
         disk.power_cut("some")
+
+
+def test_background_writeback_makes_old_dirty_data_durable():
+    disk = LabDisk(MemoryDisk(1 << 16), "writeback", LabConfig(writeback_after=0.05))
+    try:
+        disk.pwrite(b"w" * 512, 0)
+        deadline = time.monotonic() + 20
+        while disk.status()["writes_volatile"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert disk.status()["writes_volatile"] == 0
+        disk.power_cut()
+        assert disk.pread(512, 0) == b"w" * 512
+    finally:
+        disk.close()

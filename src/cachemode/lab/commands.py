@@ -435,7 +435,9 @@ def _print_report(report: Any, title: str) -> None:
         ("  prefix / subset / torn", " / ".join(str(report.by_kind[k]) for k in ("prefix", "subset", "torn"))),
         ("passed", str(report.passed)),
         ("failed", str(report.failed)),
-        ("time per state", f"{report.per_state_ms:.2f} ms"),
+        ("time per state (check)", f"{report.per_state_ms:.2f} ms"),
+        ("time to build the states", f"{report.prepare_seconds:.2f} s"),
+        ("materialised by", report.materialise),
     ]
     for what, value in rows:
         table.add_row(what, value)

@@ -91,7 +91,8 @@ class Report:
     by_kind: dict[str, int] = field(default_factory=lambda: {"prefix": 0, "subset": 0, "torn": 0})
     violations: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, object]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # checking (materialising each state and running the checker)
+    prepare_seconds: float = 0.0  # generating, building and de-duplicating the states
     materialise: str = "memory"
 
     @property
@@ -115,6 +116,7 @@ class Report:
             "violations": self.violations,
             "failures": self.failures,
             "seconds": round(self.seconds, 3),
+            "prepare_seconds": round(self.prepare_seconds, 3),
             "ms_per_state": round(self.per_state_ms, 3),
             "materialise": self.materialise,
         }
@@ -200,33 +202,11 @@ def generate(model: CrashModel, states: int, rng: random.Random, sector: int) ->
 
 
 class Overlay:
-    """The sectors a crash state changes, computed over the base image: sector -> new content."""
+    """The sectors a crash state changes, over the base image: sector number -> its new content."""
 
-    def __init__(self, base_read: Callable[[int, int], bytes], size: int, sector: int) -> None:
-        self.read = base_read
-        self.size = size
+    def __init__(self, sector: int) -> None:
         self.sector = sector
-        self.sectors: dict[int, bytearray] = {}
-
-    def _sector(self, s: int) -> bytearray:
-        buf = self.sectors.get(s)
-        if buf is None:
-            start = s * self.sector
-            buf = bytearray(self.read(min(self.sector, self.size - start), start))
-            self.sectors[s] = buf
-        return buf
-
-    def apply(self, offset: int, length: int, data: bytes | None, only: set[int] | None = None) -> None:
-        """Apply a write (``data``) or a zeroing (``None``); ``only`` restricts it to those sectors (torn)."""
-        end = offset + length
-        s = offset // self.sector
-        while s * self.sector < end:
-            start = s * self.sector
-            if only is None or s in only:
-                buf = self._sector(s)
-                lo, hi = max(start, offset), min(start + len(buf), end)
-                buf[lo - start : hi - start] = data[lo - offset : hi - offset] if data is not None else bytes(hi - lo)
-            s += 1
+        self.sectors: dict[int, bytes] = {}
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -237,13 +217,46 @@ class Overlay:
 
 
 def build_overlay(state: CrashState, log: WriteLog, base_read: Callable[[int, int], bytes], sector: int) -> Overlay:
-    ov = Overlay(base_read, log.size, sector)
+    """Apply the state's writes in log order, computed backwards: the last write to a whole sector decides it.
+
+    Walking the log from the end, a write covering a whole sector settles it and every earlier write to that
+    sector is skipped; partial-sector pieces wait for what lies under them (an earlier whole write, or the base).
+    """
+    ov = Overlay(sector)
+    final = ov.sectors
+    pending: dict[int, list[tuple[int, int, bytes | None, int]]] = {}  # later pieces first
     torn = dict(state.torn)
-    for i in sorted({*state.durable, *state.kept, *torn}):
+    size = log.size
+    for i in sorted({*state.durable, *state.kept, *torn}, reverse=True):
         e = log.entries[i]
         data = e.data if e.kind == 1 else None
-        ov.apply(e.offset, e.length, data, set(torn[i]) if i in torn else None)
+        only = set(torn[i]) if i in torn else None
+        offset, end = e.offset, e.offset + e.length
+        for s in range(offset // sector, (end + sector - 1) // sector):
+            if s in final or (only is not None and s not in only):
+                continue
+            start = s * sector
+            slen = min(sector, size - start)
+            lo, hi = max(start, offset), min(start + slen, end)
+            if lo == start and hi == start + slen:
+                content = bytes(hi - lo) if data is None else data[lo - offset : hi - offset]
+                patches = pending.pop(s, None)
+                if patches:
+                    content = _patch(content, patches, start)
+                final[s] = content
+            else:
+                pending.setdefault(s, []).append((lo, hi, data, offset))
+    for s, patches in pending.items():
+        start = s * sector
+        final[s] = _patch(base_read(min(sector, size - start), start), patches, start)
     return ov
+
+
+def _patch(content: bytes, patches: list[tuple[int, int, bytes | None, int]], start: int) -> bytes:
+    buf = bytearray(content)
+    for lo, hi, data, offset in reversed(patches):  # earliest first
+        buf[lo - start : hi - start] = bytes(hi - lo) if data is None else data[lo - offset : hi - offset]
+    return bytes(buf)
 
 
 # -- checkers -------------------------------------------------------------------------------------------------
@@ -391,6 +404,7 @@ def explore(
     report = Report(mode.name, seed, sector, len(log.entries), log.writes, len(model.barriers))
     seen: set[str] = set()
     work: list[tuple[CrashState, Overlay]] = []
+    t0 = time.perf_counter()
     for state in generate(model, states, rng, sector):
         report.generated += 1
         ov = build_overlay(state, log, base_read, sector)
@@ -400,6 +414,7 @@ def explore(
             continue
         seen.add(key)
         work.append((state, ov))
+    report.prepare_seconds = time.perf_counter() - t0
     scratch_dir = tempfile.mkdtemp(prefix="cachemode-explore-")
     lock = threading.Lock()
     local = threading.local()
