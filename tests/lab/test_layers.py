@@ -115,3 +115,26 @@ def test_concurrent_writers_and_flushes_lose_nothing_flushed():
         for i in range(50):
             off = (t * 50 + i) * 512 % 65536
             assert medium.data[off] == t + 1
+
+
+def test_writeback_sends_zero_runs_as_write_zeroes():
+    calls = []
+
+    class Spy(MemoryDisk):
+        def pwrite(self, data, offset, *, fua=False):
+            calls.append(("write", offset, len(data)))
+            super().pwrite(data, offset)
+
+        def zero(self, offset, length, **kw):
+            calls.append(("zero", offset, length))
+            super().zero(offset, length)
+
+    medium = Spy(16384)
+    medium.data[:] = b"q" * 16384
+    dc = EmulatedDiskCache(medium, 1 << 20)
+    dc.pwrite(b"a" * 1024, 0)
+    dc.zero(1024, 4096)
+    dc.pwrite(b"b" * 512, 5120)
+    dc.flush()
+    assert calls == [("write", 0, 1024), ("zero", 1024, 4096), ("write", 5120, 512)]
+    assert bytes(medium.data[:5632]) == b"a" * 1024 + bytes(4096) + b"b" * 512

@@ -11,6 +11,7 @@ import click
 
 from cachemode.modes import Failure, get_mode, mode_names
 from cachemode.options import SIZE
+from cachemode.units import format_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -297,7 +298,7 @@ def matrix(
         seed=seed,
     )
     table = Table(
-        title=f"acknowledged writes lost (measured; device cache {disk_cache} bytes, "
+        title=f"acknowledged writes lost (measured; device cache {format_size(disk_cache)}, "
         f"write-cache {write_cache}, survivors {survivors})"
     )
     table.add_column("mode")

@@ -195,22 +195,24 @@ class VolatileCache(Layer):
         self.written_back += len(items) * self.block
 
     def _write_runs(self, items: list[tuple[int, bytes, int]]) -> None:
-        """Write sorted (block, content, wid) items to ``lower`` in contiguous runs."""
-        run_start = None
+        """Write sorted (block, content, wid) items to ``lower`` in contiguous runs; all-zero runs as zeroing."""
         run: list[bytes] = []
-        prev = None
-        for b, content, _ in [*items, (None, b"", 0)]:
-            if run and (b is None or b != prev + 1):
+        run_start = prev = -2
+        run_zero = False
+        for b, content, _ in [*items, (-1, b"", 0)]:
+            is_zero = content == self._zero
+            if run and (b != prev + 1 or is_zero != run_zero):
                 offset = run_start * self.block
-                data = b"".join(run)
-                data = data[: max(0, min(len(data), self.size - offset))]
-                if data:
-                    self.lower.pwrite(data, offset)
+                length = max(0, min(len(run) * self.block, self.size - offset))
+                if length and run_zero:
+                    self.lower.zero(offset, length, may_trim=False)
+                elif length:
+                    self.lower.pwrite(b"".join(run)[:length], offset)
                 run = []
-            if b is None:
+            if b < 0:
                 break
             if not run:
-                run_start = b
+                run_start, run_zero = b, is_zero
             run.append(content)
             prev = b
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from cachemode.lab.disk import LabConfig, LabDisk
 from cachemode.lab.layers import MemoryDisk
 from cachemode.modes import MODES, CacheMode, Failure, get_mode
+from cachemode.units import format_size
 
 SLOT = 4096
 
@@ -144,7 +145,7 @@ def plot_matrix(cells: list[Cell], path: str) -> None:
         for j in range(len(cols)):
             ax.text(j, r, text[r][j], ha="center", va="center", color="black" if grid[r, j] < 0.6 else "white")
     dc = cells[0].disk_cache if cells else 0
-    ax.set_title(f"Acknowledged writes lost, measured in the lab (device cache {dc} bytes)")
+    ax.set_title(f"Acknowledged writes lost, measured in the lab (device write cache {format_size(dc)})")
     fig.colorbar(im, ax=ax, label="fraction lost")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
