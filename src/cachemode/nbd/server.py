@@ -188,6 +188,9 @@ class NBDConnection(asyncio.Protocol):
         disk = self.disk
         read_inline = server.read_inline
         sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
+        aio = server.aio
+        aio_fd = server.aio_fd
+        aio_align = server.aio_align
         inline_write = server.inline_writes
         structured = self.structured
         read_header = replies.read_header
@@ -225,6 +228,9 @@ class NBDConnection(asyncio.Protocol):
                         out.append(replies.simple(ev.cookie, _error_of(exc, cmd)))
                         continue
                     out.append(replies.simple(ev.cookie))
+                elif aio is not None and cmd <= c.CMD_WRITE and not (ev.offset | ev.length) % aio_align:
+                    if not self._aio(ev, aio, aio_fd):
+                        self._submit(ev)
                 else:
                     self._submit(ev)
             elif ev.__class__ is Rejected:
@@ -284,6 +290,100 @@ class NBDConnection(asyncio.Protocol):
                 rest += bytes(req.length - done - len(rest))
             transport.write(rest)
         return True
+
+    def _aio(self, req: Request, aio: Any, fd: int) -> bool:
+        """Start an aligned READ, or a WRITE that needs no durability of its own, with native AIO.
+
+        Returns False (nothing started) for anything else, or when the AIO context is full.
+        """
+        from cachemode.nbd.aio import IOCB_CMD_PREAD, IOCB_CMD_PWRITE
+
+        length = req.length
+        if req.command == c.CMD_WRITE:
+            disk = self.disk
+            # FUA, the guest cache off, or O_DSYNC: the stack decides how the write is made durable.
+            if req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache):
+                return False
+            buf = aio.buffer(length)
+            buf[:length] = req.data
+            opcode = IOCB_CMD_PWRITE
+        else:
+            buf = aio.buffer(length)
+            opcode = IOCB_CMD_PREAD
+
+        def done(res: int, buf: Any) -> None:
+            self._aio_done(req, res, buf, aio)
+
+        if not aio.submit(opcode, fd, buf, length, req.offset, done):
+            aio.release(buf)
+            return False
+        self.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+        return True
+
+    def _aio_done(self, req: Request, res: int, buf: Any, aio: Any) -> None:
+        length = req.length
+        cookie = req.cookie
+        if req.command == c.CMD_READ:
+            if res < 0:
+                result: Any = replies.error(self.structured, cookie, c.CMD_READ, c.wire_errno(-res), os.strerror(-res))
+            else:
+                hdr = replies.read_header(self.structured, cookie, req.offset, length)
+                if res < length:  # only past the end of an image that shrank underneath us
+                    buf[res:length] = bytes(length - res)
+                if length >= LARGE_REPLY and not self._out and not self.closed:
+                    # Large read: straight from the aligned buffer to the socket, copying only what the
+                    # socket does not take at once.
+                    self.in_flight -= 1
+                    self._send_direct(hdr, buf, length)
+                    aio.release(buf)
+                    self._after_completion()
+                    return
+                result = (hdr, buf[:length])
+            aio.release(buf)
+            self._completed(req, result)
+            return
+        aio.release(buf)
+        if res == length:
+            self.server.note_write()
+            self._completed(req, replies.simple(cookie))
+        elif res < 0:
+            self._completed(req, replies.simple(cookie, _error_of(OSError(-res, os.strerror(-res)), c.CMD_WRITE)))
+        else:  # a short write: let the stack finish the rest
+            self.server.note_write()
+            self.in_flight -= 1
+            rest = Request(c.CMD_WRITE, 0, cookie, req.offset + res, length - res, memoryview(req.data)[res:])
+            self._submit(rest)
+
+    def _send_direct(self, hdr: bytes, buf: Any, length: int) -> None:
+        """Write ``hdr`` + ``buf[:length]`` with writev when nothing is queued before it; queue the rest."""
+        transport = self.transport
+        if transport is None:
+            return
+        sent = 0
+        if self._sock_fd >= 0 and not transport.get_write_buffer_size():
+            with memoryview(buf) as view:
+                try:
+                    sent = os.writev(self._sock_fd, [hdr, view[:length]])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._abort()
+                    return
+        total = len(hdr) + length
+        if sent >= total:
+            return
+        if sent < len(hdr):
+            transport.write(hdr[sent:] + buf[:length])
+        else:
+            transport.write(buf[sent - len(hdr) : length])
+
+    def _after_completion(self) -> None:
+        if self.in_flight == MAX_IN_FLIGHT - 1:
+            self._update_reading()
+        if self.closing:
+            self._maybe_close()
 
     def _submit(self, req: Request) -> None:
         self.in_flight += 1
@@ -497,6 +597,7 @@ class Server:
         self.disk = disk
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
+        self._note_write = getattr(getattr(disk, "top", None), "_written", lambda: None)
         self.pool = IOPool(self.loop, workers or int(os.environ.get("CACHEMODE_NBD_WORKERS", "16")))
         self.stats = Stats()
         self.shutting_down = False
@@ -509,10 +610,25 @@ class Server:
         blocking = bool(getattr(disk, "blocking", True))
         self.fast_read_fd: int | None = None if blocking else getattr(disk, "fast_read_fd", None)
         self.inline_writes = not blocking and not disk.read_only
+        # O_DIRECT with the plain stack: aligned reads and plain writes may use native AIO (see aio.py).
+        self.aio: Any = None
+        self.aio_fd = -1
+        self.aio_align = 1
+        if getattr(getattr(disk, "mode", None), "direct", False) and _plain_stack(disk):
+            from cachemode.nbd.aio import open_aio
+
+            self.aio = open_aio(self.loop)
+            if self.aio is not None:
+                self.aio_fd = disk.image.fd
+                self.aio_align = max(disk.image.alignment, 512)
         self.read_inline: Callable[[int, int], bytes] | None = None
         if not blocking:
             fd = self.fast_read_fd
             self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+
+    def note_write(self) -> None:
+        """Tell the disk stack a write completed behind its back (native AIO), so the next FLUSH syncs."""
+        self._note_write()
 
     def _factory(self) -> NBDConnection:
         return NBDConnection(self)
@@ -556,12 +672,34 @@ class Server:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
         # The disk applies the mode: flush syncs in writeback/none, is a no-op in unsafe and O_DSYNC modes.
+        if self.aio is not None:
+            self.aio.close()
         await self.pool.run(self.disk.flush)
         self.pool.shutdown()
 
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+
+def _plain_stack(disk: Any) -> bool:
+    """True for the stack open_disk builds by itself: mode layer, optional alignment layer, image file."""
+    try:
+        from cachemode.disk import ImageFile, ModeLayer
+        from cachemode.disk.alignment import AlignmentLayer
+
+        layers = disk.layers()
+    except Exception:
+        return False
+    kinds = [type(layer) for layer in layers]
+    return (
+        bool(kinds)
+        and kinds[0] is ModeLayer
+        and kinds[-1] is ImageFile
+        and all(k is AlignmentLayer for k in kinds[1:-1])
+        and hasattr(layers[0], "_written")
+        and layers[-1] is disk.image
+    )
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
