@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "modes": "cachemode.commands:modes",
     "disk": "cachemode.commands:disk",
     "serve": "cachemode.nbd.commands:serve",
+    "demo": "cachemode.demo:demo",
     "sim": "cachemode.cpu.commands:sim",
     "dinero": "cachemode.cpu.commands:dinero",
     "trace": "cachemode.cpu.commands:trace",
