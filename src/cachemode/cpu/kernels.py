@@ -144,91 +144,68 @@ def _victim(tags, stamp, plru, base, pbase, assoc, repl, rng):
     return best, rng
 
 
-@numba.njit(cache=True)
-def _grow(otypes, oaddrs, osizes, oorig, k, need):
-    cap = len(otypes)
-    if k + need <= cap:
-        return otypes, oaddrs, osizes, oorig
-    cap2 = max(cap * 2, k + need + 1024)
-    t2 = np.empty(cap2, np.int8)
-    a2 = np.empty(cap2, np.uint64)
-    s2 = np.empty(cap2, np.uint32)
-    o2 = np.empty(cap2, np.int64)
-    t2[:k] = otypes[:k]
-    a2[:k] = oaddrs[:k]
-    s2[:k] = osizes[:k]
-    o2[:k] = oorig[:k]
-    return t2, a2, s2, o2
+# scalar state slots (int64 array ``st``)
+ST_CLK, ST_FCLK, ST_RNG, ST_FRNG, ST_NSEEN = 0, 1, 2, 3, 4
+# why the kernel stopped
+DONE, OUT_FULL, SEEN_FULL = 0, 1, 2
 
 
 @numba.njit(cache=True, nogil=True)
-def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, seed, emit):
-    """Run one cache over an event stream.
+def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dirty, plru, hkeys, hvals, ftags, fstamp,
+         fplru, fhkeys, fhvals, seen, cnt, otypes, oaddrs, osizes, oorig):  # fmt: skip
+    """Process events from ``start`` until the end or until an output/seen buffer could overflow.
 
-    ``types`` int8, ``addrs`` uint64, ``sizes`` uint32, ``origin`` int64 (the top-level trace index of
-    each event; empty means "the event index"). Policies: ``repl`` 0 LRU, 1 FIFO, 2 random, 3 tree PLRU;
-    ``walloc`` 0 always, 1 never, 2 nofetch; ``wback`` 0 always, 1 never (write-through), 2 nofetch;
-    ``ralloc`` 1 allocate on read misses, 0 read-through. ``emit`` 0 counts downstream bytes without
-    storing the downstream events.
-
-    Returns ``(counters, out_types, out_addrs, out_sizes, out_origin)``.
+    Returns ``(next event index, events written, reason)``; the caller drains or grows buffers and resumes.
+    No array is reallocated in here, which keeps the loop free of reference counting.
     """
-    n = len(types)
+    lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, emit = (
+        prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6], prm[7], prm[8],
+    )  # fmt: skip
     bsize = np.int64(1) << lgb
     boff = np.uint64(bsize - 1)
+    ulgb = np.uint64(lgb)
+    upshift = np.uint64(prm[10])  # set partition (parallel runs): this run owns blocks whose
+    upmask = np.uint64(prm[11])  # (address >> shift) & mask equals id
+    upid = np.uint64(prm[12])
     smask = nsets - 1
     nb = nsets * assoc
-    cnt = np.zeros(NCOUNTERS, np.int64)
-    tags = np.full(nb, -1, np.int64)
-    stamp = np.zeros(nb, np.int64)
-    dirty = np.zeros(nb, np.uint8)
-    plru = np.zeros(max(nsets * (assoc - 1), 1), np.uint8)
+    cap = len(otypes)
+    use_hash = assoc >= HASH_MIN_ASSOC
+    hmask = len(hkeys) - 1
+    fn = len(ftags)
+    fhmask = len(fhkeys) - 1
+    smask2 = len(seen) - 1
+    seen_cap = len(seen) // 2
     dways = np.zeros(assoc, np.int64)
     dstamp = np.zeros(assoc, np.int64)
-    use_hash = assoc >= HASH_MIN_ASSOC
-    hsize = 1
-    while hsize < 2 * nb + 2:
-        hsize *= 2
-    if not use_hash:
-        hsize = 1
-    hkeys = np.full(hsize, -1, np.int64)
-    hvals = np.zeros(hsize, np.int64)
-    hmask = hsize - 1
-    # 3C shadow: fully associative, same number of blocks, same policies; plus the set of blocks seen
-    fn = nb if ccc else 1
-    ftags = np.full(fn, -1, np.int64)
-    fstamp = np.zeros(fn, np.int64)
-    fplru = np.zeros(max(fn - 1, 1), np.uint8)
-    fhsize = 1
-    while ccc and fhsize < 2 * fn + 2:
-        fhsize *= 2
-    fhkeys = np.full(fhsize, -1, np.int64)
-    fhvals = np.zeros(fhsize, np.int64)
-    fhmask = fhsize - 1
-    seen_size = 1024 if ccc else 1
-    seen = np.full(seen_size, -1, np.int64)
-    seen_dummy = np.zeros(seen_size, np.int64)
-    nseen = 0
-    rng = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) | np.uint64(1)
-    frng = rng ^ np.uint64(0x5851F42D4C957F2D) | np.uint64(1)
-    clk = np.int64(0)
-    fclk = np.int64(0)
-    cap = n // 4 + 1024 if emit else 1
-    otypes = np.empty(cap, np.int8)
-    oaddrs = np.empty(cap, np.uint64)
-    osizes = np.empty(cap, np.uint32)
-    oorig = np.empty(cap, np.int64)
-    k = 0
+    clk = st[ST_CLK]
+    fclk = st[ST_FCLK]
+    rng = np.uint64(st[ST_RNG])
+    frng = np.uint64(st[ST_FRNG])
+    nseen = st[ST_NSEEN]
     has_origin = len(origin) > 0
-
-    for e in range(n):
+    k = k0
+    reason = DONE
+    e = start
+    while e < stop:
         t = types[e]
         a = addrs[e]
         sz = np.int64(sizes[e])
-        org = origin[e] if has_origin else np.int64(e)
+        org = origin[e] if has_origin else prm[9] + e
+        if t == 4 or t == 5:
+            need = nb + 1 if (t == 4 and sz == 0) else 2
+        else:
+            need = 3 * (np.int64((a + np.uint64(sz - 1)) >> ulgb) - np.int64(a >> ulgb) + 1)
+        if emit and k + need > cap:
+            reason = OUT_FULL  # the caller keeps what is written and continues in a bigger buffer
+            break
+        if ccc and t < 4 and nseen + need > seen_cap:
+            reason = SEEN_FULL
+            break
+        if t >= 4 and sz > 0 and ((a >> upshift) & upmask) != upid:  # another partition's block
+            e += 1
+            continue
         if t == 4:  # copy-back: write dirty blocks back, then pass the copy-back on
-            if emit:
-                otypes, oaddrs, osizes, oorig = _grow(otypes, oaddrs, osizes, oorig, k, nb + 1)
             if sz == 0:
                 for s in range(nsets - 1, -1, -1):
                     base = s * assoc
@@ -249,12 +226,12 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
                         cnt[BYTES_WRITTEN] += bsize
                         if emit:
                             otypes[k] = 1
-                            oaddrs[k] = np.uint64(tags[base + best]) << np.uint64(lgb)
+                            oaddrs[k] = np.uint64(tags[base + best]) << ulgb
                             osizes[k] = bsize
                             oorig[k] = org
                             k += 1
             else:
-                blk = np.int64(a >> np.uint64(lgb))
+                blk = np.int64(a >> ulgb)
                 base = (blk & smask) * assoc
                 w = _lookup(tags, base, assoc, blk, use_hash, hkeys, hvals, hmask)
                 if w >= 0 and dirty[base + w] != 0:
@@ -264,7 +241,7 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
                     cnt[BYTES_WRITTEN] += bsize
                     if emit:
                         otypes[k] = 1
-                        oaddrs[k] = np.uint64(blk) << np.uint64(lgb)
+                        oaddrs[k] = np.uint64(blk) << ulgb
                         osizes[k] = bsize
                         oorig[k] = org
                         k += 1
@@ -274,6 +251,7 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
                 osizes[k] = sz
                 oorig[k] = org
                 k += 1
+            e += 1
             continue
         if t == 5:  # invalidate: drop blocks (no write-back), then pass the invalidate on
             if sz == 0:
@@ -293,7 +271,7 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
                     seen[:] = -1
                     nseen = 0
             else:
-                blk = np.int64(a >> np.uint64(lgb))
+                blk = np.int64(a >> ulgb)
                 base = (blk & smask) * assoc
                 w = _lookup(tags, base, assoc, blk, use_hash, hkeys, hvals, hmask)
                 if w >= 0:
@@ -311,12 +289,12 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
                         fstamp[fw] = 0
                         _hdel(fhkeys, fhvals, fhmask, blk)
             if emit:
-                otypes, oaddrs, osizes, oorig = _grow(otypes, oaddrs, osizes, oorig, k, 1)
                 otypes[k] = 5
                 oaddrs[k] = a
                 osizes[k] = sz
                 oorig[k] = org
                 k += 1
+            e += 1
             continue
 
         # demand reference: split at block boundaries, pieces in address order
@@ -324,127 +302,406 @@ def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wbac
         remaining = sz
         is_write = t == 1
         while True:
-            blk = np.int64(pa >> np.uint64(lgb))
-            last = np.int64((pa + np.uint64(remaining - 1)) >> np.uint64(lgb))
+            blk = np.int64(pa >> ulgb)
+            last = np.int64((pa + np.uint64(remaining - 1)) >> ulgb)
+            mine = ((pa >> upshift) & upmask) == upid
             if last != blk:
                 psz = bsize - np.int64(pa & boff)
-                cnt[MULTIBLOCK] += 1
+                if mine:
+                    cnt[MULTIBLOCK] += 1
             else:
                 psz = remaining
-            if emit:
-                otypes, oaddrs, osizes, oorig = _grow(otypes, oaddrs, osizes, oorig, k, 3)
-            base = (blk & smask) * assoc
-            w = _lookup(tags, base, assoc, blk, use_hash, hkeys, hvals, hmask)
-            hit = w >= 0
-            walloc_ok = is_write and (walloc == 0 or (walloc == 2 and psz == bsize))
-            cnt[FETCH + t] += 1
-            if not hit:
-                cnt[MISS + t] += 1
-            update = hit or walloc_ok if is_write else hit or ralloc != 0
-            wb = False
-            victim = np.int64(-1)
-            if update:
-                clk += 1
-                if hit:
-                    if repl != 1:
-                        stamp[base + w] = clk
-                    if repl == 3:
-                        _plru_touch(plru, s_pbase(blk, smask, assoc), assoc, w)
-                else:
-                    pbase = s_pbase(blk, smask, assoc)
-                    w, rng = _victim(tags, stamp, plru, base, pbase, assoc, repl, rng)
-                    old = tags[base + w]
-                    if old >= 0:
-                        if dirty[base + w] != 0:
-                            victim = old
-                        if use_hash:
-                            _hdel(hkeys, hvals, hmask, old)
-                    tags[base + w] = blk
-                    dirty[base + w] = 0
-                    stamp[base + w] = clk
-                    if use_hash:
-                        _hput(hkeys, hvals, hmask, blk, base + w)
-                    if repl == 3:
-                        _plru_touch(plru, pbase, assoc, w)
-                if is_write:
-                    # wback "f" (nofetch): the affected block is valid once updated, so it always holds
-                    wb = wback != 1
-                    if wb:
-                        dirty[base + w] = 1
-            if ccc:
-                fw = _hfind(fhkeys, fhvals, fhmask, blk)
-                fhit = fw >= 0
-                fupdate = fhit or walloc_ok if is_write else fhit or ralloc != 0
-                if fupdate:
-                    fclk += 1
-                    if fhit:
-                        if repl != 1:
-                            fstamp[fw] = fclk
-                        if repl == 3:
-                            _plru_touch(fplru, 0, fn, fw)
-                    else:
-                        fw, frng = _victim(ftags, fstamp, fplru, 0, 0, fn, repl, frng)
-                        old = ftags[fw]
-                        if old >= 0:
-                            _hdel(fhkeys, fhvals, fhmask, old)
-                        ftags[fw] = blk
-                        fstamp[fw] = fclk
-                        _hput(fhkeys, fhvals, fhmask, blk, fw)
-                        if repl == 3:
-                            _plru_touch(fplru, 0, fn, fw)
+            if mine:
+                base = (blk & smask) * assoc
+                w = _lookup(tags, base, assoc, blk, use_hash, hkeys, hvals, hmask)
+                hit = w >= 0
+                walloc_ok = is_write and (walloc == 0 or (walloc == 2 and psz == bsize))
+                cnt[FETCH + t] += 1
                 if not hit:
-                    if fhit:
-                        cnt[CONF + t] += 1
+                    cnt[MISS + t] += 1
+                update = (hit or walloc_ok) if is_write else (hit or ralloc != 0)
+                wb = False
+                victim = np.int64(-1)
+                if update:
+                    clk += 1
+                    if hit:
+                        if repl != 1:
+                            stamp[base + w] = clk
+                        if repl == 3:
+                            _plru_touch(plru, (blk & smask) * (assoc - 1), assoc, w)
                     else:
-                        smask2 = len(seen) - 1
-                        if _hfind(seen, seen_dummy, smask2, blk) >= 0:
+                        pbase = (blk & smask) * (assoc - 1)
+                        w, rng = _victim(tags, stamp, plru, base, pbase, assoc, repl, rng)
+                        old = tags[base + w]
+                        if old >= 0:
+                            if dirty[base + w] != 0:
+                                victim = old
+                            if use_hash:
+                                _hdel(hkeys, hvals, hmask, old)
+                        tags[base + w] = blk
+                        dirty[base + w] = 0
+                        stamp[base + w] = clk
+                        if use_hash:
+                            _hput(hkeys, hvals, hmask, blk, base + w)
+                        if repl == 3:
+                            _plru_touch(plru, pbase, assoc, w)
+                    if is_write:
+                        # wback "f" (nofetch): the affected block is valid once updated, so it always holds
+                        wb = wback != 1
+                        if wb:
+                            dirty[base + w] = 1
+                if ccc:
+                    fw = _hfind(fhkeys, fhvals, fhmask, blk)
+                    fhit = fw >= 0
+                    fupdate = (fhit or walloc_ok) if is_write else (fhit or ralloc != 0)
+                    if fupdate:
+                        fclk += 1
+                        if fhit:
+                            if repl != 1:
+                                fstamp[fw] = fclk
+                            if repl == 3:
+                                _plru_touch(fplru, 0, fn, fw)
+                        else:
+                            fw, frng = _victim(ftags, fstamp, fplru, 0, 0, fn, repl, frng)
+                            old = ftags[fw]
+                            if old >= 0:
+                                _hdel(fhkeys, fhvals, fhmask, old)
+                            ftags[fw] = blk
+                            fstamp[fw] = fclk
+                            _hput(fhkeys, fhvals, fhmask, blk, fw)
+                            if repl == 3:
+                                _plru_touch(fplru, 0, fn, fw)
+                    if not hit:
+                        if fhit:
+                            cnt[CONF + t] += 1
+                        elif _hfind(seen, seen, smask2, blk) != -1:
                             cnt[CAP + t] += 1
                         else:
                             cnt[COMP + t] += 1
-                            if 2 * (nseen + 1) > len(seen):
-                                seen2 = np.full(len(seen) * 2, -1, np.int64)
-                                seen_dummy = np.zeros(len(seen) * 2, np.int64)
-                                for key in seen:
-                                    if key != -1:
-                                        _hput(seen2, seen_dummy, len(seen2) - 1, key, 0)
-                                seen = seen2
-                            _hput(seen, seen_dummy, len(seen) - 1, blk, 0)
+                            _hput(seen, seen, smask2, blk, blk)
                             nseen += 1
-            # downstream, in Dinero's order: fill read, write-through, victim write-back
-            if not hit and (not is_write or (walloc_ok and psz != bsize)):
-                cnt[FILLS] += 1
-                cnt[BYTES_READ] += bsize
-                if emit:
-                    otypes[k] = 0 if is_write else t
-                    oaddrs[k] = np.uint64(blk) << np.uint64(lgb)
-                    osizes[k] = bsize
-                    oorig[k] = org
-                    k += 1
-            if is_write and not wb:
-                cnt[WRITETHROUGHS] += 1
-                cnt[BYTES_WRITTEN] += psz
-                if emit:
-                    otypes[k] = 1
-                    oaddrs[k] = pa
-                    osizes[k] = psz
-                    oorig[k] = org
-                    k += 1
-            if victim >= 0:
-                cnt[WRITEBACKS] += 1
-                cnt[BYTES_WRITTEN] += bsize
-                if emit:
-                    otypes[k] = 1
-                    oaddrs[k] = np.uint64(victim) << np.uint64(lgb)
-                    osizes[k] = bsize
-                    oorig[k] = org
-                    k += 1
+                # downstream, in Dinero's order: fill read, write-through, victim write-back
+                if not hit and (not is_write or (walloc_ok and psz != bsize)):
+                    cnt[FILLS] += 1
+                    cnt[BYTES_READ] += bsize
+                    if emit:
+                        otypes[k] = 0 if is_write else t
+                        oaddrs[k] = np.uint64(blk) << ulgb
+                        osizes[k] = bsize
+                        oorig[k] = org
+                        k += 1
+                if is_write and not wb:
+                    cnt[WRITETHROUGHS] += 1
+                    cnt[BYTES_WRITTEN] += psz
+                    if emit:
+                        otypes[k] = 1
+                        oaddrs[k] = pa
+                        osizes[k] = psz
+                        oorig[k] = org
+                        k += 1
+                if victim >= 0:
+                    cnt[WRITEBACKS] += 1
+                    cnt[BYTES_WRITTEN] += bsize
+                    if emit:
+                        otypes[k] = 1
+                        oaddrs[k] = np.uint64(victim) << ulgb
+                        osizes[k] = bsize
+                        oorig[k] = org
+                        k += 1
             if last == blk:
                 break
-            pa = np.uint64(blk + 1) << np.uint64(lgb)
+            pa = np.uint64(blk + 1) << ulgb
             remaining -= psz
-    return cnt, otypes[:k], oaddrs[:k], osizes[:k], oorig[:k]
+        e += 1
+    st[ST_CLK] = clk
+    st[ST_FCLK] = fclk
+    st[ST_RNG] = np.int64(rng)
+    st[ST_FRNG] = np.int64(frng)
+    st[ST_NSEEN] = nseen
+    return e, k, reason
 
 
-@numba.njit(cache=True, inline="always")
-def s_pbase(blk, smask, assoc):
-    return (blk & smask) * (assoc - 1)
+SPECIAL = 3
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirty, cnt, otypes, oaddrs, osizes, oorig):
+    """The common case, kept small so it stays fast: LRU or FIFO, no 3C shadow, few ways, demand references.
+
+    Same rules and output as :func:`_run`; stops with ``SPECIAL`` at a copy-back or invalidate event, which the
+    caller hands to :func:`_run`. Shares the state arrays with it.
+    """
+    lgb, nsets, assoc, repl, walloc, wback, ralloc, emit = (
+        prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6], prm[8],
+    )  # fmt: skip
+    n = len(types)
+    bsize = np.int64(1) << lgb
+    boff = np.uint64(bsize - 1)
+    ulgb = np.uint64(lgb)
+    upshift = np.uint64(prm[10])  # set partition (parallel runs): this run owns blocks whose
+    upmask = np.uint64(prm[11])  # (address >> shift) & mask equals id
+    upid = np.uint64(prm[12])
+    smask = nsets - 1
+    cap = len(otypes)
+    lru = repl == 0
+    clk = st[ST_CLK]
+    lastblk = np.int64(-1)  # the block of the previous access and its slot (a one-entry lookup cache)
+    lastslot = np.int64(0)
+    has_origin = len(origin) > 0
+    k = k0
+    reason = DONE
+    e = start
+    while e < n:
+        t = types[e]
+        if t >= 4:
+            reason = SPECIAL
+            break
+        a = addrs[e]
+        sz = np.int64(sizes[e])
+        single = np.int64(a & boff) + sz <= bsize
+        if emit:
+            need = 3 if single else 3 * (np.int64((a + np.uint64(sz - 1)) >> ulgb) - np.int64(a >> ulgb) + 1)
+            if k + need > cap:
+                reason = OUT_FULL
+                break
+        is_write = t == 1
+        if single and ((a >> upshift) & upmask) != upid:  # another partition's block
+            e += 1
+            continue
+        if single and not (is_write and wback == 1):  # hot path: a hit needs no downstream traffic
+            blk = np.int64(a >> ulgb)
+            if blk == lastblk:
+                slot = lastslot
+            else:
+                slot = -1
+                base = (blk & smask) * assoc
+                for j in range(assoc):
+                    if tags[base + j] == blk:
+                        slot = base + j
+                        break
+            if slot >= 0:
+                cnt[FETCH + t] += 1
+                clk += 1
+                if lru:
+                    stamp[slot] = clk
+                if is_write:
+                    dirty[slot] = 1
+                lastblk = blk
+                lastslot = slot
+                e += 1
+                continue
+        org = origin[e] if has_origin else prm[9] + e
+        pa = a
+        remaining = sz
+        while True:
+            blk = np.int64(pa >> ulgb)
+            mine = ((pa >> upshift) & upmask) == upid
+            if single:
+                psz = remaining
+            else:
+                last = np.int64((pa + np.uint64(remaining - 1)) >> ulgb)
+                if last != blk:
+                    psz = bsize - np.int64(pa & boff)
+                    if mine:
+                        cnt[MULTIBLOCK] += 1
+                else:
+                    psz = remaining
+                    single = True
+            if mine:
+                base = (blk & smask) * assoc
+                if blk == lastblk:  # same block as the previous access: it is still where we left it
+                    w = lastslot - base
+                else:
+                    w = -1
+                    for j in range(assoc):
+                        if tags[base + j] == blk:
+                            w = j
+                            break
+                cnt[FETCH + t] += 1
+                victim = np.int64(-1)
+                wb = False
+                walloc_ok = False
+                if w >= 0:
+                    clk += 1
+                    if lru:
+                        stamp[base + w] = clk
+                    if is_write:
+                        wb = wback != 1
+                        if wb:
+                            dirty[base + w] = 1
+                    lastblk = blk
+                    lastslot = base + w
+                else:
+                    cnt[MISS + t] += 1
+                    lastblk = -1
+                    walloc_ok = is_write and (walloc == 0 or (walloc == 2 and psz == bsize))
+                    if walloc_ok if is_write else ralloc != 0:
+                        clk += 1
+                        # least recent (LRU) or oldest (FIFO); invalid ways have stamp 0, so they go first
+                        v = 0
+                        bs = stamp[base]
+                        for j in range(1, assoc):
+                            if stamp[base + j] < bs:
+                                bs = stamp[base + j]
+                                v = j
+                        old = tags[base + v]
+                        if old >= 0 and dirty[base + v] != 0:
+                            victim = old
+                        tags[base + v] = blk
+                        stamp[base + v] = clk
+                        lastblk = blk
+                        lastslot = base + v
+                        if is_write and wback != 1:
+                            wb = True
+                            dirty[base + v] = 1
+                        else:
+                            dirty[base + v] = 0
+                    if not is_write or (walloc_ok and psz != bsize):
+                        cnt[FILLS] += 1
+                        cnt[BYTES_READ] += bsize
+                        if emit:
+                            otypes[k] = 0 if is_write else t
+                            oaddrs[k] = np.uint64(blk) << ulgb
+                            osizes[k] = bsize
+                            oorig[k] = org
+                            k += 1
+                if is_write and not wb:
+                    cnt[WRITETHROUGHS] += 1
+                    cnt[BYTES_WRITTEN] += psz
+                    if emit:
+                        otypes[k] = 1
+                        oaddrs[k] = pa
+                        osizes[k] = psz
+                        oorig[k] = org
+                        k += 1
+                if victim >= 0:
+                    cnt[WRITEBACKS] += 1
+                    cnt[BYTES_WRITTEN] += bsize
+                    if emit:
+                        otypes[k] = 1
+                        oaddrs[k] = np.uint64(victim) << ulgb
+                        osizes[k] = bsize
+                        oorig[k] = org
+                        k += 1
+            if single:
+                break
+            pa = np.uint64(blk + 1) << ulgb
+            remaining -= psz
+        e += 1
+    st[ST_CLK] = clk
+    return e, k, reason
+
+
+@numba.njit(cache=True)
+def _rehash(old, new):
+    mask = len(new) - 1
+    for key in old:
+        if key != -1:
+            _hput(new, new, mask, key, key)
+
+
+def _pow2_at_least(x: int) -> int:
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+class CacheState:
+    """The state of one simulated cache between kernel calls (flat arrays plus a few scalars)."""
+
+    def __init__(self, lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, seed):
+        nb = nsets * assoc
+        self.prm = np.array([lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, 0, 0, 0, 0, 0], np.int64)
+        self._bufs = None
+        rng = (seed * 0x9E3779B97F4A7C15 | 1) & (2**64 - 1)
+        frng = (rng ^ 0x5851F42D4C957F2D) | 1
+        self.st = np.array([0, 0, rng - 2**64 if rng >= 2**63 else rng, frng - 2**64 if frng >= 2**63 else frng, 0],
+                           np.int64)  # fmt: skip
+        self.tags = np.full(nb, -1, np.int64)
+        self.stamp = np.zeros(nb, np.int64)
+        self.dirty = np.zeros(nb, np.uint8)
+        self.plru = np.zeros(max(nsets * (assoc - 1), 1), np.uint8)
+        hsize = _pow2_at_least(2 * nb + 2) if assoc >= HASH_MIN_ASSOC else 1
+        self.hkeys = np.full(hsize, -1, np.int64)
+        self.hvals = np.zeros(hsize, np.int64)
+        fn = nb if ccc else 1
+        self.ftags = np.full(fn, -1, np.int64)
+        self.fstamp = np.zeros(fn, np.int64)
+        self.fplru = np.zeros(max(fn - 1, 1), np.uint8)
+        fhsize = _pow2_at_least(2 * fn + 2) if ccc else 1
+        self.fhkeys = np.full(fhsize, -1, np.int64)
+        self.fhvals = np.zeros(fhsize, np.int64)
+        self.seen = np.full(4096 if ccc else 2, -1, np.int64)
+        self.cnt = np.zeros(NCOUNTERS, np.int64)
+
+    def partition(self, shift: int, mask: int, pid: int) -> None:
+        """Own only blocks with ``(address >> shift) & mask == pid`` (a slice of the sets, for parallel runs)."""
+        self.prm[10], self.prm[11], self.prm[12] = shift, mask, pid
+
+    def run(self, types, addrs, sizes, origin, emit: bool, origin_offset: int = 0):
+        """Run a stream (state carries over between calls). Returns the downstream (types, addrs, sizes,
+        origin); these may be views of buffers reused by the next call. ``origin_offset`` is added to event
+        indexes when ``origin`` is empty."""
+        n = len(types)
+        self.prm[8] = 1 if emit else 0
+        self.prm[9] = origin_offset
+        nb = int(self.prm[1] * self.prm[2])
+        if emit:
+            want = max(3 * n, nb + 1) + 64
+            if self._bufs is None or len(self._bufs[0]) < want:
+                self._bufs = _new_bufs(want)
+            bufs = self._bufs
+        else:
+            bufs = _new_bufs(1)
+        parts = []
+        fast = self.prm[3] in (0, 1) and not self.prm[7] and self.prm[2] < HASH_MIN_ASSOC
+        general = not fast
+        e = 0
+        k = 0
+        while e < n:
+            if general:
+                stop = n if not fast else e + 1
+                e, k, reason = _run(types, addrs, sizes, origin, e, stop, k, self.prm, self.st, self.tags,
+                                    self.stamp, self.dirty, self.plru, self.hkeys, self.hvals, self.ftags,
+                                    self.fstamp, self.fplru, self.fhkeys, self.fhvals, self.seen, self.cnt,
+                                    *bufs)  # fmt: skip
+            else:
+                e, k, reason = _run_fast(types, addrs, sizes, origin, e, k, self.prm, self.st, self.tags,
+                                         self.stamp, self.dirty, self.cnt, *bufs)  # fmt: skip
+            if reason == OUT_FULL:  # keep what was written; continue in a fresh, bigger buffer
+                parts.append(tuple(b[:k].copy() for b in bufs))
+                bufs = _new_bufs(2 * len(bufs[0]) + 3 * nb + 64)
+                self._bufs = bufs
+                k = 0
+            elif reason == SEEN_FULL:
+                new = np.full(2 * len(self.seen), -1, np.int64)
+                _rehash(self.seen, new)
+                self.seen = new
+            # a special event goes to the general kernel; it hands back once that event is done
+            general = (not fast) or reason == SPECIAL or (general and reason != DONE)
+        last = tuple(b[:k] for b in bufs)
+        if not parts:
+            return last
+        parts.append(last)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def _new_bufs(cap: int):
+    return (np.empty(cap, np.int8), np.empty(cap, np.uint64), np.empty(cap, np.uint32), np.empty(cap, np.int64))
+
+
+def run_cache(types, addrs, sizes, origin, lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, seed, emit):
+    """Run one cache over an event stream.
+
+    ``types`` int8, ``addrs`` uint64, ``sizes`` uint32, ``origin`` int64 (the top-level trace index of
+    each event; empty means "the event index"). Policies: ``repl`` 0 LRU, 1 FIFO, 2 random, 3 tree PLRU;
+    ``walloc`` 0 always, 1 never, 2 nofetch; ``wback`` 0 always, 1 never (write-through), 2 nofetch;
+    ``ralloc`` 1 allocate on read misses, 0 read-through. ``emit`` 0 counts downstream bytes without
+    storing the downstream events.
+
+    Returns ``(counters, out_types, out_addrs, out_sizes, out_origin)``.
+    """
+    state = CacheState(lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, seed)
+    t, a, s, o = state.run(types, addrs, sizes, origin, bool(emit))
+    return state.cnt, t, a, s, o

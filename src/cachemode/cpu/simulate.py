@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from cachemode.cpu.config import CacheConfig, Hierarchy
-from cachemode.cpu.kernels import run_cache
+from cachemode.cpu.kernels import CacheState, run_cache
 from cachemode.cpu.stats import CacheStats, SimResult
 from cachemode.cpu.trace import Trace, read_trace
 
@@ -38,9 +38,9 @@ class Stream:
     def __len__(self) -> int:
         return len(self.types)
 
-    def select(self, mask: np.ndarray) -> Stream:
+    def select(self, mask: np.ndarray, offset: int = 0) -> Stream:
         idx = np.flatnonzero(mask)
-        origin = idx.astype(np.int64) if self.origin is None else self.origin[idx]
+        origin = idx.astype(np.int64) + offset if self.origin is None else self.origin[idx]
         return Stream(self.types[idx], self.addrs[idx], self.sizes[idx], origin)
 
     def origins(self) -> np.ndarray:
@@ -95,45 +95,115 @@ def top_stream(trace: Trace, *, flushcount: int = 0, copyback: bool = True) -> S
     )
 
 
+CHUNK = 1 << 20  # top-level events per pass through the hierarchy: buffers stay small and are reused
+
+
+class _Runner:
+    """Per-cache state that persists while chunks of the trace flow through the hierarchy."""
+
+    def __init__(self, hierarchy: Hierarchy):
+        self.levels = hierarchy.levels
+        self.states = {name: CacheState(*cfg.params()) for name, cfg in hierarchy.caches()}
+
+    def _run(self, name: str, stream: Stream, emit: bool, offset: int) -> Stream:
+        origin = _EMPTY_ORIGIN if stream.origin is None else stream.origin
+        t, a, s, o = self.states[name].run(stream.types, stream.addrs, stream.sizes, origin, emit, offset)
+        return Stream(t, a, s, o if stream.origin is not None else None)
+
+    def feed(self, stream: Stream, offset: int) -> None:
+        """Send top-level events (trace indexes ``offset``...) through every level."""
+        istream = dstream = None
+        unified: Stream | None = stream
+        nlev = len(self.levels)
+        for n, lev in enumerate(self.levels, 1):
+            emit = n < nlev
+            if lev.split:
+                if unified is not None:  # first split level: route by type
+                    ty = unified.types
+                    istream = unified.select((ty == 2) | (ty == 5), offset)
+                    dstream = unified.select(ty != 2, offset)
+                    unified = None
+                if lev.icache is not None:
+                    istream = self._run(f"l{n}-icache", istream, emit, offset)
+                if lev.dcache is not None:
+                    dstream = self._run(f"l{n}-dcache", dstream, emit, offset)
+            else:
+                if unified is None:
+                    unified = merge(istream, dstream)
+                unified = self._run(f"l{n}-ucache", unified, emit, offset)
+
+
+def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
+    """(shift, parts) for running the hierarchy as independent slices of the sets, or (0, 1).
+
+    Blocks whose address bits ``[shift, shift + log2(parts))`` are equal land in the same slice of sets at
+    every level (those bits are set-index bits everywhere), so each slice can run on its own core with the
+    exact result of a serial run. Needs per-set replacement (LRU, FIFO, PLRU) and no 3C shadow cache.
+    """
+    caches = [cfg for _, cfg in hierarchy.caches()]
+    if threads < 2 or any(c.ccc or c.repl == "random" for c in caches):
+        return 0, 1
+    shift = max(c.block_size.bit_length() - 1 for c in caches)
+    room = min(c.block_size.bit_length() - 1 + c.nsets.bit_length() - 1 - shift for c in caches)
+    parts = 1
+    while parts * 2 <= threads and (parts * 2).bit_length() - 1 <= room:
+        parts *= 2
+    return (shift, parts) if parts > 1 else (0, 1)
+
+
+PARALLEL_MIN_EVENTS = 1 << 18  # below this, threads cost more than they save
+
+
 def simulate(
     hierarchy: Hierarchy | CacheConfig,
     trace: Trace | str | os.PathLike,
     *,
     flushcount: int = 0,
     copyback: bool = True,
+    threads: int | None = None,
 ) -> SimResult:
     """Simulate ``trace`` (a :class:`Trace` or a file path) on ``hierarchy`` and return the statistics.
 
     ``flushcount``: copy back and invalidate every cache after every N records (Dinero's ``-flushcount``).
     ``copyback``: write every dirty block back at the end of the run (Dinero always does).
+    ``threads``: cores to use (default: all, for traces long enough to gain). Parallel runs split the sets
+    between threads (see :func:`partitioning`); the counts are exactly those of a serial run.
     """
     if isinstance(hierarchy, CacheConfig):
         hierarchy = Hierarchy.single(hierarchy)
     if not isinstance(trace, Trace):
         trace = read_trace(trace)
-    stream = top_stream(trace, flushcount=flushcount, copyback=copyback)
-    counters: dict[str, np.ndarray] = {}
-    levels = hierarchy.levels
-    istream: Stream | None = None
-    dstream: Stream | None = None
-    unified: Stream | None = stream
-    for n, lev in enumerate(levels, 1):
-        last = n == len(levels)
-        if lev.split:
-            if unified is not None:  # first split level: route the trace
-                ty = unified.types
-                istream = unified.select((ty == 2) | (ty == 5))
-                dstream = unified.select(ty != 2)
-                unified = None
-            if lev.icache is not None:
-                counters[f"l{n}-icache"], istream = run_one(lev.icache, istream, not last)
-            if lev.dcache is not None:
-                counters[f"l{n}-dcache"], dstream = run_one(lev.dcache, dstream, not last)
-        else:
-            if unified is None:
-                unified = merge(istream, dstream)
-            counters[f"l{n}-ucache"], unified = run_one(lev.unified, unified, not last)
+    if flushcount and flushcount > 0:
+        top = top_stream(trace, flushcount=flushcount, copyback=False)
+        types, addrs, sizes = top.types, top.addrs, top.sizes
+    else:
+        types, addrs, sizes = trace.types, trace.addrs, trace.sizes.astype(np.uint32)
+    n = len(types)
+    if threads is None:
+        threads = (os.cpu_count() or 1) if n >= PARALLEL_MIN_EVENTS else 1
+    shift, parts = partitioning(hierarchy, threads)
+
+    def work(pid: int) -> _Runner:
+        runner = _Runner(hierarchy)
+        if parts > 1:
+            for state in runner.states.values():
+                state.partition(shift, parts - 1, pid)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            runner.feed(Stream(types[lo:hi], addrs[lo:hi], sizes[lo:hi]), lo)
+        if copyback:
+            runner.feed(Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32)), n)
+        return runner
+
+    if parts > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parts) as pool:
+            runners = list(pool.map(work, range(parts)))
+    else:
+        runners = [work(0)]
     result = SimResult(references=len(trace))
     for name, cfg in hierarchy.caches():
-        result.caches.append(CacheStats.from_counters(name, cfg, counters[name]))
+        cnt = sum(r.states[name].cnt for r in runners)
+        result.caches.append(CacheStats.from_counters(name, cfg, cnt))
     return result
