@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachemode.cpu import CacheConfig, Hierarchy, Level, Trace, simulate
-from cachemode.cpu.simulate import run_one, top_stream
+from cachemode.cpu.simulate import partitioning, run_one, top_stream
 
 from .refmodel import RefCache
 
@@ -253,3 +253,35 @@ def test_kernel_matches_reference_model(refs, pol, geom):
     assert [c.misses[k] for k in ("read", "write", "ifetch", "misc")] == ref.miss
     assert (c.multiblock, c.bytes_read, c.bytes_written) == (ref.multiblock, ref.bytes_read, ref.bytes_written)
     assert events(cfg, trace) == ref.out
+
+
+def _mixed_trace(n: int = 6000, seed: int = 5) -> Trace:
+    rng = np.random.default_rng(seed)
+    types = rng.choice(
+        np.array([0, 0, 0, 1, 1, 2, 3, 4, 5], np.int8), n, p=[0.3, 0.1, 0.1, 0.2, 0.05, 0.2, 0.03, 0.01, 0.01]
+    )
+    addrs = (rng.integers(0, 1 << 14, n) + np.where(rng.random(n) < 0.5, 0, 1 << 20)).astype(np.uint64)
+    sizes = rng.choice(np.array([1, 4, 8, 16, 40], np.uint16), n)
+    sizes[types >= 4] = rng.choice(np.array([0, 4], np.uint16), int((types >= 4).sum()))
+    return Trace(types, addrs, sizes)
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [
+        [Level(unified=CacheConfig("2k", 32, 4))],
+        [Level(unified=CacheConfig("2k", 32, 4, repl="fifo", walloc="n")), Level(unified=CacheConfig("16k", 64, 8))],
+        [
+            Level(icache=CacheConfig("1k", 16, 2), dcache=CacheConfig("2k", 16, 2, wback="n", repl="plru")),
+            Level(unified=CacheConfig("8k", 64, 4, ralloc="n")),
+            Level(unified=CacheConfig("32k", 64, 8, walloc="f")),
+        ],
+    ],
+)
+def test_set_partitioned_parallel_run_equals_serial(levels):
+    h = Hierarchy(levels)
+    t = _mixed_trace()
+    assert partitioning(h, 4)[1] == 4
+    serial = simulate(h, t, threads=1, flushcount=2500).to_dict()
+    for threads in (2, 4):
+        assert simulate(h, t, threads=threads, flushcount=2500).to_dict() == serial
