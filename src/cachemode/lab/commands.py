@@ -403,16 +403,16 @@ class _progress:
         self.what = what
         self.bar: Any = None
 
-    def __enter__(self) -> Callable[[int], None]:
+    def __enter__(self) -> Callable[[int, int], None]:
         if not sys.stderr.isatty():
-            return lambda done: None
+            return lambda done, total: None
         from rich.console import Console
         from rich.progress import Progress
 
         self.bar = Progress(console=Console(stderr=True), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.what, total=self.total)
-        return lambda done: self.bar.update(task, completed=done)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

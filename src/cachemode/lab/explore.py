@@ -343,6 +343,8 @@ class ScratchImage:
 
 
 def check_base(base: str, log: WriteLog) -> None:
+    if os.path.isdir(base):
+        raise ExploreError(f"{base}: is a directory, not a base image")
     try:
         size = os.stat(base).st_size
     except FileNotFoundError:
@@ -366,7 +368,7 @@ def explore(
     sector: int = 512,
     jobs: int = 1,
     write_cache: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     max_failures: int = 20,
 ) -> Report:
     """Generate crash states for ``log`` under ``mode``, check each, and report.
@@ -460,7 +462,7 @@ def explore(
                             {"state": state.describe(), "output": outcome.output, "kinds": list(outcome.kinds)}
                         )
                 if progress is not None:
-                    progress(report.checked)
+                    progress(report.checked, len(work))
     finally:
         report.seconds = time.perf_counter() - start
         for s in scratches:
