@@ -228,3 +228,31 @@ def test_explore_a_log_recorded_over_nbd(tmp_path, mode, expect_rc):
     report = json.loads(out.read_text())
     assert report["states"]["checked"] > 5 and report["log"]["writes"] == 3
     assert (report["states"]["failed"] > 0) == (expect_rc == 1)
+
+
+def test_control_path_that_is_not_a_socket_is_refused_and_kept(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cachemode",
+            "serve",
+            str(tmp_path / "x.img"),
+            "--create",
+            "1M",
+            "--lab",
+            "--socket",
+            str(tmp_path / "nbd.sock"),
+            "--control",
+            str(precious),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "is not a socket" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert precious.read_text() == "keep me"

@@ -119,7 +119,7 @@ def start_control(disk: Any, path: str | None, server: Any = None) -> Any:
 
     try:
         control = ControlServer(disk, path)
-    except OSError as exc:
+    except OSError as exc:  # ControlError (a CachemodeError) passes through
         from cachemode.lab.control import ControlError
 
         raise ControlError(f"{path}: cannot listen on the control socket: {exc.strerror or exc}") from None
@@ -533,11 +533,16 @@ def serve_lab(
     if create_size is None and not os.path.exists(image):
         raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     disk = open_lab_from_options(image, cache, write_cache, config, create_size, read_only)
-    controls: list[Any] = []
+    ctl = None
     try:
-        run_server(disk, on_ready=lambda server: controls.append(start_control(disk, control, server)), **listen)
+        ctl = start_control(disk, control)
+
+        def ready(server: Any) -> None:
+            if ctl is not None:
+                ctl.on_failure.append(lambda _cmd: drop_connections(server))
+
+        run_server(disk, on_ready=ready, **listen)
     finally:
-        for c in controls:
-            if c is not None:
-                c.stop()
+        if ctl is not None:
+            ctl.stop()
         disk.close()  # a clean shutdown of the emulated host: its caches are written back

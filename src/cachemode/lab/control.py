@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import socketserver
+import stat
 import threading
 from collections.abc import Callable
 
@@ -47,8 +48,10 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.lab = lab
         self.path = path
         self.on_failure: list[Callable[[str], None]] = []
-        if os.path.exists(path):
-            os.unlink(path)
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ControlError(f"{path}: exists and is not a socket; not replacing it")
+            os.unlink(path)  # a stale socket from an earlier run
         super().__init__(path, _Handler)
         self.thread = threading.Thread(target=self.serve_forever, name="lab-control", daemon=True)
 

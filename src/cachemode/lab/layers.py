@@ -19,6 +19,7 @@ A :class:`MemoryDisk` (a bytearray) is the in-memory medium used by tests, the m
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -175,8 +176,7 @@ class VolatileCache(Layer):
     def _enforce_capacity(self) -> None:
         excess = len(self._dirty) - self.capacity // self.block
         if excess > 0:
-            victims = list(self._dirty)[:excess]
-            self._writeback(victims)
+            self._writeback(list(itertools.islice(self._dirty, excess)))
 
     def _writeback(self, blocks: Iterable[int]) -> None:
         """Push the given dirty blocks to ``lower`` (not durably, unless lower is the medium)."""
