@@ -256,3 +256,25 @@ def test_control_path_that_is_not_a_socket_is_refused_and_kept(tmp_path):
     assert proc.returncode == 2 and "is not a socket" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert precious.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["crash-process", "power-cut"])
+def test_a_crash_drops_open_connections(tmp_path, command):
+    from cachemode.nbd.client import Client, ClientError
+
+    srv = LabServer(tmp_path, "writeback")
+    try:
+        client = Client(socket_path=str(srv.sock))
+        client.pwrite(b"\x55" * 4096, 0)
+        srv.lab(command)
+        with pytest.raises((ClientError, ConnectionError)):
+            for _ in range(50):  # the abort is scheduled on the server's loop: it lands within a few requests
+                client.pread(4096, 0)
+                time.sleep(0.05)
+        client.sock.close()
+        # a new connection is served, from what survived
+        with Client(socket_path=str(srv.sock)) as fresh:
+            data = fresh.pread(4096, 0)
+        assert data == (b"\x55" * 4096 if command == "crash-process" else bytes(4096))
+    finally:
+        srv.stop()
