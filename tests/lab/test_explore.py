@@ -252,3 +252,15 @@ def test_overlay_equals_applying_the_writes_in_order(writes, choose, sector):
                 lo, hi = max(e.offset, s_ * sector), min(end, (s_ + 1) * sector)
                 want[lo:hi] = data[lo - e.offset : hi - e.offset]
     assert got == want
+
+
+def test_overlay_image_reads_the_state_and_copies_on_write():
+    from cachemode.lab.explore import OverlayImage
+
+    base = bytes(range(256)) * 16  # 4096 bytes
+    img = OverlayImage(base, {1: b"\xaa" * 512}, 512)
+    assert img[500:520] == base[500:512] + b"\xaa" * 8
+    assert img.pread(4096, 0) == base[:512] + b"\xaa" * 512 + base[1024:]
+    img.pwrite(b"\x01" * 10, 1020)  # spans sectors 1 and 2
+    assert img[1016:1034] == b"\xaa" * 4 + b"\x01" * 10 + base[1030:1034]
+    assert base == bytes(range(256)) * 16 and set(img.sectors) == {1, 2}

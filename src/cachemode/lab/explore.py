@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cachemode.disk.layer import Layer
 from cachemode.errors import CachemodeError
 from cachemode.lab.record import FLUSH, MARK, WriteLog
 from cachemode.modes import CacheMode
@@ -93,7 +94,7 @@ class Report:
     failures: list[dict[str, object]] = field(default_factory=list)
     seconds: float = 0.0  # checking (materialising each state and running the checker)
     prepare_seconds: float = 0.0  # generating, building and de-duplicating the states
-    materialise: str = "memory"
+    materialise: str = "overlay"  # in-process: OverlayImage; commands: reflink or copy-once+restore
 
     @property
     def per_state_ms(self) -> float:
@@ -260,7 +261,81 @@ def _patch(content: bytes, patches: list[tuple[int, int, bytes | None, int]], st
 
 
 # -- checkers -------------------------------------------------------------------------------------------------
-InProcessChecker = Callable[[bytearray, CrashState], Outcome]
+class OverlayImage(Layer):
+    """A crash state's image for an in-process checker: the shared base plus the state's sectors.
+
+    Nothing is copied per state but the sectors the state changes; what the checker writes (SQLite rolling back
+    a hot journal) is copy-on-write too, so the base is never touched. ``image[a:b]`` reads a range.
+    """
+
+    def __init__(self, base: bytes, sectors: dict[int, bytes], sector: int) -> None:
+        super().__init__(None)
+        self.base = base
+        self.sector = sector
+        self.sectors = dict(sectors)
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self.base)
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    @property
+    def alignment(self) -> int:
+        return 1
+
+    def _touched(self, offset: int, length: int) -> list[int]:
+        first, last = offset // self.sector, (offset + length - 1) // self.sector
+        if last - first + 1 <= len(self.sectors):
+            return [s for s in range(first, last + 1) if s in self.sectors]
+        return sorted(s for s in self.sectors if first <= s <= last)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        with self._lock:
+            touched = self._touched(offset, length) if length > 0 else []
+            if not touched:
+                return bytes(self.base[offset : offset + length])
+            out = bytearray(self.base[offset : offset + length])
+            end = offset + len(out)
+            for s in touched:
+                start = s * self.sector
+                lo, hi = max(start, offset), min(start + self.sector, end)
+                out[lo - offset : hi - offset] = self.sectors[s][lo - start : hi - start]
+            return bytes(out)
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self.size)
+        return self.pread(max(0, stop - start), start)
+
+    def pwrite(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        with self._lock:
+            for s in range(offset // self.sector, (end + self.sector - 1) // self.sector):
+                start = s * self.sector
+                cur = self.sectors.get(s)
+                buf = bytearray(cur if cur is not None else self.base[start : start + self.sector])
+                lo, hi = max(start, offset), min(start + len(buf), end)
+                buf[lo - start : hi - start] = view[lo - offset : hi - offset]
+                self.sectors[s] = bytes(buf)
+
+    def zero(self, offset: int, length: int, **kwargs: object) -> None:
+        self.pwrite(bytes(length), offset)
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.zero(offset, length)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+InProcessChecker = Callable[[OverlayImage, CrashState], Outcome]
 
 
 class CommandChecker:
@@ -374,7 +449,7 @@ def explore(
     """Generate crash states for ``log`` under ``mode``, check each, and report.
 
     The base is a file (``base``) or bytes (``base_bytes``); the checker a command (run on a scratch image)
-    or an in-process function (given a bytearray holding the state's image).
+    or an in-process function (given an :class:`OverlayImage` of the state).
     """
     if sector not in (512, 4096):
         raise ExploreError(f"--sector must be 512 or 4096, not {sector}")
@@ -429,9 +504,7 @@ def explore(
         state, ov = item
         if checker is not None:
             assert full_base is not None
-            image = bytearray(full_base)
-            for s, buf in ov.sectors.items():
-                image[s * sector : s * sector + len(buf)] = buf
+            image = OverlayImage(full_base, ov.sectors, sector)
             return state, checker(image, state)
         assert command is not None and base is not None
         scratch = getattr(local, "scratch", None)

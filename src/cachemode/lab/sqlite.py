@@ -279,10 +279,14 @@ def run_workload(
     return Workload(log_path, base, commits, get_mode(mode).name, synchronous)
 
 
-def check_state(image: bytearray, state: CrashState, model: CrashModel, sector: int = 512) -> Outcome:
-    """Open the crashed database as SQLite would after a reboot, and check it."""
+def check_state(image: Layer | bytearray, state: CrashState, model: CrashModel, sector: int = 512) -> Outcome:
+    """Open the crashed database as SQLite would after a reboot, and check it.
+
+    ``image`` is the state's disk: an :class:`~cachemode.lab.explore.OverlayImage` (copy-on-write over the
+    base, so the rollback of a hot journal costs only what it writes) or a bytearray.
+    """
     required = {int(name.split()[1]) for name in model.marks_before(state.crash_point) if name.startswith("commit ")}
-    fs = DiskFS(MemoryDisk(image), sector=sector)
+    fs = DiskFS(image if isinstance(image, Layer) else MemoryDisk(image), sector=sector)
     problems: list[str] = []
     kinds: list[str] = []
     try:
