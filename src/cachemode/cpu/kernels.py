@@ -444,6 +444,7 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
     smask = nsets - 1
     cap = len(otypes)
     lru = repl == 0
+    wt = wback == 1
     clk = st[ST_CLK]
     lastblk = np.int64(-1)  # the block of the previous access and its slot (a one-entry lookup cache)
     lastslot = np.int64(0)
@@ -468,7 +469,8 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
         if single and ((a >> upshift) & upmask) != upid:  # another partition's block
             e += 1
             continue
-        if single and not (is_write and wback == 1):  # hot path: a hit needs no downstream traffic
+        known_miss = False
+        if single and not (wt and is_write):  # hot path: a hit needs no downstream traffic
             blk = np.int64(a >> ulgb)
             if blk == lastblk:
                 slot = lastslot
@@ -484,12 +486,12 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                 clk += 1
                 if lru:
                     stamp[slot] = clk
-                if is_write:
-                    dirty[slot] = 1
+                dirty[slot] |= np.uint8(is_write)  # no branch on the access type
                 lastblk = blk
                 lastslot = slot
                 e += 1
                 continue
+            known_miss = True  # searched just now: the piece loop need not search again
         org = origin[e] if has_origin else prm[9] + e
         pa = a
         remaining = sz
@@ -513,10 +515,11 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                     w = lastslot - base
                 else:
                     w = -1
-                    for j in range(assoc):
-                        if tags[base + j] == blk:
-                            w = j
-                            break
+                    if not known_miss:
+                        for j in range(assoc):
+                            if tags[base + j] == blk:
+                                w = j
+                                break
                 cnt[FETCH + t] += 1
                 victim = np.int64(-1)
                 wb = False
@@ -540,10 +543,11 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                         # least recent (LRU) or oldest (FIFO); invalid ways have stamp 0, so they go first
                         v = 0
                         bs = stamp[base]
-                        for j in range(1, assoc):
-                            if stamp[base + j] < bs:
-                                bs = stamp[base + j]
-                                v = j
+                        for j in range(1, assoc):  # branch-free minimum (selects, no mispredictions)
+                            sj = stamp[base + j]
+                            less = sj < bs
+                            bs = sj if less else bs
+                            v = j if less else v
                         old = tags[base + v]
                         if old >= 0 and dirty[base + v] != 0:
                             victim = old
