@@ -44,6 +44,8 @@ log = logging.getLogger("cachemode.nbd")
 
 MAX_IN_FLIGHT = 64
 """Requests outstanding per connection before the server stops reading from it."""
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+"""READ/WRITE payload bytes outstanding per connection before the server stops reading from it."""
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 """Unsent reply bytes per connection before the server stops reading from it."""
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -87,6 +89,7 @@ class NBDConnection(asyncio.Protocol):
         self.tx: Transmission | None = None
         self.structured = False
         self.in_flight = 0
+        self.in_flight_bytes = 0  # READ/WRITE payload bytes of the requests in flight
         self.closing = False  # DISC received or server shutting down: no new work
         self.closed = False
         self._paused_reading = False
@@ -317,9 +320,7 @@ class NBDConnection(asyncio.Protocol):
         if not aio.submit(opcode, fd, buf, length, req.offset, done):
             aio.release(buf)
             return False
-        self.in_flight += 1
-        if self.in_flight >= MAX_IN_FLIGHT:
-            self._update_reading()
+        self._start(req)
         return True
 
     def _aio_done(self, req: Request, res: int, buf: Any, aio: Any) -> None:
@@ -335,7 +336,7 @@ class NBDConnection(asyncio.Protocol):
                 if length >= LARGE_REPLY and not self._out and not self.closed:
                     # Large read: straight from the aligned buffer to the socket, copying only what the
                     # socket does not take at once.
-                    self.in_flight -= 1
+                    self._finish(req)
                     self._send_direct(hdr, buf, length)
                     aio.release(buf)
                     self._after_completion()
@@ -352,7 +353,7 @@ class NBDConnection(asyncio.Protocol):
             self._completed(req, replies.simple(cookie, _error_of(OSError(-res, os.strerror(-res)), c.CMD_WRITE)))
         else:  # a short write: let the stack finish the rest
             self.server.note_write()
-            self.in_flight -= 1
+            self._finish(req)
             rest = Request(c.CMD_WRITE, 0, cookie, req.offset + res, length - res, memoryview(req.data)[res:])
             self._submit(rest)
 
@@ -380,15 +381,25 @@ class NBDConnection(asyncio.Protocol):
             transport.write(buf[sent - len(hdr) : length])
 
     def _after_completion(self) -> None:
-        if self.in_flight == MAX_IN_FLIGHT - 1:
-            self._update_reading()
         if self.closing:
             self._maybe_close()
 
-    def _submit(self, req: Request) -> None:
+    def _start(self, req: Request) -> None:
         self.in_flight += 1
-        if self.in_flight >= MAX_IN_FLIGHT:
+        if req.command <= c.CMD_WRITE:
+            self.in_flight_bytes += req.length
+        if self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
             self._update_reading()
+
+    def _finish(self, req: Request) -> None:
+        self.in_flight -= 1
+        if req.command <= c.CMD_WRITE:
+            self.in_flight_bytes -= req.length
+        if self._paused_reading:
+            self._update_reading()
+
+    def _submit(self, req: Request) -> None:
+        self._start(req)
         self.server.pool.submit(self._execute, req, self._completed)
 
     def _execute(self, req: Request) -> bytes | tuple[bytes, Any]:
@@ -436,7 +447,7 @@ class NBDConnection(asyncio.Protocol):
         return replies.simple(cookie)
 
     def _completed(self, req: Request, result: Any) -> None:
-        self.in_flight -= 1
+        self._finish(req)
         if self.closed:
             return
         if isinstance(result, BaseException):
@@ -448,8 +459,6 @@ class NBDConnection(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._send)
-        if self.in_flight == MAX_IN_FLIGHT - 1:
-            self._update_reading()
         if self.closing:
             self._maybe_close()
 
@@ -469,7 +478,7 @@ class NBDConnection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
-        pause = self._paused_writing or self.in_flight >= MAX_IN_FLIGHT
+        pause = self._paused_writing or self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
         if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
