@@ -278,3 +278,17 @@ def test_a_crash_drops_open_connections(tmp_path, command):
         assert data == (b"\x55" * 4096 if command == "crash-process" else bytes(4096))
     finally:
         srv.stop()
+
+
+def test_background_writeback_over_nbd(tmp_path):
+    srv = LabServer(tmp_path, "writeback", "--writeback-after", "0.1")
+    try:
+        guest_writes(srv)
+        deadline = time.monotonic() + 30
+        while '"writes_volatile": 0' not in srv.lab("status", "--json").stdout:
+            assert time.monotonic() < deadline, "background writeback never happened"
+            time.sleep(0.1)
+        srv.lab("power-cut")
+        assert survived(srv, PLAIN)  # written back by the emulated kernel before the power went
+    finally:
+        srv.stop()
