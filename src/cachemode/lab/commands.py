@@ -450,6 +450,8 @@ def _print_report(report: Any, title: str) -> None:
             f"{state['durable_writes']} durable writes, {len(state['kept'])} kept, "
             f"{len(state['torn'])} torn): {failure['output'][:300]}"
         )
+    if len(report.failures) > 5:
+        click.echo(f"  ... and {len(report.failures) - 5} more failed states (all in --json)")
 
 
 @crash.command("explore")

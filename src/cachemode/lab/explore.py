@@ -444,7 +444,7 @@ def explore(
     jobs: int = 1,
     write_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
-    max_failures: int = 20,
+    max_failures: int | None = None,
 ) -> Report:
     """Generate crash states for ``log`` under ``mode``, check each, and report.
 
@@ -530,7 +530,7 @@ def explore(
                     report.failed += 1
                     for kind in outcome.kinds or ("failed",):
                         report.violations[kind] = report.violations.get(kind, 0) + 1
-                    if len(report.failures) < max_failures:
+                    if max_failures is None or len(report.failures) < max_failures:
                         report.failures.append(
                             {"state": state.describe(), "output": outcome.output, "kinds": list(outcome.kinds)}
                         )
