@@ -1,0 +1,164 @@
+"""Bad and hostile clients against the real server: each harms only its own connection."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+from cachemode.disk import open_disk
+from cachemode.nbd import constants as c
+from cachemode.nbd.client import Client
+from tests.nbd.serving import MIB, ThreadServer, served
+
+SIZE = 16 * MIB
+
+
+def connect(srv) -> Client:  # type: ignore[no-untyped-def]
+    return Client("127.0.0.1", srv.port)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_vanishing_client_mid_write_harms_no_one(tmp_path: Path) -> None:
+    with served(tmp_path / "d.img", size=SIZE) as srv:
+        good = connect(srv)
+        good.pwrite(b"g" * 4096, 0)
+        bad = connect(srv)
+        header = struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1, 8 * MIB, MIB)
+        bad.sock.sendall(header + b"b" * (MIB // 2))  # half the payload, then gone
+        bad.sock.close()
+        assert wait_for(lambda: srv.server.connections == 1)
+        assert good.pread(4096, 0) == b"g" * 4096
+        good.flush()
+        good.close()
+    data = (tmp_path / "d.img").read_bytes()
+    assert data[8 * MIB : 9 * MIB] == bytes(MIB)  # the incomplete write never happened
+
+
+def test_bad_magic_and_garbage_handshake_end_only_that_connection(tmp_path: Path) -> None:
+    with served(tmp_path / "d.img", size=SIZE) as srv:
+        good = connect(srv)
+        bad = connect(srv)
+        bad.sock.sendall(b"\xde\xad\xbe\xef" + bytes(24))
+        assert bad.sock.recv(100) == b""  # closed by the server
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.recv(18)
+        raw.sendall(b"\xff\xff\xff\xff")  # unknown client flags: dropped
+        assert raw.recv(100) == b""
+        raw.close()
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.recv(18)
+        raw.sendall(struct.pack(">I", 1) + b"NOTMAGIC" + bytes(8))
+        assert raw.recv(100) == b""
+        raw.close()
+        good.pwrite(b"x" * 512, 512)
+        assert good.pread(512, 512) == b"x" * 512
+        good.close()
+
+
+def test_errors_keep_the_connection_and_nothing_outside_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    with served(path, size=SIZE) as srv:
+        cl = connect(srv)
+        cl.pwrite(b"e" * 4096, SIZE - 4096)
+        for args, error in [
+            ((c.CMD_WRITE, SIZE - 2, 4, 0, b"abcd"), c.ENOSPC),
+            ((c.CMD_WRITE, 0, 4, 1 << 9, b"abcd"), c.EINVAL),
+            ((c.CMD_WRITE_ZEROES, SIZE - 2, 4), c.ENOSPC),
+            ((c.CMD_TRIM, SIZE, 1), c.EINVAL),
+            ((c.CMD_FLUSH, 4, 0), c.EINVAL),
+            ((99, 0, 0), c.EINVAL),
+            ((c.CMD_READ, 0, 64 * MIB), c.EOVERFLOW),
+        ]:
+            cookie = cl.send_request(*args)
+            reply = cl.read_reply()
+            assert (reply.cookie, reply.error) == (cookie, error), args[:3]
+        assert cl.pread(4096, SIZE - 4096) == b"e" * 4096
+        cl.close()
+    assert path.stat().st_size == SIZE
+    assert path.read_bytes()[-4096:] == b"e" * 4096
+
+
+def test_many_connections_at_once(tmp_path: Path) -> None:
+    with served(tmp_path / "d.img", size=SIZE) as srv:
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                with connect(srv) as cl:
+                    blob = os.urandom(64 * 1024)
+                    for j in range(8):
+                        cl.pwrite(blob, (i * 8 + j) * 65536)
+                    for j in range(8):
+                        assert cl.pread(65536, (i * 8 + j) * 65536) == blob
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+
+
+def test_client_that_never_reads_is_paused_not_buffered(tmp_path: Path) -> None:
+    with served(tmp_path / "d.img", size=64 * MIB) as srv:
+        cl = connect(srv)
+        cl.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        cl.sock.settimeout(0.5)
+        sent = 0
+        # Ask for 1 GiB of reads without reading a single reply.
+        try:
+            for i in range(1024):
+                header = struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_READ, i, (i % 64) * MIB, MIB)
+                cl.sock.sendall(header)
+                sent += 1
+        except (TimeoutError, OSError):
+            pass
+        conns = list(srv.server._connections)
+        assert len(conns) == 1
+        conn = conns[0]
+        assert wait_for(lambda: conn._paused_reading)
+        buffered = conn.transport.get_write_buffer_size()
+        assert buffered <= 64 * MIB, buffered
+        cl.sock.close()
+        assert wait_for(lambda: srv.server.connections == 0)
+
+
+def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    open_disk(path, create_size=SIZE).close()
+    disk = open_disk(path, "none")
+    srv = ThreadServer(disk)
+    try:
+        cl = connect(srv)
+        cookies = [cl.send_request(c.CMD_WRITE, i * 65536, 65536, 0, b"s" * 65536) for i in range(16)]
+        cookies.append(cl.send_request(c.CMD_FLUSH))
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        answered = {}
+        for _ in cookies:
+            reply = cl.read_reply()
+            answered[reply.cookie] = reply.error
+        assert set(answered) == set(cookies)
+        assert set(answered.values()) <= {0, c.ESHUTDOWN}
+        stopper.join(timeout=30)
+        assert cl.sock.recv(1) == b""  # then the server closed the connection
+    finally:
+        disk.close()
+    data = path.read_bytes()
+    for i, cookie in enumerate(cookies[:16]):
+        if answered[cookie] == 0:
+            assert data[i * 65536 : (i + 1) * 65536] == b"s" * 65536
