@@ -27,8 +27,7 @@ debs:
 	fi
 
 demo: $(STAMP)
-	$(VENV)/bin/cachemode modes
-	$(VENV)/bin/cachemode disk info demo.img --create 1G --cache none
+	$(VENV)/bin/cachemode demo
 
 test: debs $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -28,7 +29,7 @@ def mode_table(write_cache: bool = True) -> Table:
         "write cache: what the guest is told (NBD SEND_FLUSH/SEND_FUA). FLUSH: sync = fdatasync. Failure "
         "columns: acknowledged-but-unflushed/flushed writes after it; lost = may be lost. Unspecified = writeback."
     )
-    table = Table(title=title, caption=caption, caption_justify="left")
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("mode", no_wrap=True)
     table.add_column("write\ncache", no_wrap=True)
     table.add_column("open(2)\nO_...", no_wrap=True)
