@@ -264,3 +264,30 @@ def test_overlay_image_reads_the_state_and_copies_on_write():
     img.pwrite(b"\x01" * 10, 1020)  # spans sectors 1 and 2
     assert img[1016:1034] == b"\xaa" * 4 + b"\x01" * 10 + base[1030:1034]
     assert base == bytes(range(256)) * 16 and set(img.sectors) == {1, 2}
+
+
+def test_cli_write_cache_off_makes_every_write_a_barrier(log_path, tmp_path):
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(SIZE))
+    counts = {}
+    for wc in ("on", "off"):
+        proc = run_cli(
+            "crash",
+            "explore",
+            str(log_path),
+            "--base",
+            str(base),
+            "--cache",
+            "writeback",
+            "--write-cache",
+            wc,
+            "--check",
+            "true {image}",
+            "--states",
+            "2000",
+            "--json",
+            "-",
+        )
+        assert proc.returncode == 0, proc.stderr
+        counts[wc] = json.loads(proc.stdout)["states"]["checked"]
+    assert counts == {"on": 13, "off": 5}  # off: the 5 prefixes, as in writethrough

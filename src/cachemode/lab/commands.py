@@ -471,6 +471,13 @@ def _print_report(report: Any, title: str) -> None:
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
+@click.option(
+    "--write-cache",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="The guest-visible write cache during the run; off: every write was durable (except in unsafe).",
+)
 @click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
@@ -482,6 +489,7 @@ def explore_cmd(
     states: int,
     seed: int,
     sector: str,
+    write_cache: str,
     jobs: int,
     timeout: float,
     json_path: str | None,
@@ -506,6 +514,7 @@ def explore_cmd(
             seed=seed,
             sector=int(sector),
             jobs=jobs,
+            write_cache=write_cache == "on",
             progress=advance,
         )
     if json_path != "-":
