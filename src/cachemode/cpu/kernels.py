@@ -445,6 +445,8 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
     cap = len(otypes)
     lru = repl == 0
     wt = wback == 1
+    nfills = np.int64(0)  # counted locally, added to cnt on the way out
+    nwbacks = np.int64(0)
     clk = st[ST_CLK]
     lastblk = np.int64(-1)  # the block of the previous access and its slot (a one-entry lookup cache)
     lastslot = np.int64(0)
@@ -548,21 +550,16 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                             less = sj < bs
                             bs = sj if less else bs
                             v = j if less else v
-                        old = tags[base + v]
-                        if old >= 0 and dirty[base + v] != 0:
-                            victim = old
+                        if dirty[base + v] != 0:  # (invalid ways are never dirty)
+                            victim = tags[base + v]
                         tags[base + v] = blk
                         stamp[base + v] = clk
                         lastblk = blk
                         lastslot = base + v
-                        if is_write and wback != 1:
-                            wb = True
-                            dirty[base + v] = 1
-                        else:
-                            dirty[base + v] = 0
+                        wb = is_write and not wt
+                        dirty[base + v] = np.uint8(wb)
                     if not is_write or (walloc_ok and psz != bsize):
-                        cnt[FILLS] += 1
-                        cnt[BYTES_READ] += bsize
+                        nfills += 1
                         if emit:
                             otypes[k] = 0 if is_write else t
                             oaddrs[k] = np.uint64(blk) << ulgb
@@ -579,8 +576,7 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                         oorig[k] = org
                         k += 1
                 if victim >= 0:
-                    cnt[WRITEBACKS] += 1
-                    cnt[BYTES_WRITTEN] += bsize
+                    nwbacks += 1
                     if emit:
                         otypes[k] = 1
                         oaddrs[k] = np.uint64(victim) << ulgb
@@ -593,6 +589,10 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
             remaining -= psz
         e += 1
     st[ST_CLK] = clk
+    cnt[FILLS] += nfills
+    cnt[BYTES_READ] += nfills * bsize
+    cnt[WRITEBACKS] += nwbacks
+    cnt[BYTES_WRITTEN] += nwbacks * bsize
     return e, k, reason
 
 

@@ -177,7 +177,7 @@ def simulate(
         top = top_stream(trace, flushcount=flushcount, copyback=False)
         types, addrs, sizes = top.types, top.addrs, top.sizes
     else:
-        types, addrs, sizes = trace.types, trace.addrs, trace.sizes.astype(np.uint32)
+        types, addrs, sizes = trace.types, trace.addrs, trace.sizes  # uint16: widened chunk by chunk
     n = len(types)
     if threads is None:
         threads = (os.cpu_count() or 1) if n >= PARALLEL_MIN_EVENTS else 1
@@ -188,9 +188,14 @@ def simulate(
         if parts > 1:
             for state in runner.states.values():
                 state.partition(shift, parts - 1, pid)
+        wide = np.empty(min(n, CHUNK), np.uint32)  # reused: no fresh pages to fault in per chunk
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
-            runner.feed(Stream(types[lo:hi], addrs[lo:hi], sizes[lo:hi]), lo)
+            chunk = sizes[lo:hi]
+            if chunk.dtype != np.uint32:
+                np.copyto(wide[: hi - lo], chunk)
+                chunk = wide[: hi - lo]
+            runner.feed(Stream(types[lo:hi], addrs[lo:hi], chunk), lo)
         if copyback:
             runner.feed(Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32)), n)
         return runner
