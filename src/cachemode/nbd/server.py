@@ -48,6 +48,9 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 """READ/WRITE payload bytes outstanding per connection before the server stops reading from it."""
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 """Unsent reply bytes per connection before the server stops reading from it."""
+INLINE_WRITE_MAX = 256 * 1024
+"""Page-cache writes below this size run inline; larger ones go to the pool, so the kernel's copy of one
+payload overlaps with receiving the next."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
 LARGE_REPLY = 64 * 1024
@@ -223,7 +226,12 @@ class NBDConnection(asyncio.Protocol):
                         out.append(data_out)
                     else:
                         out.append(hdr + data_out)
-                elif cmd == c.CMD_WRITE and inline_write and not ev.flags & c.CMD_FLAG_FUA:
+                elif (
+                    cmd == c.CMD_WRITE
+                    and inline_write
+                    and not ev.flags & c.CMD_FLAG_FUA
+                    and ev.length < INLINE_WRITE_MAX
+                ):
                     try:
                         disk.pwrite(ev.data, ev.offset)
                     except Exception as exc:
