@@ -3,21 +3,26 @@
 Everything the protocol decides (handshake, parsing, validation, reply layout) lives in the core; this module
 only moves bytes and runs disk calls. The hot path is kept lean on purpose:
 
-* a plain READ from a buffered image (``disk.fast_read_fd``) is one ``os.pread`` on the image's fd, run
-  inline in the event loop -- a page-cache hit costs no thread hand-off;
-* a plain WRITE in a page-cache mode is one ``disk.pwrite`` inline;
-* everything that may wait on the device -- FLUSH, FUA, O_DIRECT or O_DSYNC I/O, TRIM, WRITE_ZEROES, block
-  status -- runs on a thread pool shared by all connections, so many requests are in flight at once and
-  their replies go out in completion order;
+* page-cache modes (``disk.blocking`` false): a plain READ is one ``os.pread`` on the image's fd
+  (``disk.fast_read_fd``) run inline in the event loop -- a page-cache hit costs no thread hand-off -- and
+  reads of 128 KiB or more go from the image to the socket with ``sendfile(2)``; a plain WRITE below 256 KiB
+  is one ``disk.pwrite`` inline, a larger one goes to the pool so the kernel's copy overlaps the next receive;
+* O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
+  eventfd in the loop (:mod:`cachemode.nbd.aio`), no thread at all;
+* everything else that may wait on the device -- FLUSH, FUA, O_DSYNC I/O, unaligned O_DIRECT requests,
+  TRIM, WRITE_ZEROES, block status -- runs through the disk stack on a small thread pool shared by all
+  connections, so many requests are in flight at once and replies go out in completion order;
 * replies produced in one loop iteration are sent with one vectored write.
 
 FLUSH covers every write already replied to: inline writes have completed before the FLUSH is even parsed,
-pooled writes are replied to only after they completed, and ``disk.flush()`` syncs the one image every
-connection shares -- which is why CAN_MULTI_CONN is advertised. The server never decides about fsync itself:
-FUA and FLUSH go to the disk stack, which applies the cache mode.
+pooled and AIO writes are replied to only after they completed (AIO ones are reported to the stack's write
+counter first), and ``disk.flush()`` syncs the one image every connection shares -- which is why
+CAN_MULTI_CONN is advertised. The server never decides about fsync itself: FUA and FLUSH go to the disk stack,
+which applies the cache mode; native AIO is used only for writes that need no durability of their own.
 
-Memory per connection is bounded: the parser holds at most one request plus one WRITE payload, reading pauses
-while more than :data:`MAX_IN_FLIGHT` requests are outstanding or while the client is not reading replies.
+Memory per connection is bounded: the parser holds at most one request plus one WRITE payload (32 MiB), and
+reading pauses while more than :data:`MAX_IN_FLIGHT` requests or :data:`MAX_IN_FLIGHT_BYTES` of payload are
+outstanding, or while more than :data:`WRITE_HIGH_WATER` of replies wait for a client that does not read.
 """
 
 from __future__ import annotations
@@ -57,7 +62,6 @@ LARGE_REPLY = 64 * 1024
 """Reads at least this long are sent as header + data without joining them."""
 SENDFILE_MIN = 128 * 1024
 """Buffered reads at least this long go from the image to the socket with sendfile(2), no copy in Python."""
-"""Reads at least this long are sent as header + data without joining them."""
 
 
 def _error_of(exc: BaseException, command: int) -> int:
