@@ -110,18 +110,15 @@ _ERRORS = {
     11: "missing ',' between address and size",
     12: "non decimal digit {ch} in size",
     13: "empty line",
+    14: "more records than lines (internal error)",
 }
 
 
-@numba.njit(cache=True, inline="always")
-def _hexval(c):
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    if 65 <= c <= 70:
-        return c - 55
-    return -1
+_HEX = np.full(256, -1, np.int8)  # hex digit value by byte, -1 if not a hex digit
+for _i, _ch in enumerate(b"0123456789abcdef"):
+    _HEX[_ch] = _i
+for _i, _ch in enumerate(b"ABCDEF"):
+    _HEX[_ch] = 10 + _i
 
 
 @numba.njit(cache=True, inline="always")
@@ -130,12 +127,12 @@ def _blank(c):
 
 
 @numba.njit(cache=True)
-def _parse_text(buf, fmt):
-    """Parse ``buf`` (uint8). Returns (types, addrs, sizes, n, err, err_line, err_char, err_val)."""
+def _parse_text(buf, fmt, cap):
+    """Parse ``buf`` (uint8) into arrays of ``cap`` records (enough for every line; nothing is reallocated in
+    the loop, which keeps it free of reference counting).
+
+    Returns (types, addrs, sizes, n, err, err_line, err_char, err_val)."""
     n = len(buf)
-    cap = n // 4 + 16
-    if fmt == 2:
-        cap = n // 6 + 16
     types = np.empty(cap, np.int8)
     addrs = np.empty(cap, np.uint64)
     sizes = np.empty(cap, np.uint16)
@@ -155,26 +152,19 @@ def _parse_text(buf, fmt):
                 i += 1
                 continue
             return types, addrs, sizes, k, 13, line, 0, 0
-        if k + 2 > cap:
-            cap = cap * 2
-            t2 = np.empty(cap, np.int8)
-            a2 = np.empty(cap, np.uint64)
-            s2 = np.empty(cap, np.uint16)
-            t2[:k] = types[:k]
-            a2[:k] = addrs[:k]
-            s2[:k] = sizes[:k]
-            types, addrs, sizes = t2, a2, s2
+        if k + 2 > cap:  # cannot happen: the caller sizes the arrays from the line count
+            return types, addrs, sizes, k, 14, line, 0, 0
         atype = 0
         if fmt == 0:
-            v = _hexval(c)
+            v = _HEX[c]
             if v < 0:
                 return types, addrs, sizes, k, 1, line, c, 0
             atype = v
             i += 1
             if i < n and (buf[i] == 120 or buf[i] == 88) and atype == 0:
                 i += 1
-            while i < n and _hexval(buf[i]) >= 0:
-                atype = atype * 16 + _hexval(buf[i])
+            while i < n and _HEX[buf[i]] >= 0:
+                atype = atype * 16 + _HEX[buf[i]]
                 if atype > 255:
                     atype = 255
                 i += 1
@@ -230,11 +220,11 @@ def _parse_text(buf, fmt):
             i += 1
         if i >= n or buf[i] == 10:
             return types, addrs, sizes, k, 3, line, 0, 0
-        if _hexval(buf[i]) < 0:
+        if _HEX[buf[i]] < 0:
             return types, addrs, sizes, k, 2, line, buf[i], 0
         addr = np.uint64(0)
         ndig = 0
-        first = _hexval(buf[i])
+        first = _HEX[buf[i]]
         i += 1
         if i < n and (buf[i] == 120 or buf[i] == 88) and first == 0:
             i += 1
@@ -242,8 +232,8 @@ def _parse_text(buf, fmt):
             addr = np.uint64(first)
             if first != 0:
                 ndig = 1
-        while i < n and _hexval(buf[i]) >= 0:
-            d = _hexval(buf[i])
+        while i < n and _HEX[buf[i]] >= 0:
+            d = _HEX[buf[i]]
             if ndig > 0 or d != 0:
                 ndig += 1
             addr = addr * np.uint64(16) + np.uint64(d)
@@ -262,14 +252,14 @@ def _parse_text(buf, fmt):
                 i += 1
             if i >= n or buf[i] == 10:
                 return types, addrs, sizes, k, 5, line, 0, 0
-            if _hexval(buf[i]) < 0:
+            if _HEX[buf[i]] < 0:
                 return types, addrs, sizes, k, 4, line, buf[i], 0
-            size = _hexval(buf[i])
+            size = _HEX[buf[i]]
             i += 1
             if i < n and (buf[i] == 120 or buf[i] == 88) and size == 0:
                 i += 1
-            while i < n and _hexval(buf[i]) >= 0:
-                size = size * 16 + _hexval(buf[i])
+            while i < n and _HEX[buf[i]] >= 0:
+                size = size * 16 + _HEX[buf[i]]
                 if size > 1 << 20:
                     size = 1 << 20
                 i += 1
@@ -315,12 +305,16 @@ def _parse_text(buf, fmt):
 def parse_text(data: bytes, fmt: str, name: str = "<trace>") -> Trace:
     """Parse text trace bytes in format ``din``, ``xdin`` or ``lackey``."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    types, addrs, sizes, k, err, line, ch, val = _parse_text(buf, _FMT_CODE[fmt])
+    lines = data.count(b"\n") + 2
+    cap = 2 * lines if fmt == "lackey" else lines  # lackey's M lines give two records
+    types, addrs, sizes, k, err, line, ch, val = _parse_text(buf, _FMT_CODE[fmt], cap)
     if err:
         chs = repr(chr(ch)) if 32 <= ch < 127 else f"(code 0x{ch:x})"
         msg = _ERRORS[int(err)].format(ch=chs, val=int(val))
         raise TraceError(f"{name}: line {int(line)}: {fmt} format error: {msg}")
-    return Trace(types[:k].copy(), addrs[:k].copy(), sizes[:k].copy())
+    if k < len(types) // 2:  # do not keep a mostly empty buffer alive
+        return Trace(types[:k].copy(), addrs[:k].copy(), sizes[:k].copy())
+    return Trace(types[:k], addrs[:k], sizes[:k])
 
 
 def parse_binary(data: bytes, name: str = "<trace>") -> Trace:
