@@ -1,7 +1,10 @@
 """numba kernels: run one cache over an event stream with Dinero IV's accounting.
 
-One compiled kernel, :func:`run_cache`, serves every policy: the policies arrive as small integers, so the
-test suite and the CLI pay for one compilation (cached on disk with ``cache=True``).
+Two compiled kernels serve every policy, the policies arriving as small integers (one compilation each,
+cached on disk with ``cache=True``): :func:`_run` handles everything; :func:`_run_fast` is a small copy of
+the common case (LRU or FIFO, no 3C shadow, up to 32 ways, demand references) that stays fast, and hands
+copy-back and invalidate events to :func:`_run`. Both work on the same state, kept by :class:`CacheState`,
+and are resumable: they stop when an output buffer could overflow rather than reallocate in the loop.
 
 State is flat arrays: ``tags[set * assoc + way]`` holds the block number (-1 when invalid), ``stamp`` the
 last use (LRU) or the insertion time (FIFO), ``dirty`` a byte, ``plru`` the tree bits (assoc - 1 per set).
@@ -14,6 +17,9 @@ demand fetch of the same type) the fill read, then the write-through, then the v
 copy-back event (type 4) writes dirty blocks back (whole cache when its size is 0: sets from last to first,
 within a set least recently used first, as Dinero's pending stack pops them) and is passed on; an invalidate
 (type 5) drops blocks without writing them back and is passed on.
+
+For parallel runs a state can own a slice of the sets (:meth:`CacheState.partition`); it then skips every
+piece of a reference that belongs to another slice.
 """
 
 from __future__ import annotations
