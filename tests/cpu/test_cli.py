@@ -112,3 +112,12 @@ def test_trace_record_real_program(tmp_path):
 def test_trace_record_needs_a_command():
     p = cm("trace", "record", "-o", "x.npz")
     assert p.returncode == 2 and "Traceback" not in p.stderr.decode()
+
+
+def test_trace_convert_round_trip(xdin, tmp_path):
+    npz, binary = tmp_path / "t.npz", tmp_path / "t.bin"
+    assert cm("trace", "convert", str(xdin), str(npz)).returncode == 0
+    assert cm("trace", "convert", str(npz), str(binary)).returncode == 0
+    outs = [json.loads(cm("sim", str(p), "--level", "u:1k:16:2", "--json").stdout) for p in (xdin, npz, binary)]
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0]["caches"][0]["misses"]["total"] == 4627  # Dinero IV's figure (test_dinero)

@@ -285,3 +285,15 @@ def test_set_partitioned_parallel_run_equals_serial(levels):
     serial = simulate(h, t, threads=1, flushcount=2500).to_dict()
     for threads in (2, 4):
         assert simulate(h, t, threads=threads, flushcount=2500).to_dict() == serial
+
+
+def test_stats_dict_and_json():
+    import json
+
+    res = simulate(CacheConfig(64, 16, 1, ccc=True), tr((R, 0x0), (W, 0x40), (R, 0x0)))
+    d = json.loads(res.to_json())
+    c = d["caches"][0]
+    assert d["references"] == 3 and c["name"] == "l1-ucache"
+    assert c["fetches"] == {"read": 2, "write": 1, "ifetch": 0, "misc": 0, "total": 3}
+    assert c["misses"]["total"] == 3 and c["conflict"]["total"] == 1 and c["compulsory"]["total"] == 2
+    assert c["miss_rate"]["total"] == 1.0 and c["config"]["size"] == 64
