@@ -236,6 +236,15 @@ def test_stat_idcombine_adds_i_and_d():
     assert rows["l1-I/Dcaches"]["Demand Misses"] == total
 
 
+def test_stat_interval_prints_running_totals():
+    # Dinero IV: dineroIV -l1-usize 1k -l1-ubsize 16 -stat-interval 1500 -informat D < lcg.xdin
+    text, _ = main_text(argv("-l1-usize 1k -l1-ubsize 16 -stat-interval 1500 -informat D"), lcg_trace().encode())
+    begins, rest = text.split("---Simulation begins.\n")[1].split("---Simulation complete.\n")
+    fetches = [line.split()[2] for line in begins.splitlines() if line.startswith(" Demand Fetches")]
+    assert fetches == ["2570", "5112"]
+    assert report_rows(rest)["l1-ucache"]["Demand Fetches"][0] == 6866
+
+
 def test_triggers_and_skipcount_warning():
     data = b"r 10 4\nr 20 4\nr 30 4\nr 40 4\nr 50 4\n"
     text, warnings = main_text(argv("-l1-usize 1k -l1-ubsize 16 -on-trigger 20 -off-trigger 40"), data)
@@ -255,7 +264,6 @@ def test_triggers_and_skipcount_warning():
         ("-l1-usize 1k -l1-ubsize 16 -l1-urepl x", "level 1 ucache replacement policy unrecognized"),
         ("-l1-usize 1k -l1-ubsize 16 -l1-ufetch a", "prefetch policy 'a' is not supported"),
         ("-l1-usize 1k -l1-ubsize 16 -l1-usbsize 4", "sub-blocks are not supported"),
-        ("-l1-usize 1k -l1-ubsize 16 -stat-interval 10", "-stat-interval is not supported"),
         ("-l1-usize 1k -l1-ubsize 16 -informat p", "pixie traces) is not supported"),
         ("-l1-usize 1k -l1-ubsize 16 -informat q", "unknown input format 'q'"),
         ("-l1-usize 1k -l1-ubsize 16 -bogus", '"-bogus" option not recognized'),

@@ -2,8 +2,8 @@
 
 :func:`parse_args` accepts Dinero IV's options (``-lN-Tsize``, ``-lN-Tbsize``, ``-lN-Tassoc``, ``-lN-Trepl``,
 ``-lN-Twalloc``, ``-lN-Twback``, ``-lN-Tccc``, ``-informat``, ``-skipcount``, ``-maxcount``,
-``-flushcount``, ``-on-trigger``/``-off-trigger``, ``-stat-idcombine``...) and gives a one-line error for
-anything malformed or not supported (prefetching, sub-blocks, ``-stat-interval``, ``-custom``, pixie input).
+``-flushcount``, ``-stat-interval``, ``-on-trigger``/``-off-trigger``, ``-stat-idcombine``...) and gives a
+one-line error for anything malformed or not supported (prefetching, sub-blocks, ``-custom``, pixie input).
 :func:`format_report` prints the same sections, row names and numbers as Dinero IV's ``dostats``, so
 scripts that parse Dinero output keep working. This is an independent implementation written from the
 documented behaviour and output format; no Dinero IV code is included.
@@ -258,8 +258,6 @@ def _verify(a: DineroArgs) -> None:
         for lev in range(a.maxlevel):
             if lv["bsize"][1][lev] != lv["bsize"][2][lev]:
                 raise DineroError(f"level {lev + 1} i & d cache block sizes must match for -stat-idcombine")
-    if a.stat_interval:
-        raise DineroError("-stat-interval is not supported by cachemode dinero")
     a.hierarchy()  # size/assoc consistency
 
 
@@ -489,12 +487,13 @@ def format_stats(a: DineroArgs, caches: list[CacheStats]) -> str:
     return "".join(out)
 
 
-def format_report(a: DineroArgs, caches: list[CacheStats], exceeded: bool = False) -> str:
-    """The whole of Dinero IV's standard output for a run."""
+def format_report(a: DineroArgs, caches: list[CacheStats], exceeded: bool = False, periodic: str = "") -> str:
+    """The whole of Dinero IV's standard output for a run (``periodic``: the -stat-interval tables)."""
     return (
         HEADER
         + format_summary(a)
         + "\n---Simulation begins.\n"
+        + periodic
         + ("---Maximum address count exceeded.\n" if exceeded else "")
         + "---Simulation complete.\n"
         + format_stats(a, caches)
@@ -519,13 +518,14 @@ Dinero IV compatible options (demand fetch, no sub-blocks):
  -maxcount U        stop after U references
  -on-trigger A      start simulating at hex address A
  -off-trigger A     stop simulating at hex address A
+ -stat-interval U    print statistics every U references too
  -stat-idcombine    combine i and d statistics
 """
 
 
 def main_text(argv: list[str], data: bytes) -> tuple[str, list[str]]:
     """Run ``cachemode dinero`` on trace bytes; returns (stdout text, warnings)."""
-    from cachemode.cpu.simulate import simulate
+    from cachemode.cpu.simulate import Simulation
     from cachemode.cpu.trace import parse_bytes
 
     a = parse_args(argv)
@@ -534,8 +534,14 @@ def main_text(argv: list[str], data: bytes) -> tuple[str, list[str]]:
     hier = a.hierarchy()
     trace = parse_bytes(data, INFORMATS[a.informat], "<stdin>")
     trace, exceeded, warnings = apply_stream_options(a, trace)
-    result = simulate(hier, trace, flushcount=a.flushcount)
-    return format_report(a, result.caches, exceeded), warnings
+    sim = Simulation(hier, trace, flushcount=a.flushcount)
+    periodic = []
+    if a.stat_interval:  # statistics after every N records, before a flush due at the same record
+        for m in range(a.stat_interval, len(trace) + 1, a.stat_interval):
+            sim.run_to(sim.position_after(m))
+            periodic.append(format_stats(a, sim.stats().caches))
+    result = sim.finish()
+    return format_report(a, result.caches, exceeded, "".join(periodic)), warnings
 
 
 def run_cli(argv: list[str]) -> None:

@@ -154,6 +154,86 @@ def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
 PARALLEL_MIN_EVENTS = 1 << 18  # below this, threads cost more than they save
 
 
+class Simulation:
+    """A run that can be advanced step by step (for periodic statistics) and then finished.
+
+    ``simulate()`` is the one-call form. Positions count top-level events: trace records plus, with
+    ``flushcount``, the inserted copy-back/invalidate pairs (see :meth:`position_after`).
+    """
+
+    def __init__(self, hierarchy: Hierarchy, trace: Trace, *, flushcount: int = 0, threads: int | None = None):
+        self.hierarchy = hierarchy
+        self.references = len(trace)
+        self.flushcount = flushcount if flushcount and flushcount > 0 else 0
+        if self.flushcount:
+            top = top_stream(trace, flushcount=self.flushcount, copyback=False)
+            self.types, self.addrs, self.sizes = top.types, top.addrs, top.sizes
+        else:  # sizes stay uint16 and are widened chunk by chunk
+            self.types, self.addrs, self.sizes = trace.types, trace.addrs, trace.sizes
+        self.n = len(self.types)
+        if threads is None:
+            threads = (os.cpu_count() or 1) if self.n >= PARALLEL_MIN_EVENTS else 1
+        self.shift, self.parts = partitioning(hierarchy, threads)
+        self.runners = [_Runner(hierarchy) for _ in range(self.parts)]
+        if self.parts > 1:
+            for pid, runner in enumerate(self.runners):
+                for state in runner.states.values():
+                    state.partition(self.shift, self.parts - 1, pid)
+        self.pos = 0
+        self._wide = [np.empty(min(self.n, CHUNK), np.uint32) for _ in range(self.parts)]
+
+    def position_after(self, records: int) -> int:
+        """The stream position just after ``records`` trace records (before a flush that follows them)."""
+        if not self.flushcount or records == 0:
+            return records
+        return records + 2 * ((records - 1) // self.flushcount)
+
+    def _each(self, fn) -> None:
+        if self.parts == 1:
+            fn(0)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.parts) as pool:
+            list(pool.map(fn, range(self.parts)))
+
+    def run_to(self, pos: int) -> None:
+        """Send stream events up to ``pos`` (exclusive) through the hierarchy."""
+        pos = min(pos, self.n)
+        start = self.pos
+        if pos <= start:
+            return
+        types, addrs, sizes = self.types, self.addrs, self.sizes
+
+        def work(pid: int) -> None:
+            runner, wide = self.runners[pid], self._wide[pid]
+            for lo in range(start, pos, CHUNK):
+                hi = min(pos, lo + CHUNK)
+                chunk = sizes[lo:hi]
+                if chunk.dtype != np.uint32:
+                    np.copyto(wide[: hi - lo], chunk)
+                    chunk = wide[: hi - lo]
+                runner.feed(Stream(types[lo:hi], addrs[lo:hi], chunk), lo)
+
+        self._each(work)
+        self.pos = pos
+
+    def finish(self, copyback: bool = True) -> SimResult:
+        """Run the rest of the trace, then (by default) the end-of-run copy-back; return the statistics."""
+        self.run_to(self.n)
+        if copyback:
+            final = Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32))
+            self._each(lambda pid: self.runners[pid].feed(final, self.n))
+        return self.stats()
+
+    def stats(self) -> SimResult:
+        result = SimResult(references=self.references)
+        for name, cfg in self.hierarchy.caches():
+            cnt = sum(r.states[name].cnt for r in self.runners)
+            result.caches.append(CacheStats.from_counters(name, cfg, cnt))
+        return result
+
+
 def simulate(
     hierarchy: Hierarchy | CacheConfig,
     trace: Trace | str | os.PathLike,
@@ -173,42 +253,4 @@ def simulate(
         hierarchy = Hierarchy.single(hierarchy)
     if not isinstance(trace, Trace):
         trace = read_trace(trace)
-    if flushcount and flushcount > 0:
-        top = top_stream(trace, flushcount=flushcount, copyback=False)
-        types, addrs, sizes = top.types, top.addrs, top.sizes
-    else:
-        types, addrs, sizes = trace.types, trace.addrs, trace.sizes  # uint16: widened chunk by chunk
-    n = len(types)
-    if threads is None:
-        threads = (os.cpu_count() or 1) if n >= PARALLEL_MIN_EVENTS else 1
-    shift, parts = partitioning(hierarchy, threads)
-
-    def work(pid: int) -> _Runner:
-        runner = _Runner(hierarchy)
-        if parts > 1:
-            for state in runner.states.values():
-                state.partition(shift, parts - 1, pid)
-        wide = np.empty(min(n, CHUNK), np.uint32)  # reused: no fresh pages to fault in per chunk
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
-            chunk = sizes[lo:hi]
-            if chunk.dtype != np.uint32:
-                np.copyto(wide[: hi - lo], chunk)
-                chunk = wide[: hi - lo]
-            runner.feed(Stream(types[lo:hi], addrs[lo:hi], chunk), lo)
-        if copyback:
-            runner.feed(Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32)), n)
-        return runner
-
-    if parts > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=parts) as pool:
-            runners = list(pool.map(work, range(parts)))
-    else:
-        runners = [work(0)]
-    result = SimResult(references=len(trace))
-    for name, cfg in hierarchy.caches():
-        cnt = sum(r.states[name].cnt for r in runners)
-        result.caches.append(CacheStats.from_counters(name, cfg, cnt))
-    return result
+    return Simulation(hierarchy, trace, flushcount=flushcount, threads=threads).finish(copyback)
