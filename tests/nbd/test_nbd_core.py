@@ -388,3 +388,53 @@ def test_clip_extents() -> None:
     assert replies.clip_extents(ext, 5000, 10, True) == [(10, 3)]
     assert replies.clip_extents([], 0, 10, False) == [(10, 0)]
     assert replies.clip_extents([Extent(100, 10, 3)], 0, 200, False) == [(100, 0), (10, 3), (90, 0)]
+
+
+def feed_buffered(t: Transmission, stream: bytes, cut: int) -> list:
+    """Feed ``stream`` the way a BufferedProtocol transport does: recv_into get_buffer(), then buffer_updated."""
+    events = []
+    pos = 0
+    while pos < len(stream):
+        buf = t.get_buffer()
+        n = min(len(buf), cut, len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        events += t.buffer_updated(n)
+    return events
+
+
+def test_buffer_interface_receives_large_payload_in_place() -> None:
+    allocated = []
+
+    def allocate(n: int) -> bytearray:
+        allocated.append(bytearray(n + 100))  # larger than asked, like a pooled buffer
+        return allocated[-1]
+
+    t = Transmission(Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO"), allocate)
+    payload = bytes(range(256)) * 1024
+    stream = req(c.CMD_WRITE, 0, len(payload), cookie=1, data=payload) + req(c.CMD_READ, 0, 1, cookie=2)
+    head = t.get_buffer()
+    head[:1000] = stream[:1000]
+    assert t.buffer_updated(1000) == []
+    inplace = t.get_buffer()
+    assert len(inplace) == len(payload) - (1000 - 28)
+    events = feed_buffered(t, stream[1000:], 50000)
+    assert [e.cookie for e in events] == [1, 2]
+    assert bytes(events[0].data) == payload and events[0].buffer is allocated[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 300000)), min_size=1, max_size=6), st.integers(1, 70000))
+def test_buffer_interface_matches_bytes_interface(reqs: list[tuple[int, int]], cut: int) -> None:
+    stream = b""
+    for i, (cmd, length) in enumerate(reqs):
+        if cmd == c.CMD_DISC:
+            cmd = c.CMD_WRITE
+        data = bytes([i % 256]) * length if cmd == c.CMD_WRITE else b""
+        stream += req(cmd, 0, length, 0, cookie=i, data=data)
+    a = tx().receive_data(stream)
+    b = feed_buffered(tx(), stream, cut)
+    assert [(type(e), e.cookie) for e in a] == [(type(e), e.cookie) for e in b]
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, Request) and x.data is not None:
+            assert bytes(x.data) == bytes(y.data)

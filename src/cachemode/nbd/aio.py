@@ -67,10 +67,44 @@ _KEEP = 64
 _KEEP_BYTES = 64 * 1024 * 1024
 
 
+class BufferPool:
+    """Page-aligned buffers (anonymous mmaps) recycled by power-of-two size class.
+
+    Fresh large buffers cost an mmap, page faults on first touch and an munmap; reusing them is what makes
+    1 MiB requests cheap. Not thread-safe: used from the event loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    def buffer(self, length: int) -> mmap.mmap:
+        """A page-aligned buffer of at least ``length`` bytes."""
+        size = max(_POOLED, 1 << (length - 1).bit_length())
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        return mmap.mmap(-1, size)
+
+    def release(self, buf: mmap.mmap) -> None:
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < _KEEP and len(buf) * len(free) <= _KEEP_BYTES:
+            free.append(buf)
+        else:
+            with contextlib.suppress(BufferError):  # still viewed somewhere: the GC unmaps it later
+                buf.close()
+
+    def close(self) -> None:
+        for free in self._free.values():
+            for buf in free:
+                with contextlib.suppress(BufferError):
+                    buf.close()
+        self._free.clear()
+
+
 class LinuxAIO:
     """One AIO context whose completions are delivered to ``loop`` via an eventfd."""
 
-    def __init__(self, loop: Any, depth: int = 256) -> None:
+    def __init__(self, loop: Any, depth: int = 256, pool: BufferPool | None = None) -> None:
         numbers = _SYSCALLS[platform.machine()]
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         self._syscall = libc.syscall
@@ -86,7 +120,8 @@ class LinuxAIO:
         self._zero = _Timespec(0, 0)
         self._pending: dict[int, tuple[_Iocb, Any, int, Callable[[int, Any], None]]] = {}
         self._next = 1
-        self._free: dict[int, list[mmap.mmap]] = {}
+        self._own_pool = pool is None
+        self.pool = pool or BufferPool()
         self.loop = loop
         loop.add_reader(self.efd, self._reap)
         self.closed = False
@@ -97,19 +132,10 @@ class LinuxAIO:
 
     # -- buffers ------------------------------------------------------------------------------------------------
     def buffer(self, length: int) -> mmap.mmap:
-        """A page-aligned buffer of at least ``length`` bytes, recycled by size class (powers of two)."""
-        size = max(_POOLED, 1 << (length - 1).bit_length())
-        free = self._free.get(size)
-        if free:
-            return free.pop()
-        return mmap.mmap(-1, size)
+        return self.pool.buffer(length)
 
     def release(self, buf: mmap.mmap) -> None:
-        free = self._free.setdefault(len(buf), [])
-        if len(free) < _KEEP and len(buf) * len(free) <= _KEEP_BYTES:
-            free.append(buf)
-        else:
-            buf.close()
+        self.pool.release(buf)
 
     # -- submission ----------------------------------------------------------------------------------------------
     def submit(
@@ -178,17 +204,15 @@ class LinuxAIO:
             self.loop.remove_reader(self.efd)
         self._syscall(ctypes.c_long(self._nr["io_destroy"]), self._ctx)
         os.close(self.efd)
-        for free in self._free.values():
-            for buf in free:
-                buf.close()
-        self._free.clear()
+        if self._own_pool:
+            self.pool.close()
 
 
-def open_aio(loop: Any, depth: int = 256) -> LinuxAIO | None:
+def open_aio(loop: Any, depth: int = 256, pool: BufferPool | None = None) -> LinuxAIO | None:
     """A :class:`LinuxAIO` for ``loop``, or None where native AIO is not available."""
     if platform.machine() not in _SYSCALLS or os.environ.get("CACHEMODE_NBD_AIO", "1") == "0":
         return None
     try:
-        return LinuxAIO(loop, depth)
+        return LinuxAIO(loop, depth, pool)
     except (OSError, AttributeError):
         return None

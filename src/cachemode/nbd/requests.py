@@ -15,6 +15,8 @@ counted off as it arrives and never held, whatever length the header claims.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies, validate
@@ -25,9 +27,10 @@ REQUEST_SIZE = _REQUEST.size  # 28
 
 
 class Request:
-    """A valid request. ``data`` is the WRITE payload (bytes-like), else None."""
+    """A valid request. ``data`` is the WRITE payload (bytes-like), else None; ``buffer`` is the object that
+    holds it when the parser allocated one for it (see ``allocate``), so the server may reuse it."""
 
-    __slots__ = ("command", "cookie", "data", "flags", "length", "offset")
+    __slots__ = ("buffer", "command", "cookie", "data", "flags", "length", "offset")
 
     def __init__(self, command: int, flags: int, cookie: int, offset: int, length: int, data: object = None) -> None:
         self.command = command
@@ -36,6 +39,7 @@ class Request:
         self.offset = offset
         self.length = length
         self.data = data
+        self.buffer: object = None
 
     def __repr__(self) -> str:
         name = c.COMMAND_NAMES.get(self.command, str(self.command))
@@ -70,27 +74,62 @@ class Disconnect:
 Event = Request | Rejected | Disconnect
 
 
-class Transmission:
-    """Parses requests for one connection after a successful handshake."""
+SCRATCH_SIZE = 256 * 1024
 
-    def __init__(self, negotiated: Negotiated) -> None:
+
+class Transmission:
+    """Parses requests for one connection after a successful handshake.
+
+    Two ways to feed it: :meth:`receive_data` with bytes, or -- for transports that read into buffers
+    (``asyncio.BufferedProtocol``) -- :meth:`get_buffer` / :meth:`buffer_updated`. With the latter a WRITE
+    payload that spans reads is received straight into its own buffer, with no copy in Python. ``allocate``
+    (length -> writable buffer) chooses that buffer, e.g. page-aligned memory for O_DIRECT; default bytearray.
+    """
+
+    def __init__(self, negotiated: Negotiated, allocate: Callable[[int], Any] | None = None) -> None:
         self.negotiated = negotiated
         self.export = negotiated.export
         self.structured = negotiated.structured
         self.meta_context_id = negotiated.meta_context_id
         self.closed = False
+        self._allocate = allocate or bytearray
         self._buf = bytearray()
         self._skip = 0  # payload bytes of a rejected WRITE still to discard
         self._skipped: Rejected | None = None  # its error reply, released once the payload is consumed
         self._pending: tuple[int, int, int, int] | None = None  # WRITE header waiting for its payload
-        self._payload = bytearray()
+        self._payload: Any = None
+        self._payload_view: memoryview | None = None
+        self._need = 0
         self._filled = 0
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._into_payload = False
 
     @property
     def buffered(self) -> int:
         """Bytes currently held by the parser (for tests of the memory bound)."""
-        return len(self._buf) + len(self._payload)
+        return len(self._buf) + self._need
 
+    # -- buffer interface -----------------------------------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Where the transport should put the next bytes it receives."""
+        if self._pending is not None and self._payload_view is not None:
+            self._into_payload = True
+            return self._payload_view[self._filled :]
+        self._into_payload = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written into the buffer :meth:`get_buffer` returned."""
+        if self._into_payload:
+            self._into_payload = False
+            events: list[Event] = []
+            self._filled += nbytes
+            if self._filled == self._need:
+                self._complete_payload(events)
+            return events
+        return self.receive_data(self._scratch[:nbytes])
+
+    # -- bytes interface ------------------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self.closed:
             return []
@@ -119,17 +158,31 @@ class Transmission:
                 self._buf = bytearray(memoryview(src)[pos:])
         return events
 
+    def _start_payload(self, pending: tuple[int, int, int, int], length: int) -> None:
+        self._pending = pending
+        self._payload = self._allocate(length)
+        self._payload_view = memoryview(self._payload)[:length]
+        self._need = length
+        self._filled = 0
+
+    def _complete_payload(self, events: list[Event]) -> None:
+        command, flags, cookie, offset = self._pending  # type: ignore[misc]
+        req = Request(command, flags, cookie, offset, self._need, self._payload_view)
+        req.buffer = self._payload
+        events.append(req)
+        self._pending = None
+        self._payload = None
+        self._payload_view = None
+        self._need = 0
+        self._filled = 0
+
     def _fill(self, view: memoryview, events: list[Event]) -> memoryview:
-        need = len(self._payload) - self._filled
-        n = min(need, len(view))
-        self._payload[self._filled : self._filled + n] = view[:n]
+        assert self._payload_view is not None
+        n = min(self._need - self._filled, len(view))
+        self._payload_view[self._filled : self._filled + n] = view[:n]
         self._filled += n
-        if self._filled == len(self._payload):
-            command, flags, cookie, offset = self._pending  # type: ignore[misc]
-            events.append(Request(command, flags, cookie, offset, len(self._payload), self._payload))
-            self._pending = None
-            self._payload = bytearray()
-            self._filled = 0
+        if self._filled == self._need:
+            self._complete_payload(events)
         return view[n:]
 
     def _parse(self, src: bytes | bytearray, events: list[Event]) -> int:
@@ -179,9 +232,7 @@ class Transmission:
                     pos = body + length
                     continue
                 # payload incomplete: collect it in its own buffer, exactly once
-                self._pending = (command, flags, cookie, offset)
-                self._payload = bytearray(length)
-                self._filled = 0
+                self._start_payload((command, flags, cookie, offset), length)
                 pos = body
                 rest = memoryview(src)[pos:]
                 try:

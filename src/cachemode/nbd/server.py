@@ -32,6 +32,7 @@ import collections
 import contextlib
 import functools
 import logging
+import mmap
 import os
 import queue
 import socket
@@ -41,6 +42,7 @@ from typing import Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
+from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
 from cachemode.nbd.requests import Rejected, Request, Transmission
@@ -84,7 +86,7 @@ class Stats:
         self.errors = 0
 
 
-class NBDConnection(asyncio.Protocol):
+class NBDConnection(asyncio.BufferedProtocol):
     """One client connection: handshake, then transmission."""
 
     def __init__(self, server: Server) -> None:
@@ -106,6 +108,7 @@ class NBDConnection(asyncio.Protocol):
         self._done = asyncio.Event()
         self.peer = ""
         self._sock_fd = -1
+        self._hs_buf = memoryview(bytearray(65536))
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,7 +149,25 @@ class NBDConnection(asyncio.Protocol):
         self._paused_writing = False
         self._update_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # In transmission the parser hands out its own buffer: a WRITE payload is received in place.
+        if self.tx is not None and not self.tx.closed:
+            return self.tx.get_buffer()
+        return self._hs_buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            if self.tx is None:
+                self._handshake_data(bytes(self._hs_buf[:nbytes]))
+            elif not self.tx.closed:
+                self._dispatch(self.tx.buffer_updated(nbytes))
+        except ProtocolError as err:
+            log.info("%s: closing: %s", self.peer, err)
+            self._abort()
+
+    def data_received(self, data: bytes) -> None:  # a transport without buffered reads
         if self.closed:
             return
         try:
@@ -179,7 +200,7 @@ class NBDConnection(asyncio.Protocol):
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
-                self.tx = Transmission(negotiated)
+                self.tx = Transmission(negotiated, self.server.allocate_payload)
                 self.structured = negotiated.structured
                 if event.trailing:
                     self._transmission_data(event.trailing)
@@ -187,9 +208,10 @@ class NBDConnection(asyncio.Protocol):
 
     # -- transmission -------------------------------------------------------------------------------------------
     def _transmission_data(self, data: bytes) -> None:
-        tx = self.tx
-        assert tx is not None
-        events = tx.receive_data(data)
+        assert self.tx is not None
+        self._dispatch(self.tx.receive_data(data))
+
+    def _dispatch(self, events: list[Any]) -> None:
         if not events:
             return
         server = self.server
@@ -242,6 +264,9 @@ class NBDConnection(asyncio.Protocol):
                         server.stats.errors += 1
                         out.append(replies.simple(ev.cookie, _error_of(exc, cmd)))
                         continue
+                    finally:
+                        if ev.buffer is not None:
+                            self._recycle(ev)
                     out.append(replies.simple(ev.cookie))
                 elif aio is not None and cmd <= c.CMD_WRITE and not (ev.offset | ev.length) % aio_align:
                     if not self._aio(ev, aio, aio_fd):
@@ -319,8 +344,11 @@ class NBDConnection(asyncio.Protocol):
             # FUA, the guest cache off, or O_DSYNC: the stack decides how the write is made durable.
             if req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache):
                 return False
-            buf = aio.buffer(length)
-            buf[:length] = req.data
+            if isinstance(req.buffer, mmap.mmap):
+                buf = req.buffer  # the payload was received straight into aligned memory
+            else:
+                buf = aio.buffer(length)
+                buf[:length] = req.data
             opcode = IOCB_CMD_PWRITE
         else:
             buf = aio.buffer(length)
@@ -330,7 +358,8 @@ class NBDConnection(asyncio.Protocol):
             self._aio_done(req, res, buf, aio)
 
         if not aio.submit(opcode, fd, buf, length, req.offset, done):
-            aio.release(buf)
+            if buf is not req.buffer:  # the payload's own buffer stays with the request for the fallback
+                aio.release(buf)
             return False
         self._start(req)
         return True
@@ -357,7 +386,11 @@ class NBDConnection(asyncio.Protocol):
             aio.release(buf)
             self._completed(req, result)
             return
-        aio.release(buf)
+        if res == length or res < 0:
+            if buf is req.buffer:
+                self._recycle(req)
+            else:
+                aio.release(buf)
         if res == length:
             self.server.note_write()
             self._completed(req, replies.simple(cookie))
@@ -458,8 +491,20 @@ class NBDConnection(asyncio.Protocol):
             return replies.error(structured, cookie, cmd, _error_of(exc, cmd), str(exc))
         return replies.simple(cookie)
 
+    def _recycle(self, req: Request) -> None:
+        """Give a finished WRITE's payload buffer back to the pool."""
+        buf = req.buffer
+        req.buffer = None
+        if buf is None or not self.server.recycle or not isinstance(buf, mmap.mmap):
+            return
+        if isinstance(req.data, memoryview):
+            req.data.release()
+        self.server.buffers.release(buf)
+
     def _completed(self, req: Request, result: Any) -> None:
         self._finish(req)
+        if req.buffer is not None:
+            self._recycle(req)
         if self.closed:
             return
         if isinstance(result, BaseException):
@@ -635,10 +680,12 @@ class Server:
         self.aio: Any = None
         self.aio_fd = -1
         self.aio_align = 1
-        if getattr(getattr(disk, "mode", None), "direct", False) and _plain_stack(disk):
-            from cachemode.nbd.aio import open_aio
-
-            self.aio = open_aio(self.loop)
+        # Payload buffers are pooled (and reused once a write completed) only with the plain stack: a lab
+        # layer might keep a reference to the data it was handed.
+        self.recycle = _plain_stack(disk)
+        self.buffers = BufferPool()
+        if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
+            self.aio = open_aio(self.loop, pool=self.buffers)
             if self.aio is not None:
                 self.aio_fd = disk.image.fd
                 self.aio_align = max(disk.image.alignment, 512)
@@ -646,6 +693,13 @@ class Server:
         if not blocking:
             fd = self.fast_read_fd
             self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+
+    def allocate_payload(self, length: int) -> Any:
+        """The buffer a WRITE payload spanning several reads is received into: pooled page-aligned memory
+        (which native AIO can also write as it is), else a bytearray."""
+        if self.recycle and length >= 64 * 1024:
+            return self.buffers.buffer(length)
+        return bytearray(length)
 
     def note_write(self) -> None:
         """Tell the disk stack a write completed behind its back (native AIO), so the next FLUSH syncs."""
