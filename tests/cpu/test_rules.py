@@ -297,3 +297,14 @@ def test_stats_dict_and_json():
     assert c["fetches"] == {"read": 2, "write": 1, "ifetch": 0, "misc": 0, "total": 3}
     assert c["misses"]["total"] == 3 and c["conflict"]["total"] == 1 and c["compulsory"]["total"] == 2
     assert c["miss_rate"]["total"] == 1.0 and c["config"]["size"] == 64
+
+
+@pytest.mark.parametrize("repl", ["lru", "fifo", "random", "plru"])
+def test_fast_and_general_kernels_agree(repl, monkeypatch):
+    import cachemode.cpu.kernels as kernels
+
+    h = Hierarchy([Level(unified=CacheConfig("2k", 32, 4, repl=repl)), Level(unified=CacheConfig("8k", 64, 8))])
+    t = _mixed_trace(8000, seed=11)
+    fast = simulate(h, t, threads=1).to_dict()
+    monkeypatch.setattr(kernels, "HASH_MIN_ASSOC", 1)  # the Python side then never picks the fast kernel
+    assert simulate(h, t, threads=1).to_dict() == fast

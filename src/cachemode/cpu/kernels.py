@@ -431,8 +431,9 @@ SPECIAL = 3
 
 
 @numba.njit(cache=True, nogil=True)
-def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirty, cnt, otypes, oaddrs, osizes, oorig):
-    """The common case, kept small so it stays fast: LRU or FIFO, no 3C shadow, few ways, demand references.
+def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirty, plru, cnt, otypes, oaddrs, osizes,
+              oorig):  # fmt: skip
+    """The common case, kept small so it stays fast: no 3C shadow, up to 32 ways, demand references.
 
     Same rules and output as :func:`_run`; stops with ``SPECIAL`` at a copy-back or invalidate event, which the
     caller hands to :func:`_run`. Shares the state arrays with it.
@@ -450,6 +451,9 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
     smask = nsets - 1
     cap = len(otypes)
     lru = repl == 0
+    stamped = repl != 1  # FIFO keeps insertion times; the others record the last use
+    tree = repl == 3
+    rng = np.uint64(st[ST_RNG])
     wt = wback == 1
     nfills = np.int64(0)  # counted locally, added to cnt on the way out
     nwbacks = np.int64(0)
@@ -492,8 +496,11 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
             if slot >= 0:
                 cnt[FETCH + t] += 1
                 clk += 1
-                if lru:
+                if stamped:
                     stamp[slot] = clk
+                if tree:
+                    s_ = blk & smask
+                    _plru_touch(plru, s_ * (assoc - 1), assoc, slot - s_ * assoc)
                 dirty[slot] |= np.uint8(is_write)  # no branch on the access type
                 lastblk = blk
                 lastslot = slot
@@ -534,8 +541,10 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                 walloc_ok = False
                 if w >= 0:
                     clk += 1
-                    if lru:
+                    if stamped:
                         stamp[base + w] = clk
+                    if tree:
+                        _plru_touch(plru, (blk & smask) * (assoc - 1), assoc, w)
                     if is_write:
                         wb = wback != 1
                         if wb:
@@ -556,10 +565,24 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                             less = sj < bs
                             bs = sj if less else bs
                             v = j if less else v
+                        if bs != 0 and not lru and stamped:  # set full: random or tree pseudo-LRU
+                            if tree:
+                                pb = (blk & smask) * (assoc - 1)
+                                node = 0
+                                while node < assoc - 1:
+                                    node = 2 * node + 1 + plru[pb + node]
+                                v = node - (assoc - 1)
+                            else:
+                                rng ^= rng << np.uint64(13)
+                                rng ^= rng >> np.uint64(7)
+                                rng ^= rng << np.uint64(17)
+                                v = np.int64(rng % np.uint64(assoc))
                         if dirty[base + v] != 0:  # (invalid ways are never dirty)
                             victim = tags[base + v]
                         tags[base + v] = blk
                         stamp[base + v] = clk
+                        if tree:
+                            _plru_touch(plru, (blk & smask) * (assoc - 1), assoc, v)
                         lastblk = blk
                         lastslot = base + v
                         wb = is_write and not wt
@@ -595,6 +618,7 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
             remaining -= psz
         e += 1
     st[ST_CLK] = clk
+    st[ST_RNG] = np.int64(rng)
     cnt[FILLS] += nfills
     cnt[BYTES_READ] += nfills * bsize
     cnt[WRITEBACKS] += nwbacks
@@ -665,7 +689,7 @@ class CacheState:
         else:
             bufs = _new_bufs(1)
         parts = []
-        fast = self.prm[3] in (0, 1) and not self.prm[7] and self.prm[2] < HASH_MIN_ASSOC
+        fast = not self.prm[7] and self.prm[2] < HASH_MIN_ASSOC
         general = not fast
         e = 0
         k = 0
@@ -678,7 +702,7 @@ class CacheState:
                                     *bufs)  # fmt: skip
             else:
                 e, k, reason = _run_fast(types, addrs, sizes, origin, e, k, self.prm, self.st, self.tags,
-                                         self.stamp, self.dirty, self.cnt, *bufs)  # fmt: skip
+                                         self.stamp, self.dirty, self.plru, self.cnt, *bufs)  # fmt: skip
             if reason == OUT_FULL:  # keep what was written; continue in a fresh, bigger buffer
                 parts.append(tuple(b[:k].copy() for b in bufs))
                 bufs = _new_bufs(2 * len(bufs[0]) + 3 * nb + 64)
