@@ -22,18 +22,20 @@ from cachemode.modes import CacheMode, get_mode
 class VirtualDisk:
     """The handle on a stack whose top is a :class:`ModeLayer` and whose bottom is an :class:`ImageFile`."""
 
-    def __init__(self, top: ModeLayer, image: ImageFile) -> None:
+    def __init__(self, top: ModeLayer, image: ImageFile, *, entry: Layer | None = None) -> None:
+        """``entry`` is where requests enter, when layers sit above the mode layer (the lab's recorder)."""
         self.top = top
         self.image = image
         self.mode: CacheMode = top.mode
-        # Bound methods of the top layer, looked up once: the NBD server calls these on its hot path.
-        self.pread = top.pread
-        self.preadinto = top.preadinto
-        self.pwrite = top.pwrite
-        self.flush = top.flush
-        self.trim = top.trim
-        self.zero = top.zero
-        self.cache = top.cache
+        self.entry = entry = entry or top
+        # Bound methods of the entry layer, looked up once: the NBD server calls these on its hot path.
+        self.pread = entry.pread
+        self.preadinto = entry.preadinto
+        self.pwrite = entry.pwrite
+        self.flush = entry.flush
+        self.trim = entry.trim
+        self.zero = entry.zero
+        self.cache = entry.cache
 
     # -- the guest's write-cache switch ---------------------------------------------------------------------
     @property
@@ -85,10 +87,10 @@ class VirtualDisk:
         return self.image.fd
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self.top.block_status(offset, length)
+        return self.entry.block_status(offset, length)
 
     def layers(self) -> list[Layer]:
-        return self.top.stack()
+        return self.entry.stack()
 
     def describe(self) -> list[str]:
         """One line per layer, top first: the note's picture, as the code has it."""

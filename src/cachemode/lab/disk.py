@@ -145,15 +145,7 @@ class LabDisk(VirtualDisk):
         if record:
             self.recorder = Recorder(entry, record)
             entry = self.recorder
-        super().__init__(mode_layer, self.medium)  # type: ignore[arg-type]
-        self.entry = entry
-        self.pread = entry.pread
-        self.preadinto = entry.preadinto
-        self.pwrite = entry.pwrite
-        self.flush = entry.flush
-        self.trim = entry.trim
-        self.zero = entry.zero
-        self.cache = entry.cache
+        super().__init__(mode_layer, self.medium, entry=entry)  # type: ignore[arg-type]
 
     def mark(self, name: str) -> None:
         """Put a named mark in the write log (no-op when not recording)."""
@@ -245,10 +237,6 @@ class LabDisk(VirtualDisk):
             for layer in self.volatile_layers:
                 layer.expire()
 
-    # -- views ----------------------------------------------------------------------------------------------
-    def describe(self) -> list[str]:
-        return [layer.describe() for layer in self.entry.stack()]
-
     def close(self) -> None:
         """A clean shutdown: the process closes (flushing, except in unsafe), then the host writes back."""
         if self._closed:
@@ -256,10 +244,7 @@ class LabDisk(VirtualDisk):
         self._closed = True
         self._stop.set()
         try:
-            if self.recorder is not None:
-                self.recorder.close()  # closes everything below too
-            else:
-                self.top.close()
+            self.entry.close()  # the recorder (if any), the tracker, the mode layer and everything below
         finally:
             if self._flusher is not None:
                 self._flusher.join(timeout=5)
