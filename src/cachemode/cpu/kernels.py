@@ -150,14 +150,41 @@ def _victim(tags, stamp, plru, base, pbase, assoc, repl, rng):
     return best, rng
 
 
+@numba.njit(cache=True)
+def _unlink(flink, w, head, tail):
+    prv = flink[2 * w]
+    nxt = flink[2 * w + 1]
+    if prv >= 0:
+        flink[2 * prv + 1] = nxt
+    else:
+        head = nxt
+    if nxt >= 0:
+        flink[2 * nxt] = prv
+    else:
+        tail = prv
+    return head, tail
+
+
+@numba.njit(cache=True)
+def _push_front(flink, w, head, tail):
+    flink[2 * w] = -1
+    flink[2 * w + 1] = head
+    if head >= 0:
+        flink[2 * head] = w
+    else:
+        tail = w
+    return w, tail
+
+
 # scalar state slots (int64 array ``st``)
-ST_CLK, ST_FCLK, ST_RNG, ST_FRNG, ST_NSEEN = 0, 1, 2, 3, 4
+ST_CLK, ST_FCLK, ST_RNG, ST_FRNG, ST_NSEEN, ST_FHEAD, ST_FTAIL, ST_NFREE = 0, 1, 2, 3, 4, 5, 6, 7
 # why the kernel stopped
 DONE, OUT_FULL, SEEN_FULL = 0, 1, 2
 
 
 @numba.njit(cache=True, nogil=True)
-def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dirty, plru, hkeys, hvals, ftags, fstamp,
+def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dirty, plru, hkeys, hvals, flink, ffree,
+         ftags, fstamp,
          fplru, fhkeys, fhvals, seen, cnt, otypes, oaddrs, osizes, oorig):  # fmt: skip
     """Process events from ``start`` until the end or until an output/seen buffer could overflow.
 
@@ -189,6 +216,11 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
     rng = np.uint64(st[ST_RNG])
     frng = np.uint64(st[ST_FRNG])
     nseen = st[ST_NSEEN]
+    # the 3C shadow under LRU/FIFO is a doubly linked list (most recent first) plus a stack of free slots
+    listed = repl < 2
+    fhead = st[ST_FHEAD]
+    ftail = st[ST_FTAIL]
+    nfree = st[ST_NFREE]
     has_origin = len(origin) > 0
     k = k0
     reason = DONE
@@ -276,6 +308,11 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                     fhkeys[:] = -1
                     seen[:] = -1
                     nseen = 0
+                    fhead = -1
+                    ftail = -1
+                    nfree = fn
+                    for i in range(fn):
+                        ffree[i] = fn - 1 - i
             else:
                 blk = np.int64(a >> ulgb)
                 base = (blk & smask) * assoc
@@ -294,6 +331,10 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                         ftags[fw] = -1
                         fstamp[fw] = 0
                         _hdel(fhkeys, fhvals, fhmask, blk)
+                        if listed:
+                            fhead, ftail = _unlink(flink, fw, fhead, ftail)
+                            ffree[nfree] = fw
+                            nfree += 1
             if emit:
                 otypes[k] = 5
                 oaddrs[k] = a
@@ -360,7 +401,23 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                     fw = _hfind(fhkeys, fhvals, fhmask, blk)
                     fhit = fw >= 0
                     fupdate = (fhit or walloc_ok) if is_write else (fhit or ralloc != 0)
-                    if fupdate:
+                    if fupdate and listed:
+                        if fhit:
+                            if repl == 0 and fw != fhead:
+                                fhead, ftail = _unlink(flink, fw, fhead, ftail)
+                                fhead, ftail = _push_front(flink, fw, fhead, ftail)
+                        else:
+                            if nfree > 0:
+                                nfree -= 1
+                                fw = ffree[nfree]
+                            else:
+                                fw = ftail
+                                fhead, ftail = _unlink(flink, fw, fhead, ftail)
+                                _hdel(fhkeys, fhvals, fhmask, ftags[fw])
+                            ftags[fw] = blk
+                            fhead, ftail = _push_front(flink, fw, fhead, ftail)
+                            _hput(fhkeys, fhvals, fhmask, blk, fw)
+                    elif fupdate:
                         fclk += 1
                         if fhit:
                             if repl != 1:
@@ -424,6 +481,9 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
     st[ST_RNG] = np.int64(rng)
     st[ST_FRNG] = np.int64(frng)
     st[ST_NSEEN] = nseen
+    st[ST_FHEAD] = fhead
+    st[ST_FTAIL] = ftail
+    st[ST_NFREE] = nfree
     return e, k, reason
 
 
@@ -650,8 +710,9 @@ class CacheState:
         self._bufs = None
         rng = (seed * 0x9E3779B97F4A7C15 | 1) & (2**64 - 1)
         frng = (rng ^ 0x5851F42D4C957F2D) | 1
-        self.st = np.array([0, 0, rng - 2**64 if rng >= 2**63 else rng, frng - 2**64 if frng >= 2**63 else frng, 0],
-                           np.int64)  # fmt: skip
+        fn = nb if ccc else 1
+        self.st = np.array([0, 0, rng - 2**64 if rng >= 2**63 else rng, frng - 2**64 if frng >= 2**63 else frng, 0,
+                            -1, -1, fn], np.int64)  # fmt: skip
         self.tags = np.full(nb, -1, np.int64)
         self.stamp = np.zeros(nb, np.int64)
         self.dirty = np.zeros(nb, np.uint8)
@@ -659,7 +720,8 @@ class CacheState:
         hsize = _pow2_at_least(2 * nb + 2) if assoc >= HASH_MIN_ASSOC else 1
         self.hkeys = np.full(hsize, -1, np.int64)
         self.hvals = np.zeros(hsize, np.int64)
-        fn = nb if ccc else 1
+        self.flink = np.full(2 * fn, -1, np.int64)  # prev/next of each shadow slot (LRU/FIFO shadow)
+        self.ffree = np.arange(fn - 1, -1, -1, dtype=np.int64)  # free shadow slots, a stack
         self.ftags = np.full(fn, -1, np.int64)
         self.fstamp = np.zeros(fn, np.int64)
         self.fplru = np.zeros(max(fn - 1, 1), np.uint8)
@@ -697,7 +759,8 @@ class CacheState:
             if general:
                 stop = n if not fast else e + 1
                 e, k, reason = _run(types, addrs, sizes, origin, e, stop, k, self.prm, self.st, self.tags,
-                                    self.stamp, self.dirty, self.plru, self.hkeys, self.hvals, self.ftags,
+                                    self.stamp, self.dirty, self.plru, self.hkeys, self.hvals, self.flink,
+                                    self.ffree, self.ftags,
                                     self.fstamp, self.fplru, self.fhkeys, self.fhvals, self.seen, self.cnt,
                                     *bufs)  # fmt: skip
             else:
