@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from cachemode.cpu.config import ConfigError, hierarchy_from_specs, load_toml, parse_size
@@ -218,7 +216,3 @@ def convert_cmd(src: str, dst: str, fmt: str | None) -> None:
     tr = read_trace(src, fmt)
     kind = write_trace(tr, b"", dst)
     click.echo(f"{dst}: {len(tr):,} references ({kind})", err=True)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(sim())

@@ -37,7 +37,6 @@ WBACK = {
     "nofetch": 2,
 }
 RALLOC = {"a": 1, "allocate": 1, "always": 1, "n": 0, "never": 0, "through": 0, "read-through": 0}
-POLICY_LETTERS = ("a", "n", "f")
 
 
 class ConfigError(CachemodeError):
