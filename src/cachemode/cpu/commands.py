@@ -36,8 +36,20 @@ def sim() -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Trace format (default: by suffix/content).")
 @click.option("--flushcount", type=int, default=0, help="Copy back and invalidate every N references.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cores to use (default: CACHEMODE_THREADS or every core); counts do not depend on it.",
+)
 def run(
-    trace_path: str, levels: tuple[str, ...], config: str | None, fmt: str | None, flushcount: int, as_json: bool
+    trace_path: str,
+    levels: tuple[str, ...],
+    config: str | None,
+    fmt: str | None,
+    flushcount: int,
+    as_json: bool,
+    threads: int | None,
 ) -> None:
     """Simulate TRACE on a cache hierarchy and print a per-level table."""
     from cachemode.cpu.simulate import simulate
@@ -54,7 +66,7 @@ def run(
     if flushcount < 0:
         raise click.UsageError("--flushcount must be >= 0")
     trace = read_trace(trace_path, fmt)
-    result = simulate(hierarchy, trace, flushcount=flushcount)
+    result = simulate(hierarchy, trace, flushcount=flushcount, threads=threads)
     if as_json:
         click.echo(result.to_json(indent=2))
         return

@@ -154,6 +154,17 @@ def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
 PARALLEL_MIN_EVENTS = 1 << 18  # below this, threads cost more than they save
 
 
+def default_threads() -> int:
+    """``CACHEMODE_THREADS`` if set, else the cores this process may run on."""
+    env = os.environ.get("CACHEMODE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Simulation:
     """A run that can be advanced step by step (for periodic statistics) and then finished.
 
@@ -172,7 +183,7 @@ class Simulation:
             self.types, self.addrs, self.sizes = trace.types, trace.addrs, trace.sizes
         self.n = len(self.types)
         if threads is None:
-            threads = (os.cpu_count() or 1) if self.n >= PARALLEL_MIN_EVENTS else 1
+            threads = default_threads() if self.n >= PARALLEL_MIN_EVENTS else 1
         self.shift, self.parts = partitioning(hierarchy, threads)
         self.runners = [_Runner(hierarchy) for _ in range(self.parts)]
         if self.parts > 1:
@@ -246,7 +257,8 @@ def simulate(
 
     ``flushcount``: copy back and invalidate every cache after every N records (Dinero's ``-flushcount``).
     ``copyback``: write every dirty block back at the end of the run (Dinero always does).
-    ``threads``: cores to use (default: all, for traces long enough to gain). Parallel runs split the sets
+    ``threads``: cores to use (default: ``CACHEMODE_THREADS`` or every core, for traces long enough to gain;
+    1 runs serially). Parallel runs split the sets
     between threads (see :func:`partitioning`); the counts are exactly those of a serial run.
     """
     if isinstance(hierarchy, CacheConfig):
