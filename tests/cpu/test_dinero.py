@@ -198,7 +198,7 @@ def test_mm32_table_dinero_cli(walloc, wback, misses, split, bfrom, bto):
     assert rows["Bytes From Memory"] == [bfrom] and rows["Bytes To Memory"] == [bto]
     if (walloc, wback) == ("a", "a"):
         assert out.endswith(MM32_REPORT)
-        assert out.startswith("---Dinero IV cache simulator, version 7\n")
+        assert out.startswith("---cachemode dinero: a Dinero IV (version 7) compatible cache simulator\n")
         assert "\n-l1-usize 8192\n-l1-ubsize 16\n-l1-usbsize 16\n-l1-uassoc 4\n-l1-urepl l\n" in out
 
 

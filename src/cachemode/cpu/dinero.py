@@ -305,12 +305,9 @@ def _triggers(trace: Trace, on: int, off: int) -> tuple[Trace, list[str]]:
 
 
 HEADER = (
-    "---Dinero IV cache simulator, version 7\n"
-    "---Written by Jan Edler and Mark D. Hill\n"
-    "---Copyright (C) 1997 NEC Research Institute, Inc. and Mark D. Hill.\n"
-    "---All rights reserved.\n"
-    "---Copyright (C) 1985, 1989 Mark D. Hill.  All rights reserved.\n"
-    "---See -copyright option for details\n"
+    "---cachemode dinero: a Dinero IV (version 7) compatible cache simulator\n"
+    "---Dinero IV is by Jan Edler and Mark D. Hill; this is cachemode's own implementation of its\n"
+    "---command line, accounting and report layout, so that scripts written for Dinero IV keep working.\n"
 )
 
 
