@@ -147,15 +147,17 @@ class LinuxAIO:
         offset: int,
         callback: Callable[[int, Any], None],
         rw_flags: int = 0,
+        buf_offset: int = 0,
     ) -> bool:
-        """Queue one read or write of ``length`` bytes between ``buf`` and ``fd``. ``callback(result, buf)`` gets
-        the byte count or ``-errno``. Returns False (nothing queued) when the context is full or refuses."""
+        """Queue one read or write of ``length`` bytes between ``buf[buf_offset:]`` and ``fd``. ``callback(result,
+        buf)`` gets the byte count or ``-errno``. Returns False (nothing queued) when the context is full or
+        refuses."""
         if self.closed or len(self._pending) >= self.depth:
             return False
         iocb = _Iocb()
         key = self._next
         self._next += 1
-        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + buf_offset
         iocb.aio_data = key
         iocb.aio_lio_opcode = opcode
         iocb.aio_fildes = fd

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import mmap
@@ -58,6 +59,8 @@ WRITE_HIGH_WATER = 8 * 1024 * 1024
 INLINE_WRITE_MAX = 256 * 1024
 """Page-cache writes below this size run inline; larger ones go to the pool, so the kernel's copy of one
 payload overlaps with receiving the next."""
+AIO_CHUNK = 256 * 1024
+"""Native-AIO requests larger than this are split into chunks submitted together."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
 LARGE_REPLY = 64 * 1024
@@ -354,14 +357,44 @@ class NBDConnection(asyncio.BufferedProtocol):
             buf = aio.buffer(length)
             opcode = IOCB_CMD_PREAD
 
-        def done(res: int, buf: Any) -> None:
-            self._aio_done(req, res, buf, aio)
-
-        if not aio.submit(opcode, fd, buf, length, req.offset, done):
+        parts = -(-length // AIO_CHUNK)
+        if aio.in_flight + parts > aio.depth:
             if buf is not req.buffer:  # the payload's own buffer stays with the request for the fallback
                 aio.release(buf)
             return False
+        if parts == 1:
+
+            def done(res: int, buf: Any) -> None:
+                self._aio_done(req, res, buf, aio)
+
+            if not aio.submit(opcode, fd, buf, length, req.offset, done):
+                if buf is not req.buffer:
+                    aio.release(buf)
+                return False
+            self._start(req)
+            return True
+        # A large request goes to the device as several chunks in parallel (more depth for the device).
+        state = [parts, 0]  # parts outstanding, first error (negative errno)
+
+        def part_done(res: int, buf: Any, start: int, size: int) -> None:
+            if res < 0:
+                state[1] = state[1] or res
+            elif res < size:
+                if opcode == IOCB_CMD_PREAD:  # past the end of a shrunken image: reads as zeros
+                    buf[start + res : start + size] = bytes(size - res)
+                else:
+                    state[1] = state[1] or -errno.EIO
+            state[0] -= 1
+            if state[0] == 0:
+                self._aio_done(req, state[1] or length, buf, aio)
+
         self._start(req)
+        for i in range(parts):
+            start = i * AIO_CHUNK
+            size = min(AIO_CHUNK, length - start)
+            callback = functools.partial(_part_callback, part_done, start, size)
+            if not aio.submit(opcode, fd, buf, size, req.offset + start, callback, buf_offset=start):
+                callback(-errno.EAGAIN, buf)  # the context refused mid-way: fail this part
         return True
 
     def _aio_done(self, req: Request, res: int, buf: Any, aio: Any) -> None:
@@ -755,6 +788,10 @@ class Server:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+
+def _part_callback(done: Callable[[int, Any, int, int], None], start: int, size: int, res: int, buf: Any) -> None:
+    done(res, buf, start, size)
 
 
 def _plain_stack(disk: Any) -> bool:
