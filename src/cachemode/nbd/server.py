@@ -61,6 +61,8 @@ INLINE_WRITE_MAX = 256 * 1024
 payload overlaps with receiving the next."""
 AIO_CHUNK = 256 * 1024
 """Native-AIO requests larger than this are split into chunks submitted together."""
+SEND_EARLY = 1024 * 1024
+"""Inline read data queued in one batch before it is handed to the transport (so back-pressure is seen)."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
 LARGE_REPLY = 64 * 1024
@@ -102,6 +104,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = False
         self.in_flight = 0
         self.in_flight_bytes = 0  # READ/WRITE payload bytes of the requests in flight
+        self._backlog: collections.deque[Any] = collections.deque()  # parsed, held back while congested
+        self._draining = False
+        self._out_size = 0  # bytes of read data in _out not yet handed to the transport
         self.closing = False  # DISC received or server shutting down: no new work
         self.closed = False
         self._paused_reading = False
@@ -151,6 +156,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._paused_writing = False
         self._update_reading()
+        if self._backlog:
+            self._drain_backlog()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # In transmission the parser hands out its own buffer: a WRITE payload is received in place.
@@ -222,6 +229,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         out = self._out
         disk = self.disk
         read_inline = server.read_inline
+        nowait_fd = server.nowait_fd
         sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
         aio = server.aio
         aio_fd = server.aio_fd
@@ -229,8 +237,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         inline_write = server.inline_writes
         structured = self.structured
         read_header = replies.read_header
-        for ev in events:
+        for index, ev in enumerate(events):
             if ev.__class__ is Request:
+                if self._congested():
+                    # The client is not reading replies fast enough, or too much is in flight: keep the
+                    # rest for later (reading stays paused meanwhile), so memory stays bounded.
+                    self._backlog.extend(events[index:])
+                    self._update_reading()
+                    break
                 cmd = ev.command
                 if self.closing:
                     out.append(replies.error(structured, ev.cookie, cmd, c.ESHUTDOWN, "server shutting down"))
@@ -241,18 +255,33 @@ class NBDConnection(asyncio.BufferedProtocol):
                             self._send()
                         if self._sendfile(ev, sendfile_fd):
                             continue
-                    try:
-                        data_out = read_inline(ev.length, ev.offset)
-                    except Exception as exc:
-                        server.stats.errors += 1
-                        out.append(replies.error(structured, ev.cookie, cmd, _error_of(exc, cmd), str(exc)))
-                        continue
+                    if nowait_fd is not None:
+                        # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
+                        # cached range) goes to the pool, so a cold cache does not stall the event loop.
+                        data_out = bytearray(ev.length)
+                        try:
+                            got = os.preadv(nowait_fd, [data_out], ev.offset, os.RWF_NOWAIT)
+                        except OSError:
+                            got = -1
+                        if got != ev.length:
+                            self._submit(ev)
+                            continue
+                    else:
+                        try:
+                            data_out = read_inline(ev.length, ev.offset)
+                        except Exception as exc:
+                            server.stats.errors += 1
+                            out.append(replies.error(structured, ev.cookie, cmd, _error_of(exc, cmd), str(exc)))
+                            continue
                     if len(data_out) < ev.length:
                         data_out += bytes(ev.length - len(data_out))
                     hdr = read_header(structured, ev.cookie, ev.offset, ev.length)
                     if ev.length >= LARGE_REPLY:
                         out.append(hdr)
                         out.append(data_out)
+                        self._out_size += ev.length
+                        if self._out_size >= SEND_EARLY:
+                            self._send()  # lets the transport report back-pressure before the next read
                     else:
                         out.append(hdr + data_out)
                 elif (
@@ -475,6 +504,24 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.in_flight_bytes -= req.length
         if self._paused_reading:
             self._update_reading()
+        if self._backlog and not self._draining:
+            self.loop.call_soon(self._drain_backlog)
+
+    def _congested(self) -> bool:
+        return self._paused_writing or self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+
+    def _drain_backlog(self) -> None:
+        """Handle requests parsed earlier but held back while the connection was congested."""
+        if self._draining or not self._backlog or self.closed:
+            return
+        self._draining = True
+        try:
+            events = list(self._backlog)
+            self._backlog.clear()
+            self._dispatch(events)
+        finally:
+            self._draining = False
+        self._update_reading()
 
     def _submit(self, req: Request) -> None:
         self._start(req)
@@ -555,6 +602,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- output and lifetime ----------------------------------------------------------------------------------
     def _send(self) -> None:
         self._flush_scheduled = False
+        self._out_size = 0
         out = self._out
         if not out or self.closed or self.transport is None:
             out.clear()
@@ -568,7 +616,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
-        pause = self._paused_writing or self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+        pause = self._congested() or bool(self._backlog)
         if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -577,7 +625,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _maybe_close(self) -> None:
-        if self.in_flight == 0 and not self.closed:
+        if self.in_flight == 0 and not self._backlog and not self.closed:
             self._send()
             self._close()
 
@@ -726,6 +774,7 @@ class Server:
         if not blocking:
             fd = self.fast_read_fd
             self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+        self.nowait_fd: int | None = self.fast_read_fd if _nowait_works(self.fast_read_fd) else None
 
     def allocate_payload(self, length: int) -> Any:
         """The buffer a WRITE payload spanning several reads is received into: pooled page-aligned memory
@@ -788,6 +837,19 @@ class Server:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+
+def _nowait_works(fd: int | None) -> bool:
+    """Whether buffered reads on ``fd`` accept RWF_NOWAIT (Linux >= 5.9 on most filesystems)."""
+    if fd is None or not hasattr(os, "RWF_NOWAIT"):
+        return False
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _part_callback(done: Callable[[int, Any, int, int], None], start: int, size: int, res: int, buf: Any) -> None:
