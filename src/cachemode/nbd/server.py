@@ -3,8 +3,9 @@
 Everything the protocol decides (handshake, parsing, validation, reply layout) lives in the core; this module
 only moves bytes and runs disk calls. The hot path is kept lean on purpose:
 
-* page-cache modes (``disk.blocking`` false): a plain READ is one ``os.pread`` on the image's fd
-  (``disk.fast_read_fd``) run inline in the event loop -- a page-cache hit costs no thread hand-off -- and
+* page-cache modes (``disk.blocking`` false): a plain READ is one ``preadv(RWF_NOWAIT)`` on the image's fd
+  (``disk.fast_read_fd``) run inline in the event loop -- a page-cache hit costs no thread hand-off, a miss
+  goes to the pool -- and
   reads of 128 KiB or more go from the image to the socket with ``sendfile(2)``; a plain WRITE below 256 KiB
   is one ``disk.pwrite`` inline, a larger one goes to the pool so the kernel's copy overlaps the next receive;
 * O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
@@ -22,7 +23,8 @@ which applies the cache mode; native AIO is used only for writes that need no du
 
 Memory per connection is bounded: the parser holds at most one request plus one WRITE payload (32 MiB), and
 reading pauses while more than :data:`MAX_IN_FLIGHT` requests or :data:`MAX_IN_FLIGHT_BYTES` of payload are
-outstanding, or while more than :data:`WRITE_HIGH_WATER` of replies wait for a client that does not read.
+outstanding, or while more than :data:`WRITE_HIGH_WATER` of replies wait for a client that does not read;
+requests already parsed when that happens wait in a backlog, unexecuted, until the congestion clears.
 """
 
 from __future__ import annotations
