@@ -113,9 +113,17 @@ class ServeProcess:
         return self.pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str, str]:
+        """Signal the server (not a tracer around it) and wait; never leave a process behind."""
         if self.proc.poll() is None:
             os.kill(self.server_pid(), sig)
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.server_pid(), signal.SIGKILL)
+            self.proc.kill()
+            self.proc.communicate()
+            raise
         return self.proc.returncode, out, err
 
 
