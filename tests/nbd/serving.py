@@ -119,7 +119,7 @@ class ServeProcess:
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):
                 os.kill(self.server_pid(), signal.SIGKILL)
             self.proc.kill()
             self.proc.communicate()
