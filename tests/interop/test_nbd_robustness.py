@@ -168,3 +168,20 @@ def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     for i, cookie in enumerate(cookies[:16]):
         if answered[cookie] == 0:
             assert data[i * 65536 : (i + 1) * 65536] == b"s" * 65536
+
+
+def test_half_close_after_a_burst_still_gets_every_reply(tmp_path: Path) -> None:
+    """End of input (or DISC) means: answer what was asked, then close -- even requests held back."""
+    with served(tmp_path / "d.img", size=64 * MIB) as srv:
+        cl = connect(srv)
+        count = 64
+        burst = b"".join(
+            struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_READ, i, (i % 64) * MIB, MIB) for i in range(count)
+        )
+        cl.sock.sendall(burst + struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_DISC, 999, 0, 0))
+        cl.sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        errors = [cl.read_reply(MIB).error for _ in range(count)]
+        assert errors == [0] * count
+        assert cl.sock.recv(1) == b""
+        cl.sock.close()

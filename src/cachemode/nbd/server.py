@@ -109,7 +109,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._backlog: collections.deque[Any] = collections.deque()  # parsed, held back while congested
         self._draining = False
         self._out_size = 0  # bytes of read data in _out not yet handed to the transport
-        self.closing = False  # DISC received or server shutting down: no new work
+        self.closing = False  # DISC, end of input or shutdown: close once nothing is left to answer
         self.closed = False
         self._paused_reading = False
         self._paused_writing = False
@@ -248,7 +248,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._update_reading()
                     break
                 cmd = ev.command
-                if self.closing:
+                if server.shutting_down:
                     out.append(replies.error(structured, ev.cookie, cmd, c.ESHUTDOWN, "server shutting down"))
                     continue
                 if cmd == c.CMD_READ and read_inline is not None:
