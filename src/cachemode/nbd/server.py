@@ -746,7 +746,7 @@ class Server:
         self.disk = disk
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
-        self._note_write = getattr(getattr(disk, "top", None), "_written", lambda: None)
+        self._note_write: Callable[[], None] = lambda: None
         self.pool = IOPool(self.loop, workers or int(os.environ.get("CACHEMODE_NBD_WORKERS", "16")))
         self.stats = Stats()
         self.shutting_down = False
@@ -769,6 +769,9 @@ class Server:
         self.buffers = BufferPool()
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
             self.aio = open_aio(self.loop, pool=self.buffers)
+            # Writes done by AIO bypass the mode layer: they are reported to its write counter, so the next
+            # FLUSH is not skipped as "nothing written since the last one".
+            self._note_write = disk.layers()[0]._written
             if self.aio is not None:
                 self.aio_fd = disk.image.fd
                 self.aio_align = max(disk.image.alignment, 512)
