@@ -55,6 +55,7 @@ def test_fio_verify_crc32c(tmp_path: Path, mode: str) -> None:
                 "--verify=crc32c",
                 "--verify_fatal=1",
                 "--do_verify=1",
+                "--verify_state_save=0",  # no *-verify.state file left in the working directory
                 # fsync becomes NBD_CMD_FLUSH: only where the server says it has a write cache (libnbd
                 # refuses a flush the server did not advertise)
                 *(["--fsync=32"] if mode == "writeback" else []),

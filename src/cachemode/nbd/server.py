@@ -771,7 +771,7 @@ class Server:
             self.aio = open_aio(self.loop, pool=self.buffers)
             # Writes done by AIO bypass the mode layer: they are reported to its write counter, so the next
             # FLUSH is not skipped as "nothing written since the last one".
-            self._note_write = disk.layers()[0]._written
+            self._note_write = disk.top.note_write
             if self.aio is not None:
                 self.aio_fd = disk.image.fd
                 self.aio_align = max(disk.image.alignment, 512)
@@ -876,7 +876,6 @@ def _plain_stack(disk: Any) -> bool:
         and kinds[0] is ModeLayer
         and kinds[-1] is ImageFile
         and all(k is AlignmentLayer for k in kinds[1:-1])
-        and hasattr(layers[0], "_written")
         and layers[-1] is disk.image
     )
 
