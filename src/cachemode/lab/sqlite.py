@@ -49,7 +49,23 @@ DB_NAME = "bank.db"
 _vfs_ids = itertools.count()
 
 
-class _MemFile:
+class _SingleProcessFile:
+    """What both file kinds share: one process, one connection, so locking has nothing to guard."""
+
+    def xLock(self, level: int) -> None:
+        pass
+
+    def xUnlock(self, level: int) -> None:
+        pass
+
+    def xCheckReservedLock(self) -> bool:
+        return False
+
+    def xFileControl(self, op: int, ptr: int) -> bool:
+        return False
+
+
+class _MemFile(_SingleProcessFile):
     """A temporary file SQLite asked for (name None): kept in memory, gone at close."""
 
     def __init__(self) -> None:
@@ -72,18 +88,6 @@ class _MemFile:
     def xFileSize(self) -> int:
         return len(self.data)
 
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, ptr: int) -> bool:
-        return False
-
     def xSectorSize(self) -> int:
         return 512
 
@@ -94,7 +98,7 @@ class _MemFile:
         pass
 
 
-class _DiskFile:
+class _DiskFile(_SingleProcessFile):
     """A file in a slot of the disk."""
 
     def __init__(self, fs: DiskFS, slot: int) -> None:
@@ -128,18 +132,6 @@ class _DiskFile:
 
     def xFileSize(self) -> int:
         return self.fs.sizes[self.slot]
-
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, ptr: int) -> bool:
-        return False
 
     def xSectorSize(self) -> int:
         return self.fs.sector
