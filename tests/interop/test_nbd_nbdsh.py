@@ -174,3 +174,27 @@ print("ok")
 """
     with served(tmp_path / "disk.img", "writethrough") as srv:
         assert nbdsh(srv.uri, script).stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("mode", ["writeback", "none"])
+def test_simple_replies_small_and_large_reads(tmp_path: Path, mode: str) -> None:
+    """A client that declines structured replies gets simple replies: small reads (header and data in one
+    buffer from the page cache) and large ones (sent separately) must both arrive intact."""
+    need_libnbd_python()
+    script = r"""
+import os
+h.shutdown()
+h = nbd.NBD()
+h.set_request_structured_replies(False)
+h.connect_uri(sys.argv[1])
+assert not h.get_structured_replies_negotiated()
+for size, offset in ((512, 0), (4096, 8192), (65536 - 512, 1 << 20), (256 * 1024, 3 << 20)):
+    blob = os.urandom(size)
+    h.pwrite(blob, offset)
+    assert h.pread(size, offset) == blob, (size, offset)
+    assert h.pread(size, offset) == blob, (size, offset)   # now certainly a page-cache hit
+assert h.pread(4096, 10 << 20) == bytes(4096)
+print("ok")
+"""
+    with served(tmp_path / "disk.img", mode) as srv:
+        assert nbdsh(srv.uri, script).stdout.strip() == "ok"

@@ -35,6 +35,21 @@ def read_header(structured: bool, cookie: int, offset: int, length: int) -> byte
     return _SIMPLE.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
+def read_header_size(structured: bool) -> int:
+    """The length of :func:`read_header`'s result."""
+    return _DATA_CHUNK.size if structured else _SIMPLE.size
+
+
+def read_header_into(buf: bytearray, structured: bool, cookie: int, offset: int, length: int) -> None:
+    """Write :func:`read_header` at the start of ``buf``, so a small READ reply is one buffer, not a join."""
+    if structured:
+        _DATA_CHUNK.pack_into(
+            buf, 0, c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset
+        )
+    else:
+        _SIMPLE.pack_into(buf, 0, c.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
 def structured_done(cookie: int) -> bytes:
     """A NONE chunk with DONE: success with no payload."""
     return _CHUNK.pack(c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_NONE, cookie, 0)

@@ -239,6 +239,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         inline_write = server.inline_writes
         structured = self.structured
         read_header = replies.read_header
+        read_header_into = replies.read_header_into
+        header_size = replies.read_header_size(structured)
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
                 if self._congested():
@@ -260,13 +262,20 @@ class NBDConnection(asyncio.BufferedProtocol):
                     if nowait_fd is not None:
                         # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
                         # cached range) goes to the pool, so a cold cache does not stall the event loop.
-                        data_out = bytearray(ev.length)
+                        # A small reply is read straight in behind its header: one buffer, no join.
+                        small = ev.length < LARGE_REPLY
+                        skip = header_size if small else 0
+                        data_out = bytearray(skip + ev.length)
                         try:
-                            got = os.preadv(nowait_fd, [data_out], ev.offset, os.RWF_NOWAIT)
+                            got = os.preadv(nowait_fd, [memoryview(data_out)[skip:]], ev.offset, os.RWF_NOWAIT)
                         except OSError:
                             got = -1
                         if got != ev.length:
                             self._submit(ev)
+                            continue
+                        if small:
+                            read_header_into(data_out, structured, ev.cookie, ev.offset, ev.length)
+                            out.append(data_out)
                             continue
                     else:
                         try:
