@@ -185,3 +185,29 @@ def test_half_close_after_a_burst_still_gets_every_reply(tmp_path: Path) -> None
         assert errors == [0] * count
         assert cl.sock.recv(1) == b""
         cl.sock.close()
+
+
+def test_client_that_never_negotiates_is_dropped(tmp_path: Path) -> None:
+    """A connection that stalls in the handshake is closed after the limit; one that negotiated is not."""
+    path = tmp_path / "d.img"
+    open_disk(path, create_size=SIZE).close()
+    disk = open_disk(path)
+    srv = ThreadServer(disk, handshake_limit=0.5)
+    try:
+        idle = connect(srv)  # negotiated: the limit no longer applies to it
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        assert len(silent.recv(18)) == 18  # the greeting; then say nothing at all
+        start = time.monotonic()
+        try:
+            rest = silent.recv(1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b"" and time.monotonic() - start < 5
+        silent.close()
+        time.sleep(0.6)  # past the limit: the negotiated client still works
+        idle.pwrite(b"i" * 512, 0)
+        assert idle.pread(512, 0) == b"i" * 512
+        idle.close()
+    finally:
+        srv.stop()
+        disk.close()

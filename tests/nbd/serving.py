@@ -42,10 +42,10 @@ def need_libnbd_python() -> None:
 class ThreadServer:
     """A :class:`Server` on its own event loop in a daemon thread, listening on 127.0.0.1:<ephemeral>."""
 
-    def __init__(self, disk: Any, export_name: str = "") -> None:
+    def __init__(self, disk: Any, export_name: str = "", **server_options: Any) -> None:
         self.disk = disk
         self.loop = new_event_loop()
-        self.server = Server(disk, export_name=export_name, loop=self.loop)
+        self.server = Server(disk, export_name=export_name, loop=self.loop, **server_options)
         self.port = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
         self.uri = self.server.uri
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-server", daemon=True)

@@ -52,6 +52,8 @@ from cachemode.nbd.requests import Rejected, Request, Transmission
 
 log = logging.getLogger("cachemode.nbd")
 
+HANDSHAKE_LIMIT = 10.0
+"""Seconds a client may take to finish negotiating before it is dropped (qemu-nbd's --handshake-limit)."""
 MAX_IN_FLIGHT = 64
 """Requests outstanding per connection before the server stops reading from it."""
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
@@ -117,6 +119,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._done = asyncio.Event()
         self.peer = ""
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._sock_fd = -1
         self._hs_buf = memoryview(bytearray(65536))
 
@@ -143,8 +146,18 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         assert self.handshake is not None
         transport.write(self.handshake.data_to_send())
+        if self.server.handshake_limit:
+            # The core has no clock: the transport bounds how long a client may take to negotiate.
+            self._handshake_timer = self.loop.call_later(self.server.handshake_limit, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if self.tx is None and not self.closed:
+            log.info("%s: closing: handshake not finished within %s s", self.peer, self.server.handshake_limit)
+            self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.closed = True
         self.closing = True
         self._out.clear()
@@ -213,6 +226,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 negotiated = event.negotiated
                 self.handshake = None
                 self.tx = Transmission(negotiated, self.server.allocate_payload)
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
                 self.structured = negotiated.structured
                 if event.trailing:
                     self._transmission_data(event.trailing)
@@ -751,8 +766,10 @@ class Server:
         description: str = "",
         workers: int | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        handshake_limit: float = HANDSHAKE_LIMIT,
     ) -> None:
         self.disk = disk
+        self.handshake_limit = handshake_limit
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
         self._note_write: Callable[[], None] = lambda: None
