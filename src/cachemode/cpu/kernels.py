@@ -48,6 +48,16 @@ HASH_MIN_ASSOC = 33  # caches with more ways than this use the block -> slot has
 
 
 @numba.njit(cache=True, inline="always")
+def _put(otypes, oaddrs, osizes, oorig, k, t, addr, size, org):
+    """Append one downstream event at ``k``; returns the next free index."""
+    otypes[k] = t
+    oaddrs[k] = addr
+    osizes[k] = size
+    oorig[k] = org
+    return k + 1
+
+
+@numba.njit(cache=True, inline="always")
 def _hslot(key, hmask):
     x = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
     return np.int64((x >> np.uint64(29)) & np.uint64(hmask))
@@ -263,11 +273,9 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                         cnt[COPYBACK_BYTES] += bsize
                         cnt[BYTES_WRITTEN] += bsize
                         if emit:
-                            otypes[k] = 1
-                            oaddrs[k] = np.uint64(tags[base + best]) << ulgb
-                            osizes[k] = bsize
-                            oorig[k] = org
-                            k += 1
+                            k = _put(
+                                otypes, oaddrs, osizes, oorig, k, 1, np.uint64(tags[base + best]) << ulgb, bsize, org
+                            )
             else:
                 blk = np.int64(a >> ulgb)
                 base = (blk & smask) * assoc
@@ -278,17 +286,9 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                     cnt[COPYBACK_BYTES] += bsize
                     cnt[BYTES_WRITTEN] += bsize
                     if emit:
-                        otypes[k] = 1
-                        oaddrs[k] = np.uint64(blk) << ulgb
-                        osizes[k] = bsize
-                        oorig[k] = org
-                        k += 1
+                        k = _put(otypes, oaddrs, osizes, oorig, k, 1, np.uint64(blk) << ulgb, bsize, org)
             if emit:
-                otypes[k] = 4
-                oaddrs[k] = a
-                osizes[k] = sz
-                oorig[k] = org
-                k += 1
+                k = _put(otypes, oaddrs, osizes, oorig, k, 4, a, sz, org)
             e += 1
             continue
         if t == 5:  # invalidate: drop blocks (no write-back), then pass the invalidate on
@@ -336,11 +336,7 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                             ffree[nfree] = fw
                             nfree += 1
             if emit:
-                otypes[k] = 5
-                oaddrs[k] = a
-                osizes[k] = sz
-                oorig[k] = org
-                k += 1
+                k = _put(otypes, oaddrs, osizes, oorig, k, 5, a, sz, org)
             e += 1
             continue
 
@@ -448,29 +444,19 @@ def _run(types, addrs, sizes, origin, start, stop, k0, prm, st, tags, stamp, dir
                     cnt[FILLS] += 1
                     cnt[BYTES_READ] += bsize
                     if emit:
-                        otypes[k] = 0 if is_write else t
-                        oaddrs[k] = np.uint64(blk) << ulgb
-                        osizes[k] = bsize
-                        oorig[k] = org
-                        k += 1
+                        k = _put(
+                            otypes, oaddrs, osizes, oorig, k, 0 if is_write else t, np.uint64(blk) << ulgb, bsize, org
+                        )
                 if is_write and not wb:
                     cnt[WRITETHROUGHS] += 1
                     cnt[BYTES_WRITTEN] += psz
                     if emit:
-                        otypes[k] = 1
-                        oaddrs[k] = pa
-                        osizes[k] = psz
-                        oorig[k] = org
-                        k += 1
+                        k = _put(otypes, oaddrs, osizes, oorig, k, 1, pa, psz, org)
                 if victim >= 0:
                     cnt[WRITEBACKS] += 1
                     cnt[BYTES_WRITTEN] += bsize
                     if emit:
-                        otypes[k] = 1
-                        oaddrs[k] = np.uint64(victim) << ulgb
-                        osizes[k] = bsize
-                        oorig[k] = org
-                        k += 1
+                        k = _put(otypes, oaddrs, osizes, oorig, k, 1, np.uint64(victim) << ulgb, bsize, org)
             if last == blk:
                 break
             pa = np.uint64(blk + 1) << ulgb
@@ -650,28 +636,26 @@ def _run_fast(types, addrs, sizes, origin, start, k0, prm, st, tags, stamp, dirt
                     if not is_write or (walloc_ok and psz != bsize):
                         nfills += 1
                         if emit:
-                            otypes[k] = 0 if is_write else t
-                            oaddrs[k] = np.uint64(blk) << ulgb
-                            osizes[k] = bsize
-                            oorig[k] = org
-                            k += 1
+                            k = _put(
+                                otypes,
+                                oaddrs,
+                                osizes,
+                                oorig,
+                                k,
+                                0 if is_write else t,
+                                np.uint64(blk) << ulgb,
+                                bsize,
+                                org,
+                            )
                 if is_write and not wb:
                     cnt[WRITETHROUGHS] += 1
                     cnt[BYTES_WRITTEN] += psz
                     if emit:
-                        otypes[k] = 1
-                        oaddrs[k] = pa
-                        osizes[k] = psz
-                        oorig[k] = org
-                        k += 1
+                        k = _put(otypes, oaddrs, osizes, oorig, k, 1, pa, psz, org)
                 if victim >= 0:
                     nwbacks += 1
                     if emit:
-                        otypes[k] = 1
-                        oaddrs[k] = np.uint64(victim) << ulgb
-                        osizes[k] = bsize
-                        oorig[k] = org
-                        k += 1
+                        k = _put(otypes, oaddrs, osizes, oorig, k, 1, np.uint64(victim) << ulgb, bsize, org)
             if single:
                 break
             pa = np.uint64(blk + 1) << ulgb
