@@ -198,6 +198,17 @@ _control_option = click.option(
 _json_flag = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 
 
+def _ask(control: str, request: dict[str, object], as_json: bool) -> dict | None:
+    """Send one request to the control socket; print the reply as JSON and return None when asked to."""
+    from cachemode.lab.control import send
+
+    reply = send(control, request)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return None
+    return reply
+
+
 @lab.command("power-cut")
 @_control_option
 @click.option(
@@ -211,13 +222,10 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="Print the rep
 @_json_flag
 def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> None:
     """Cut the power: the host page cache and the device cache are lost; the export serves what survived."""
-    from cachemode.lab.control import send
-
     if seed is not None and survivors != "random":
         raise click.UsageError("--seed needs --survivors random")
-    reply = send(control, {"cmd": "power-cut", "survivors": survivors, "seed": seed})
-    if as_json:
-        click.echo(json.dumps(reply, indent=2))
+    reply = _ask(control, {"cmd": "power-cut", "survivors": survivors, "seed": seed}, as_json)
+    if reply is None:
         return
     lost = reply.get("lost_now", {})
     click.echo(
@@ -231,11 +239,8 @@ def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> 
 @_json_flag
 def crash_process(control: str, as_json: bool) -> None:
     """Kill the hypervisor process; the host lives, so its page cache and the device cache survive."""
-    from cachemode.lab.control import send
-
-    reply = send(control, {"cmd": "crash-process"})
-    if as_json:
-        click.echo(json.dumps(reply, indent=2))
+    reply = _ask(control, {"cmd": "crash-process"}, as_json)
+    if reply is None:
         return
     click.echo(
         f"process crashed: {reply['writes_volatile']} acknowledged writes still in the host's caches (they survive)"
@@ -247,13 +252,9 @@ def crash_process(control: str, as_json: bool) -> None:
 @_json_flag
 def status(control: str, as_json: bool) -> None:
     """Dirty bytes per emulated layer; writes acknowledged, durable, volatile, lost."""
-    from cachemode.lab.control import send
-
-    reply = send(control, {"cmd": "status"})
-    if as_json:
-        click.echo(json.dumps(reply, indent=2))
-        return
-    _print_status(reply)
+    reply = _ask(control, {"cmd": "status"}, as_json)
+    if reply is not None:
+        _print_status(reply)
 
 
 @lab.command("matrix")
