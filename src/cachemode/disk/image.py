@@ -20,6 +20,7 @@ import threading
 
 from cachemode.disk.errors import DiskIOError, FastZeroUnsupported, ImageOpenError, ReadOnlyError
 from cachemode.disk.layer import HOLE, ZERO, Extent, Layer
+from cachemode.disk.locking import lock_image
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -65,7 +66,9 @@ def aligned_buffer(length: int) -> mmap.mmap:
 class ImageFile(Layer):
     """A raw image file or block device; the layer with no ``lower``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, flags: int = 0, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, flags: int = 0, read_only: bool = False, locking: bool = True
+    ) -> None:
         super().__init__(None)
         self.path = os.fspath(path)
         self._read_only = read_only
@@ -79,6 +82,8 @@ class ImageFile(Layer):
                 raise ImageOpenError(f"{self.path}: not a regular file or block device")
             self._size = self._probe_size(st)
             self._alignment = self._probe_alignment() if self.direct else 1
+            if locking:
+                lock_image(self.fd, self.path, writable=not read_only)
             if self._size % self._alignment:
                 raise ImageOpenError(
                     f"{self.path}: image size {self._size} is not a multiple of the O_DIRECT request "

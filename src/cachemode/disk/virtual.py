@@ -132,18 +132,20 @@ def open_disk(
     read_only: bool = False,
     create_size: int | None = None,
     middle: Callable[[CacheMode, Layer], Layer] | None = None,
+    locking: bool = True,
 ) -> VirtualDisk:
     """Open ``path`` as a virtual disk in cache ``mode`` (default writeback).
 
     ``middle`` lets another part (the power-loss lab) put layers between the mode layer and the image: it
     receives the mode and the image layer and returns the layer the mode layer sits on. The image is then
-    opened without the mode's flags, since those layers emulate them.
+    opened without the mode's flags, since those layers emulate them. ``locking`` takes QEMU-compatible
+    image locks (:mod:`cachemode.disk.locking`); turn it off only for an image nobody else can be using.
     """
     cache_mode = get_mode(mode)
     if create_size is not None:
         create_image(path, create_size)
     flags = 0 if middle is not None else cache_mode.os_flags
-    image = ImageFile(path, flags=flags, read_only=read_only)
+    image = ImageFile(path, flags=flags, read_only=read_only, locking=locking)
     try:
         below: Layer = image
         if middle is not None:
