@@ -48,12 +48,18 @@ def test_qemu_respects_our_locks_and_we_respect_qemus(image: Path) -> None:
 @pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd is not installed (Debian: qemu-utils)")
 def test_image_served_by_qemu_nbd_is_refused(image: Path, tmp_path: Path) -> None:
     sock = tmp_path / "qemu-nbd.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(image)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(image)], stderr=subprocess.PIPE)
     try:
+        # Wait until it serves (qemu-nbd -L lists the export), not merely until the socket exists: the
+        # listening socket may appear before the image is opened and locked.
         deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sock.exists(), "qemu-nbd did not start"
+        while time.monotonic() < deadline:
+            listing = subprocess.run(["qemu-nbd", "-L", "-k", str(sock)], capture_output=True, text=True)
+            if listing.returncode == 0:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"qemu-nbd did not start serving: {listing.stderr}")
         with pytest.raises(ImageOpenError, match="another process"):
             open_disk(image)
     finally:
