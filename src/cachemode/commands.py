@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cachemode.modes import MODES, Failure
-from cachemode.options import SIZE, disk_options, on_off
+from cachemode.options import SIZE, disk_options, on_off, write_cache_option
 from cachemode.units import format_size
 
 
@@ -54,13 +54,7 @@ def mode_table(write_cache: bool = True) -> Table:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per mode instead of a table.")
-@click.option(
-    "--write-cache",
-    type=click.Choice(["on", "off"]),
-    default="on",
-    show_default=True,
-    help="Show the table as it is with the guest's write cache switched on or off.",
-)
+@write_cache_option("Show the table as it is with the guest's write cache switched on or off.")
 def modes(as_json: bool, write_cache: str) -> None:
     """Print the cache-mode table: flags, what the guest is told, what each failure can lose."""
     enabled = on_off(write_cache)

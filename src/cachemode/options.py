@@ -35,17 +35,18 @@ def on_off(value: str) -> bool:
     return value == "on"
 
 
+def write_cache_option(
+    text: str = "The guest-visible write cache (QEMU write-cache=); off makes every write durable "
+    "before it is acknowledged, except in unsafe.",
+) -> Callable[[F], F]:
+    """``--write-cache on|off``, the guest's switch (read it with :func:`on_off`)."""
+    return click.option("--write-cache", type=click.Choice(["on", "off"]), default="on", show_default=True, help=text)
+
+
 def disk_options(func: F) -> F:
     """``--cache MODE``, ``--write-cache on|off`` and ``--read-only``."""
     func = click.option("--read-only", is_flag=True, help="Open the image read-only.")(func)
-    func = click.option(
-        "--write-cache",
-        type=click.Choice(["on", "off"]),
-        default="on",
-        show_default=True,
-        help="The guest-visible write cache (QEMU write-cache=); off makes every write durable "
-        "before it is acknowledged, except in unsafe.",
-    )(func)
+    func = write_cache_option()(func)
     func = click.option(
         "--cache",
         "cache",

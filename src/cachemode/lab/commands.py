@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from cachemode.modes import Failure, get_mode, mode_names
-from cachemode.options import SIZE
+from cachemode.options import SIZE, write_cache_option
 from cachemode.units import format_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -262,13 +262,7 @@ def status(control: str, as_json: bool) -> None:
 @click.option(
     "--disk-cache", type=SIZE, default="64M", show_default=True, help="Device write cache (0 = a device without one)."
 )
-@click.option(
-    "--write-cache",
-    type=click.Choice(["on", "off"]),
-    default="on",
-    show_default=True,
-    help="The guest-visible write cache (off: every write durable, except in unsafe).",
-)
+@write_cache_option("The guest-visible write cache (off: every write durable, except in unsafe).")
 @click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
@@ -472,13 +466,7 @@ def _print_report(report: Any, title: str) -> None:
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
-@click.option(
-    "--write-cache",
-    type=click.Choice(["on", "off"]),
-    default="on",
-    show_default=True,
-    help="The guest-visible write cache during the run; off: every write was durable (except in unsafe).",
-)
+@write_cache_option("The guest-visible write cache during the run; off: every write was durable (except in unsafe).")
 @click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
