@@ -19,6 +19,7 @@ import pytest
 
 from cachemode.lab.record import read_log
 from cachemode.modes import MODES, Failure, get_mode
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.interop
 
@@ -60,13 +61,7 @@ class LabServer:
             time.sleep(0.05)
 
     def lab(self, *args: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "cachemode", "lab", *args, "--control", str(self.control)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        proc = run_cli("lab", *args, "--control", str(self.control), timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc
 
@@ -159,17 +154,9 @@ def test_guest_and_process_crash_match_the_safety_table(tmp_path, mode, failure)
 
 
 def test_serve_lab_bad_options(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cachemode", "serve", str(tmp_path / "x.img"), "--disk-cache", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_cli("serve", str(tmp_path / "x.img"), "--disk-cache", "0", timeout=60)
     assert proc.returncode == 2 and "--disk-cache need --lab" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "cachemode", "serve", "--lab"], capture_output=True, text=True, timeout=60, check=False
-    )
+    proc = run_cli("serve", "--lab", timeout=60)
     assert proc.returncode == 2 and "--lab needs an IMAGE" in proc.stderr
 
 
@@ -196,33 +183,25 @@ def test_explore_a_log_recorded_over_nbd(tmp_path, mode, expect_rc):
     checker = tmp_path / "check.py"
     checker.write_text(CHECKER.format(f=FLUSHED[1], fp=FLUSHED[0], u=FUA[1], up=FUA[0]))
     out = tmp_path / "r.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachemode",
-            "crash",
-            "explore",
-            str(log),
-            "--base",
-            str(base),
-            "--cache",
-            mode,
-            "--check",
-            f"{sys.executable} {checker} {{image}}",
-            "--states",
-            "60",
-            "--seed",
-            "3",
-            "--jobs",
-            "2",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "crash",
+        "explore",
+        str(log),
+        "--base",
+        str(base),
+        "--cache",
+        mode,
+        "--check",
+        f"{sys.executable} {checker} {{image}}",
+        "--states",
+        "60",
+        "--seed",
+        "3",
+        "--jobs",
+        "2",
+        "--json",
+        str(out),
         timeout=120,
-        check=False,
     )
     assert proc.returncode == expect_rc, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -233,25 +212,17 @@ def test_explore_a_log_recorded_over_nbd(tmp_path, mode, expect_rc):
 def test_control_path_that_is_not_a_socket_is_refused_and_kept(tmp_path):
     precious = tmp_path / "notes.txt"
     precious.write_text("keep me")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachemode",
-            "serve",
-            str(tmp_path / "x.img"),
-            "--create",
-            "1M",
-            "--lab",
-            "--socket",
-            str(tmp_path / "nbd.sock"),
-            "--control",
-            str(precious),
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "serve",
+        str(tmp_path / "x.img"),
+        "--create",
+        "1M",
+        "--lab",
+        "--socket",
+        str(tmp_path / "nbd.sock"),
+        "--control",
+        str(precious),
         timeout=60,
-        check=False,
     )
     assert proc.returncode == 2 and "is not a socket" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ import pytest
 from cachemode.modes import get_mode
 from cachemode.nbd import constants as c
 from cachemode.nbd.client import Client
+from tests.conftest import run_cli
 from tests.nbd.serving import MIB, ROOT, ServeProcess, need
 
 pytestmark = pytest.mark.interop
@@ -118,9 +119,7 @@ def test_unix_socket_and_export_name(tmp_path: Path) -> None:
 )
 def test_bad_arguments_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
     args = [str(tmp_path / "x.img") if a == "IMG" else a for a in args]
-    res = subprocess.run(
-        [sys.executable, "-m", "cachemode", "serve", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
+    res = run_cli("serve", *args, timeout=60)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], res.stderr
@@ -134,23 +133,7 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cachemode",
-                "serve",
-                str(tmp_path / "x.img"),
-                "--create",
-                "1M",
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        res = run_cli("serve", str(tmp_path / "x.img"), "--create", "1M", "--port", str(port), timeout=60)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "cannot listen" in res.stderr
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import click
 import pytest
 
 from cachemode.lab.commands import lab_config_from_options
 from cachemode.modes import Failure, get_mode
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cachemode", *args], capture_output=True, text=True, check=False)
+from tests.conftest import run_cli
 
 
 def test_matrix_json_and_plot(tmp_path):

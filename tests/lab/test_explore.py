@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from cachemode.lab.explore import CommandChecker, ExploreError, Outcome, explore
 from cachemode.lab.layers import MemoryDisk
 from cachemode.lab.record import read_log
 from cachemode.modes import get_mode
+from tests.conftest import run_cli
 
 SIZE = 8192
 W0 = (b"A" * 512, 0)
@@ -128,12 +128,6 @@ def test_command_checker_on_files_with_jobs_and_a_scribbling_checker(log_path, t
     # W3 is present in the 8 crash-after-W3 states and in none of the 5 before it
     assert (report.checked, report.passed, report.failed) == (13, 8, 5)
     assert base.read_bytes() == bytes(SIZE)
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "cachemode", *args], capture_output=True, text=True, cwd=cwd, check=False
-    )
 
 
 def test_cli_explore_reports_json_and_exit_status(log_path, tmp_path):

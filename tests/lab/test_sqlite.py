@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ from cachemode.lab.layers import MemoryDisk
 from cachemode.lab.record import read_log
 from cachemode.lab.sqlite import DiskFS, _connect, check_state, run_workload, sqlite_lab
 from cachemode.modes import get_mode
+from tests.conftest import run_cli
 
 STATES = 300
 
@@ -63,47 +62,11 @@ def test_checker_sees_committed_state_and_catches_a_lost_commit(tmp_path):
 
 def test_cli_exit_status_and_json(tmp_path):
     out = tmp_path / "r.json"
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachemode",
-            "lab",
-            "sqlite",
-            "--cache",
-            "directsync",
-            "--states",
-            "50",
-            "--transfers",
-            "10",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    ok = run_cli("lab", "sqlite", "--cache", "directsync", "--states", "50", "--transfers", "10", "--json", str(out))
     assert ok.returncode == 0, ok.stderr
     assert "no violation" in ok.stdout
     data = json.loads(out.read_text())
     assert data["workload"]["commits"] == 10 and data["states"]["failed"] == 0
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cachemode",
-            "lab",
-            "sqlite",
-            "--cache",
-            "unsafe",
-            "--states",
-            "50",
-            "--transfers",
-            "10",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = run_cli("lab", "sqlite", "--cache", "unsafe", "--states", "50", "--transfers", "10")
     assert bad.returncode == 1
     assert "VIOLATIONS" in bad.stdout
