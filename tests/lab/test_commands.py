@@ -7,7 +7,7 @@ import json
 import click
 import pytest
 
-from cachemode.lab.commands import lab_config_from_options
+from cachemode.cli.lab import lab_config_from_options
 from cachemode.modes import Failure, get_mode
 from tests.conftest import run_cli
 

@@ -1,4 +1,5 @@
-"""``cachemode serve``: serve an image over NBD with a cache mode's exact semantics."""
+"""What every serving command shares (``serve``, ``demo``, ``serve --lab``): the demo image, the listen
+address checks, the ready line, and running the server with start-up failures turned into one-line errors."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from typing import Any
 
 import click
 
+from cachemode.cli.options import on_off
 from cachemode.errors import CachemodeError
-from cachemode.lab.commands import lab_config_from_options, lab_options, serve_lab
-from cachemode.options import SIZE, disk_options, on_off
 
 DEMO_SIZE = 1 << 30
 DEFAULT_PORT = 10809
@@ -110,43 +110,3 @@ def run_server(
     except OSError as exc:
         where = socket_path or f"{bind}:{port}"
         raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-
-@click.command()
-@click.argument("image", required=False, type=click.Path(dir_okay=False))
-@disk_options
-@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=None, help=f"TCP port [default: {DEFAULT_PORT}].")
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, help="Unix socket instead.")
-@click.option("--export-name", default="", help="Export name (the empty default name is always accepted).")
-@click.option("--create", "create_size", type=SIZE, default=None, help="Create a sparse image of SIZE first.")
-@lab_options
-def serve(
-    image: str | None,
-    cache: str,
-    write_cache: str,
-    read_only: bool,
-    bind: str,
-    port: int | None,
-    socket_path: str | None,
-    export_name: str,
-    create_size: int | None,
-    **lab: Any,
-) -> None:
-    """Serve IMAGE over NBD with the exact semantics of a QEMU cache mode.
-
-    With no IMAGE, serves a sparse 1 GiB demo image in the user's data directory. The client is told of a
-    volatile write cache (SEND_FLUSH, SEND_FUA) exactly when the mode has one. Stops on SIGINT/SIGTERM after
-    finishing in-flight requests and flushing (except in unsafe).
-    """
-    port = check_address(port, socket_path)
-    lab_config = lab_config_from_options(**lab)
-    if lab_config is not None:  # the power-loss lab (cachemode.lab): emulated host caches, --control, --record
-        listen = {"bind": bind, "port": port, "socket_path": socket_path, "export_name": export_name}
-        serve_lab(image, cache, on_off(write_cache), read_only, create_size, lab_config, lab["lab_control"], **listen)
-        return
-    disk = open_served_disk(image, cache, write_cache, read_only, create_size)
-    try:
-        run_server(disk, bind=bind, port=port, socket_path=socket_path, export_name=export_name)
-    finally:
-        disk.close()

@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cachemode.cli.options import SIZE, disk_options, on_off, write_cache_option
 from cachemode.modes import MODES, Failure
-from cachemode.options import SIZE, disk_options, on_off, write_cache_option
 from cachemode.units import format_size
 
 

@@ -1,8 +1,9 @@
-"""The ``cachemode`` command line: a thin front over the packages.
+"""The ``cachemode`` command line: a layer above the parts, which never import it.
 
-Subcommands live next to the code they drive (``cachemode/<part>/commands.py``) and are imported only when
-invoked, so ``cachemode modes`` does not pay for numba or asyncio start-up. Every user error ends as one
-line on stderr and exit status 2, never a traceback.
+``disk``, ``nbd``, ``lab`` and ``cpu`` are libraries that import only downward (``lab`` uses ``disk``; ``nbd``
+knows nothing of ``lab``); this package is where they meet the user. Each subcommand lives in a module here and
+is imported only when invoked, so ``cachemode modes`` does not pay for numba or asyncio start-up. Every user
+error ends as one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from cachemode.errors import CachemodeError
 
 # name -> "module:attribute"; each attribute is a click command or group.
 SUBCOMMANDS: dict[str, str] = {
-    "lab": "cachemode.lab.commands:lab",
-    "crash": "cachemode.lab.commands:crash",
-    "modes": "cachemode.commands:modes",
-    "disk": "cachemode.commands:disk",
-    "serve": "cachemode.nbd.commands:serve",
-    "demo": "cachemode.demo:demo",
-    "sim": "cachemode.cpu.commands:sim",
-    "dinero": "cachemode.cpu.commands:dinero",
-    "trace": "cachemode.cpu.commands:trace",
+    "lab": "cachemode.cli.lab:lab",
+    "crash": "cachemode.cli.lab:crash",
+    "modes": "cachemode.cli.modes:modes",
+    "disk": "cachemode.cli.modes:disk",
+    "serve": "cachemode.cli.serve:serve",
+    "demo": "cachemode.cli.demo:demo",
+    "sim": "cachemode.cli.cpu:sim",
+    "dinero": "cachemode.cli.cpu:dinero",
+    "trace": "cachemode.cli.cpu:trace",
 }
 
 

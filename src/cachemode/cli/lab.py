@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
+from cachemode.cli.options import SIZE, write_cache_option
 from cachemode.modes import Failure, get_mode, mode_names
-from cachemode.options import SIZE, write_cache_option
 from cachemode.units import format_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -526,7 +526,7 @@ def serve_lab(
     """``cachemode serve IMAGE --lab ...``: serve a lab disk, with its control socket, until stopped."""
     import os
 
-    from cachemode.nbd.commands import ServeError, run_server
+    from cachemode.cli.serving import ServeError, run_server
 
     if image is None:
         raise click.UsageError("--lab needs an IMAGE")

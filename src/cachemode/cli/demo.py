@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from cachemode.options import disk_options, on_off
+from cachemode.cli.options import disk_options, on_off
 
 
 def client_session(server: Any, console: Console) -> None:
@@ -66,8 +66,8 @@ def client_session(server: Any, console: Console) -> None:
 @click.option("--port", type=int, default=None, help="TCP port [default: 10809].")
 def demo(cache: str, write_cache: str, read_only: bool, bind: str, port: int | None) -> None:
     """Serve the demo image over NBD, show the mode table and a client session, serve until Ctrl-C."""
-    from cachemode.commands import mode_table
-    from cachemode.nbd.commands import check_address, open_served_disk, run_server
+    from cachemode.cli.modes import mode_table
+    from cachemode.cli.serving import check_address, open_served_disk, run_server
 
     port = check_address(port, None)
     console = Console()
