@@ -177,7 +177,12 @@ def test_max_connections_refuses_the_excess_before_the_greeting(tmp_path: Path) 
 def test_bad_limits_are_one_line_errors(tmp_path: Path) -> None:
     from tests.conftest import run_cli
 
-    for option in (["--max-connections", "0"], ["--shutdown-timeout", "-1"], ["--connection-budget", "0"]):
+    for option in (
+        ["--max-connections", "0"],
+        ["--shutdown-timeout", "-1"],
+        ["--connection-budget", "0"],
+        ["--memory-budget", "16M"],
+    ):
         res = run_cli("serve", str(tmp_path / "d.img"), "--create", "1M", *option)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 

@@ -9,7 +9,7 @@ import click
 from cachemode.cli.lab import lab_config_from_options, lab_options, serve_lab
 from cachemode.cli.options import SIZE, disk_options, on_off
 from cachemode.cli.serving import DEFAULT_PORT, check_address, open_served_disk, run_server
-from cachemode.nbd.budget import CONNECTION_BUDGET, SERVER_BUDGET
+from cachemode.nbd.budget import CONNECTION_BUDGET, LARGEST_REQUEST, SERVER_BUDGET
 from cachemode.nbd.server import MAX_CONNECTIONS, SHUTDOWN_TIMEOUT
 
 
@@ -75,8 +75,11 @@ def serve(
     finishing in-flight requests and flushing (except in unsafe).
     """
     port = check_address(port, socket_path)
-    if connection_budget < 1 or memory_budget < 1:
-        raise click.UsageError("--connection-budget and --memory-budget must be positive")
+    if connection_budget < 1:
+        raise click.UsageError("--connection-budget must be positive")
+    if memory_budget < LARGEST_REQUEST:
+        # a request of the maximum size must fit in the server's budget, or it would wait forever
+        raise click.UsageError(f"--memory-budget must be at least {LARGEST_REQUEST} bytes (one 32 MiB request)")
     listen = {
         "bind": bind,
         "port": port,

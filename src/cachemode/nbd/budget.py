@@ -49,8 +49,16 @@ def cost(command: int, length: int) -> int:
     return SMALL_REPLY
 
 
+LARGEST_REQUEST = cost(c.CMD_READ, c.MAX_PAYLOAD)
+"""The charge of the largest request: a server budget below it would leave such a request waiting forever."""
+
+
 class ServerBudget:
-    """The server-wide account; connections that wait for room in it are woken, in order, when room frees."""
+    """The server-wide account; connections that wait for room in it are woken, in order, when room frees.
+
+    ``limit`` should be at least :data:`LARGEST_REQUEST` for an export that accepts 32 MiB requests (the
+    command line enforces it); a request larger than the limit would never be admitted.
+    """
 
     def __init__(self, loop: Any, limit: int = SERVER_BUDGET, per_connection: int = CONNECTION_BUDGET) -> None:
         if limit < 1 or per_connection < 1:

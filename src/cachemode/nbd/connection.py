@@ -345,7 +345,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
     def _start(self, req: Request) -> None:
         """``req`` goes in flight (pool or AIO): its charge stays held until its reply is handed on."""
         self.in_flight += 1
-        self._batch_cost -= cost(req.command, req.length)
+        if self.closed:  # the rest of a short write, resubmitted after the client left: a fresh charge
+            self.ledger.charge(cost(req.command, req.length))
+        else:
+            self._batch_cost -= cost(req.command, req.length)
         if self.in_flight >= MAX_IN_FLIGHT:
             self._update_reading()
 
