@@ -496,3 +496,16 @@ def test_buffer_interface_matches_bytes_interface(reqs: list[tuple[int, int]], c
     for x, y in zip(a, b, strict=True):
         if isinstance(x, Request) and x.data is not None:
             assert bytes(x.data) == bytes(y.data)
+
+
+def test_block_status_reply_is_capped_and_charged_its_largest_size() -> None:
+    """A range with more extents than one reply may carry gets the first MAX_EXTENTS of them (the client asks
+    again for the rest), so one BLOCK_STATUS reply never exceeds what the budget charges for it."""
+    from cachemode.nbd.budget import cost
+
+    count = c.MAX_EXTENTS + 10
+    extents = [Extent(i * 512, 512, i % 2) for i in range(count)]
+    out = replies.clip_extents(extents, 0, count * 512, req_one=False)
+    assert len(out) == c.MAX_EXTENTS and all(length == 512 for length, _ in out)
+    reply = replies.block_status(1, 1, out)
+    assert len(reply) <= cost(c.CMD_BLOCK_STATUS, count * 512)

@@ -42,10 +42,17 @@ SMALL_REPLY = 4096
 """What a request without data is charged: its reply (an error message, a short block status) and its event."""
 
 
+BLOCK_STATUS_REPLY = 8 * c.MAX_EXTENTS + SMALL_REPLY
+"""The largest BLOCK_STATUS reply (its descriptors are capped at :data:`constants.MAX_EXTENTS`)."""
+
+
 def cost(command: int, length: int) -> int:
-    """The bytes a request makes the server hold until its reply has left: its data for READ and WRITE."""
+    """The bytes a request makes the server hold until its reply has left: its data for READ and WRITE, the
+    largest possible reply for BLOCK_STATUS, a small reply for the rest."""
     if command <= c.CMD_WRITE:
         return length + SMALL_REPLY
+    if command == c.CMD_BLOCK_STATUS:
+        return BLOCK_STATUS_REPLY
     return SMALL_REPLY
 
 
