@@ -91,7 +91,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = str(transport.get_extra_info("peername") or "unix")
-        if self.server.refuse(self):  # --max-connections: closed before the greeting
+        if not self.server.register(self):  # --max-connections: closed before the greeting
             self.closed = True
             transport.close()
             return

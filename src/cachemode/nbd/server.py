@@ -143,12 +143,12 @@ class Server:
     def _factory(self) -> NBDConnection:
         return NBDConnection(self)
 
-    def refuse(self, conn: NBDConnection) -> bool:
-        """Whether a new connection must be closed at once (``max_connections`` reached); logged, at most one
-        line a second however many are refused."""
+    def register(self, conn: NBDConnection) -> bool:
+        """Count a new connection in; False when ``max_connections`` are served already (the caller closes it
+        at once). Refusals are logged, at most one line a second however many there are."""
         if len(self._connections) < self.max_connections:
             self._connections.add(conn)
-            return False
+            return True
         self.stats.refused += 1
         self._refused_unlogged += 1
         now = time.monotonic()
@@ -161,7 +161,7 @@ class Server:
             )
             self._refusal_logged = now
             self._refused_unlogged = 0
-        return True
+        return False
 
     def connection_closed(self, conn: NBDConnection) -> None:
         """Forget ``conn``; a moment later, give memory freed by closed connections back to the system."""
