@@ -270,3 +270,26 @@ def test_serve_help_documents_the_limits() -> None:
     out = run_cli("serve", "--help").stdout
     for option in ("--max-connections", "--shutdown-timeout", "--connection-budget", "--memory-budget"):
         assert option in out
+
+
+def test_a_flood_of_invalid_requests_is_paused_at_the_budget(tmp_path: Path) -> None:
+    """Rejected requests cost only their error replies, but a client that sends millions of them and reads
+    nothing must not make the server queue millions of replies: reading pauses once its budget is used."""
+    with served(tmp_path / "d.img", size=16 * MIB) as srv:
+        cl = Client("127.0.0.1", srv.port)
+        bad = REQUEST.pack(c.REQUEST_MAGIC, 0, 99, 7, 0, 0) * 65536  # 1.75 MiB of unknown commands
+        cl.sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # as much as the server and the kernel take
+            try:
+                sent += cl.sock.send(bad[sent % len(bad) :])  # keep the stream aligned on request boundaries
+            except BlockingIOError:
+                time.sleep(0.05)
+                if srv.server._connections and next(iter(srv.server._connections))._paused_reading:
+                    break
+        conn = next(iter(srv.server._connections))
+        assert conn._paused_reading
+        assert conn.transport.get_write_buffer_size() <= CONNECTION_BUDGET + MIB
+        assert sent // REQUEST.size * 16 > CONNECTION_BUDGET  # it did send more than the budget's worth
+        cl.sock.close()
