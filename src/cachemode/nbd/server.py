@@ -66,6 +66,10 @@ class Server:
 
     The disk is handed in ready-made, so other parts (the power-loss lab) can serve their own stack. The
     server never closes a disk it was given; :func:`serve` opens and closes its own.
+
+    Against clients that misbehave: ``max_connections`` served at once (more are closed before the
+    greeting), ``handshake_limit`` seconds to negotiate, and the memory budgets of :mod:`cachemode.nbd.budget`
+    -- ``connection_budget`` bytes per connection, ``server_budget`` for all of them together.
     """
 
     def __init__(
