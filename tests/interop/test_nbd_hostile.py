@@ -293,3 +293,31 @@ def test_a_flood_of_invalid_requests_is_paused_at_the_budget(tmp_path: Path) -> 
         assert conn.transport.get_write_buffer_size() <= CONNECTION_BUDGET + MIB
         assert sent // REQUEST.size * 16 > CONNECTION_BUDGET  # it did send more than the budget's worth
         cl.sock.close()
+
+
+def test_a_full_server_budget_still_serves_small_requests_and_wakes_large_ones(tmp_path: Path) -> None:
+    """Pipeliners fill the server's budget: a well-behaved client's 4 KiB reads are still served (the
+    reserve), its 1 MiB read waits -- and is served once a pipeliner leaves and frees its share."""
+    path = tmp_path / "d.img"
+    open_disk(path, create_size=64 * MIB).close()
+    disk = open_disk(path)
+    srv = ThreadServer(disk, connection_budget=3 * MIB, server_budget=6 * MIB)
+    try:
+        hostile = [pipeliner(srv.port, 64, 64 * MIB) for _ in range(4)]
+        assert wait_for(lambda: srv.server.budget.used >= 6 * MIB - cost(c.CMD_READ, MIB))
+        good = Client("127.0.0.1", srv.port)
+        good.pwrite(b"s" * 4096, 0)
+        assert good.pread(4096, 0) == b"s" * 4096  # small: within the reserve
+        cookie = good.send_request(c.CMD_READ, 0, MIB)
+        time.sleep(0.3)
+        conn = next(cn for cn in srv.server._connections if cn.peer == str(good.sock.getsockname()))
+        assert conn._backlog  # waiting for room
+        hostile[0].sock.close()
+        reply = good.read_reply()
+        assert reply.cookie == cookie and reply.error == 0 and reply.data[:4096] == b"s" * 4096
+        good.close()
+        for cl in hostile[1:]:
+            cl.sock.close()
+    finally:
+        srv.stop()
+        disk.close()
