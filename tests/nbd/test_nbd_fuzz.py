@@ -97,10 +97,15 @@ def cuts(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
-def check_option_replies(out: bytes, export: ExportInfo, no_zeroes: bool, via_export_name: bool) -> None:
-    """``out`` is a run of well-formed option replies, then (after EXPORT_NAME) the export's size and flags."""
+INFO_LENGTHS = {c.INFO_EXPORT: 12, c.INFO_BLOCK_SIZE: 14}
+
+
+def check_option_replies(out: bytes, export: ExportInfo, no_zeroes: bool, via_export_name: bool) -> int:
+    """``out`` is a run of well-formed option replies, then (after EXPORT_NAME) the export's size and flags.
+    Returns how many final replies (ACK or an error) it holds: one per option answered."""
     pos = 0
     tail = 0
+    finals = 0
     if via_export_name:
         tail = 10 if no_zeroes else 10 + c.EXPORT_PADDING
     body = len(out) - tail
@@ -109,11 +114,19 @@ def check_option_replies(out: bytes, export: ExportInfo, no_zeroes: bool, via_ex
         magic, _, rtype, length = struct.unpack_from(">QIII", out, pos)
         assert magic == c.OPTION_REPLY_MAGIC
         assert rtype in (c.REP_ACK, c.REP_SERVER, c.REP_INFO, c.REP_META_CONTEXT) or rtype & (1 << 31)
+        if rtype == c.REP_ACK:
+            assert length == 0
+        if rtype == c.REP_ACK or rtype & (1 << 31):
+            finals += 1
+        if rtype == c.REP_INFO:
+            (info,) = struct.unpack_from(">H", out, pos + 20)
+            assert length == INFO_LENGTHS.get(info, length)
         pos += 20 + length
         assert pos <= body
     if via_export_name:
         size, _ = struct.unpack_from(">QH", out, body)
         assert size == export.size and out[body + 10 :] == bytes(tail - 10)
+    return finals
 
 
 @FUZZ
@@ -128,8 +141,7 @@ def test_handshake_fuzz(export: ExportInfo, offer_no_zeroes: bool, stream: bytes
         try:
             events += hs.receive_data(piece)
         except ProtocolError:
-            failed = True
-            out += hs.data_to_send()
+            failed = True  # the transport drops the connection: nothing more is sent
             break
         out += hs.data_to_send()
         if hs.state in (State.TRANSMISSION, State.CLOSED):
@@ -145,7 +157,9 @@ def test_handshake_fuzz(export: ExportInfo, offer_no_zeroes: bool, stream: bytes
         assert hs.state is State.CLOSED
     via_export_name = bool(ends) and isinstance(ends[0], Ready) and ends[0].negotiated.via == "EXPORT_NAME"
     no_zeroes = via_export_name and ends[0].negotiated.no_zeroes  # type: ignore[union-attr]
-    check_option_replies(out, export, no_zeroes, via_export_name)
+    finals = check_option_replies(out, export, no_zeroes, via_export_name)
+    answered = [e for e in events if isinstance(e, OptionSeen) and e.option != -1]
+    assert finals == len(answered) + (len(ends) - via_export_name)  # GO and ABORT are acknowledged too
 
 
 def request(cmd: int, flags: int, cookie: int, offset: int, length: int, payload: bool) -> bytes:
