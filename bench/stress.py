@@ -210,6 +210,13 @@ def scenario_pipeliners(args: argparse.Namespace, image: Path) -> None:
         )
         print("  " + good.report("well-behaved client during the attack"))
         print(f"  fresh client: connect + handshake + one 4 KiB read in {fresh * 1000:.1f} ms")
+        p99 = percentile(good.latencies, 99) * 1000
+        checks = [
+            ("peak RSS < 512 MiB", max(hwm, peak_seen) < 512 * MIB),
+            ("back within 64 MiB of the start 5 s after", after - start_rss < 64 * MIB),
+            ("good client's 4 KiB p99 < 50 ms", p99 < 50),
+        ]
+        print("  goals (issue 10): " + "; ".join(f"{what}: {'met' if ok else 'MISSED'}" for what, ok in checks))
     finally:
         srv.stop()
 
@@ -275,6 +282,7 @@ def scenario_idle(args: argparse.Namespace, image: Path) -> None:
             f"idle ({opened} connections after GO, cache={args.cache}): RSS start {mib(start_rss)}, "
             f"with them {mib(held)} ({per / 1024:.1f} KiB each), 5 s after they closed {mib(after)}"
         )
+        print(f"  goal (issue 10): under 64 KiB per idle connection: {'met' if per < 64 * 1024 else 'MISSED'}")
         if limit:
             print(f"  --max-connections {args.idle}: {over} of 10 connections past the limit refused")
     finally:
