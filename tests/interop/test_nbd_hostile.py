@@ -17,7 +17,7 @@ import pytest
 from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
 from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, cost
-from cachemode.nbd.client import Client
+from cachemode.nbd.client import Client, ClientError
 from tests.nbd.serving import MIB, ServeProcess, ThreadServer, served
 
 REQUEST = struct.Struct(">IHHQQI")
@@ -162,8 +162,14 @@ def test_max_connections_refuses_the_excess_before_the_greeting(tmp_path: Path) 
         assert third.recv(18) == b""  # closed without a greeting
         third.close()
         second.close()
-        time.sleep(0.2)
-        fourth = Client("127.0.0.1", port)  # a slot is free again
+        fourth = None
+        deadline = time.monotonic() + 20
+        while fourth is None:  # a slot is free again once the server has seen the close
+            try:
+                fourth = Client("127.0.0.1", port)
+            except (OSError, ClientError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         fourth.pwrite(b"x" * 512, 0)
         assert first.pread(512, 0) == b"x" * 512
         first.close()
