@@ -12,7 +12,9 @@ hostile ones fill the server's budget.
 
 The bound is therefore: per connection max(its budget, one request up to the 32 MiB maximum payload -- a
 request larger than the budget is admitted alone), and for the server its budget plus :data:`RESERVE` per
-connection. What the kernel holds in socket buffers is not counted (it is not the process's memory).
+connection. Error replies to rejected requests are not admitted one by one (they cost no disk work) but
+count once queued, so reading pauses after at most one read's worth of them past the budget. What the kernel
+holds in socket buffers is not counted (it is not the process's memory).
 
 Freed buffers must also leave the process: :func:`tune_malloc` makes glibc serve every allocation of 1 MiB
 or more with its own mmap (returned on free) instead of raising its threshold and keeping freed buffers in its
