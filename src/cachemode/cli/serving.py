@@ -84,8 +84,12 @@ def run_server(
     socket_path: str | None,
     export_name: str,
     on_ready: Any = None,
+    **limits: Any,
 ) -> Any:
-    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError."""
+    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError.
+
+    ``limits`` go to :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
+    """
     from cachemode.nbd.server import serve
 
     def ready(server: Any) -> None:
@@ -103,6 +107,7 @@ def run_server(
             export_name=export_name,
             description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
             on_ready=ready,
+            **limits,
         )
     except OSError as exc:
         where = socket_path or f"{bind}:{port}"
