@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
@@ -518,8 +521,28 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
 
     def _maybe_close(self) -> None:
         if self.in_flight == 0 and not self._backlog and not self.closed:
+            if self.server.shutting_down and self._unread_requests():
+                self._update_reading()  # answer them (ESHUTDOWN) first; this is called again after that
+                return
             self._send()
             self._close()
+
+    def _unread_requests(self) -> bool:
+        """Whether the client sent more than has been parsed: a request half received, or bytes in the socket.
+
+        Closing a socket with unread bytes makes the kernel reset the connection, and the client then loses
+        replies already sent; so on shutdown such requests are read and answered first (bounded by the
+        shutdown timeout, after which the connection is dropped).
+        """
+        if self.tx is not None and self.tx.buffered:
+            return True
+        if self._sock_fd < 0:
+            return False
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(self._sock_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        return pending > 0
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
