@@ -1,0 +1,58 @@
+"""The lab disk served over NBD on a loopback port, in this process: the stack ``serve --lab`` serves.
+
+In-process rather than a subprocess so the run can read the lab's counters and cut its power at the exact
+moment it chooses, with no control socket in between; the NBD server runs on its own event loop in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from cachemode.lab.disk import LabConfig, LabDisk, open_lab_disk
+from cachemode.nbd.server import Server, new_event_loop
+
+
+class LabServer:
+    """``open_lab_disk`` + an NBD :class:`Server` listening on 127.0.0.1:<ephemeral port>."""
+
+    def __init__(self, image: Path, mode: str, config: LabConfig, *, write_cache: bool = True) -> None:
+        self.disk: LabDisk = open_lab_disk(image, mode, config, write_cache=write_cache)
+        self.loop = new_event_loop()
+        try:
+            self.server = Server(self.disk, loop=self.loop, description=f"cachemode lab {mode} export of {image}")
+            self.port: int = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
+        except BaseException:
+            self.loop.close()
+            self.disk.close()
+            raise
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vm-lab-server", daemon=True)
+        self.thread.start()
+        self._stopped = False
+
+    @property
+    def stats(self) -> Any:
+        """The server's request counters (flushes, writes, ...)."""
+        return self.server.stats
+
+    def stop(self) -> None:
+        """Shut the server down, then close the disk (after a power cut nothing volatile is left to write)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self.server.shutdown(timeout=10), self.loop)
+            fut.result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+            self.disk.close()
+
+    def __enter__(self) -> LabServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
