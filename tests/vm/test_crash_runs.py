@@ -19,8 +19,7 @@ import pytest
 from cachemode.modes import get_mode
 from cachemode.vm.kernel import GuestKernel
 from cachemode.vm.run import RunOptions, run_vm
-from tests.conftest import run_cli
-from tests.vm.conftest import BOOT_TIMEOUT
+from tests.conftest import BOOT_TIMEOUT, run_cli
 
 pytestmark = pytest.mark.slow
 

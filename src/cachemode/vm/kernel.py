@@ -161,14 +161,27 @@ def resolve_version() -> str:
 
 
 def setup(progress: Progress = lambda _msg: None, *, force: bool = False) -> GuestKernel:
-    """Fetch and unpack the cloud kernel into the cache (once); returns it."""
-    package = resolve_version()
-    version = package.removeprefix("linux-image-")
-    root = cache_root()
+    """Fetch and unpack the cloud kernel into the cache (once); returns it.
+
+    A newer version that cannot be fetched (no network) leaves the cached kernel in use, with a warning.
+    """
     current = cached_kernel()
-    if current is not None and current.version == version and not force:
-        progress(f"{package}: already in {root / version}")
+    try:
+        package = resolve_version()
+        version = package.removeprefix("linux-image-")
+        if current is not None and current.version == version and not force:
+            progress(f"{package}: already in {cache_root() / version}")
+            return current
+        return _fetch(package, version, progress)
+    except VmError as exc:
+        if current is None:
+            raise
+        progress(f"warning: {exc}; keeping the cached kernel {current.version}")
         return current
+
+
+def _fetch(package: str, version: str, progress: Progress) -> GuestKernel:
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kernel-", dir=root) as tmp:
         work = Path(tmp)
