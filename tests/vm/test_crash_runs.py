@@ -82,18 +82,24 @@ def test_writeback_keeps_every_fsynced_file_and_explore_passes(guest_kernel: Gue
             assert md5(files[name]) == digest, name
 
 
-def test_none_cut_lands_after_the_asked_step(guest_kernel: GuestKernel, tmp_path: Path) -> None:
-    result = crash_run(tmp_path, "none", files=20, cut_after=11)
+def test_none_cut_lands_after_the_asked_step_and_the_device_cache_loses_unflushed(
+    guest_kernel: GuestKernel, tmp_path: Path
+) -> None:
+    # direct: steps 1-10 overwrite their file with O_DIRECT and fsync it, steps 11-20 with O_DIRECT only
+    result = crash_run(tmp_path, "none", workload="direct", files=20, cut_after=15)
     assert result["guest_write_cache"] == expected_write_cache("none")
-    assert result["cut_after"] == "11" and result["steps"] == 11
+    assert result["cut_after"] == "15" and result["steps"] == 15
     steps = acknowledged(tmp_path / "run")
-    assert [n for n, *_ in steps] == list(range(1, 12))
+    assert [n for n, *_ in steps] == list(range(1, 16))
     files = host_view(tmp_path / "run" / "disk.img", tmp_path)
-    assert not {f"f{i:03d}" for i in range(12, 21)} & set(files)  # nothing after the cut was written
-    assert (result["fsynced_total"], result["fsynced_lost"], result["fsck_clean"]) == (5, 0, True)
+    for i in range(16, 21):  # nothing after the cut was written: still the synced zeros
+        assert files[f"f{i:03d}"] == bytes(8192)
+    assert (result["fsynced_total"], result["fsynced_lost"], result["fsck_clean"]) == (10, 0, True)
+    # acknowledged by the device, never flushed: O_DIRECT skipped the page cache, the device cache lost them
+    assert (result["unsynced_total"], result["unsynced_lost"]) == (5, 5)
+    assert result["lab"]["lost_at_power_cut"]["writes"] >= 5
     for _, kind, name, digest in steps:
-        if kind == "fsynced":
-            assert md5(files[name]) == digest, name
+        assert (md5(files[name]) == digest) == (kind == "fsynced"), name
 
 
 def test_writethrough_keeps_everything_acknowledged_rename(guest_kernel: GuestKernel, tmp_path: Path) -> None:

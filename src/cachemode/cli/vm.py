@@ -73,7 +73,7 @@ def _run_options(func: Any) -> Any:
             "--workload",
             default="fsync-files",
             show_default=True,
-            help="fsync-files, rename, sqlite, or a shell script FILE run in the guest (see docs/vm.md).",
+            help="fsync-files, rename, direct, sqlite, or a shell script FILE run in the guest (see docs/vm.md).",
         ),
         click.option(
             "--disk-flush",
@@ -185,7 +185,8 @@ def _print_run(r: dict[str, Any]) -> None:
     ]
     if "sqlite" in r:
         s = r["sqlite"]
-        rows.append(("sqlite", f"integrity {s['integrity']}; {s['commits_missing']}/{s['commits_acknowledged']} "))
+        missing = f"{s['commits_missing']}/{s['commits_acknowledged']} commits missing"
+        rows.append(("sqlite", f"integrity {s['integrity']}; {missing}"))
     if "verify_boot" in r:
         vb = r["verify_boot"]
         rows.append(("verify boot", f"{vb['files_listed']} files; agrees with host: {vb['agrees_with_host']}"))

@@ -3,7 +3,7 @@
 The image is checked as a freshly rebooted kernel would find it: ``e2fsck -y -E journal_only`` replays the
 journal (``e2fsck -fn`` alone skips it and would judge the pre-journal filesystem), then ``e2fsck -fn`` checks
 the result without changing it, then ``debugfs rdump`` copies the files out. Each file the guest reported counts
-once: *intact* (the content it reported), *lost* (missing, empty, or still the version it replaced) or
+once: *intact* (the content it reported), *lost* (missing, empty, all zeros, or still the version it replaced) or
 *corrupt* (present with other content). The SQLite workload is checked by opening the database (a hot
 journal is rolled back as SQLite would), ``PRAGMA integrity_check``, and looking up every acknowledged commit.
 """
@@ -68,7 +68,7 @@ class Verdict:
 
 
 def classify(content: bytes | None, md5: str, name: str) -> str:
-    if content is None or not content or content == old_version(name):
+    if content is None or not content or content == old_version(name) or not content.strip(b"\0"):
         return "lost"
     return "intact" if hashlib.md5(content).hexdigest() == md5 else "corrupt"
 

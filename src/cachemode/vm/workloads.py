@@ -5,8 +5,9 @@ The console protocol (every line the host acts on starts with ``cm: ``):
 * ``cm: ready write_cache=write_back`` -- the disk is up; what the guest kernel's
   ``/sys/block/vda/queue/write_cache`` says (spaces as underscores);
 * ``cm: step N KIND NAME MD5`` -- step N is done and acknowledged: KIND is ``fsynced`` (the file and its
-  directory were fsynced), ``wrote`` (written, never synced), ``renamed`` (replaced by a rename, never synced)
-  or ``committed`` (an SQLite COMMIT returned; NAME is the transaction number, MD5 is ``-``);
+  directory were fsynced), ``wrote`` (written, never synced: buffered, or with O_DIRECT), ``renamed``
+  (replaced by a rename, never synced) or ``committed`` (an SQLite COMMIT returned; NAME is the transaction
+  number, MD5 is ``-``);
 * ``cm: cut N`` -- the guest stopped after step N (or ``cut end``) and waits, doing nothing, to be killed;
 * ``cm: file NAME MD5 SIZE`` and ``cm: listed`` -- a verify boot's listing of what it sees;
 * ``cm: error TEXT`` -- the guest could not do its part; ``cm: done`` -- the role finished.
@@ -130,6 +131,28 @@ while [ $i -le "$CM_files" ]; do
 done
 """
 
+# Writes that reach the disk without a flush: every file is made (zeros) and synced first, then the first half
+# of the steps overwrite their file in place with O_DIRECT and fsync it, and the second half overwrite theirs
+# with O_DIRECT and no fsync. Those last writes were acknowledged by the disk but never flushed (no later flush
+# covers them), so whether they survive is up to the host: the mode's page cache and the device's cache.
+DIRECT = r"""
+i=1
+while [ $i -le "$CM_files" ]; do dd if=/dev/zero of=$(printf 'f%03d' $i) bs=8192 count=1 2>/dev/null; i=$((i + 1)); done
+sync
+half=$(((CM_files + 1) / 2))
+i=1
+while [ $i -le "$CM_files" ]; do
+  f=$(printf 'f%03d' $i)
+  head -c 8192 /dev/urandom > /tmp/block
+  if [ $i -le $half ]; then
+    dd if=/tmp/block of="$f" bs=8192 oflag=direct conv=notrunc,fsync 2>/dev/null; cm_step fsynced "$f"
+  else
+    dd if=/tmp/block of="$f" bs=8192 oflag=direct conv=notrunc 2>/dev/null; cm_step wrote "$f"
+  fi
+  i=$((i + 1))
+done
+"""
+
 SQLITE = r"""
 sqlite3 db.sqlite "PRAGMA journal_mode=DELETE; CREATE TABLE t(n INTEGER PRIMARY KEY, v BLOB);" >/dev/null \
   || { say error "sqlite3 cannot create db.sqlite"; finish; }
@@ -161,6 +184,7 @@ class Workload:
 BUILTIN: dict[str, Workload] = {
     "fsync-files": Workload("fsync-files", FSYNC_FILES),
     "rename": Workload("rename", RENAME),
+    "direct": Workload("direct", DIRECT),
     "sqlite": Workload("sqlite", SQLITE, ("sqlite3",)),
 }
 
