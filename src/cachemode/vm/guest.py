@@ -72,7 +72,13 @@ class Guest:
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                encoding="utf-8",
+                errors="replace",  # a console may carry any byte; never let decoding stop the reader
+                bufsize=1,
             )
         except OSError as exc:
             raise VmError(f"cannot start {argv[0]}: {exc.strerror}") from None

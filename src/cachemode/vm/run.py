@@ -177,7 +177,8 @@ def _run(opts: RunOptions, mode: str, work: Path, prep: Prepared, progress: Call
         "expected_guest_write_cache": "write back" if guest_wc else "write through",
         "guest_write_cache": seen_wc,
         "workload": prep.workload,
-        "cut_after": cut.split()[1],
+        "cut_requested": "end" if opts.cut_after is None else str(opts.cut_after),
+        "cut_after": cut.split()[1],  # "end" when the workload had fewer steps than asked
         "steps": len(steps),
         "fsynced_total": verdict.totals["fsynced_total"],
         "fsynced_lost": verdict.totals["fsynced_lost"],
