@@ -72,7 +72,7 @@ def test_modules_load_in_dependency_order(tmp_path: Path):
 def test_checker_names_are_told_apart_from_commands():
     assert isinstance(resolve_checker("ext4"), Ext4Checker)
     assert isinstance(resolve_checker("true {image}"), CommandChecker)
-    with pytest.raises(ExploreError, match="built-in checker"):
+    with pytest.raises(ExploreError, match="not a built-in checker"):
         resolve_checker("xfs")
 
 
@@ -106,7 +106,7 @@ def test_missing_busybox_names_the_package(tmp_path: Path):
         (["vm", "run", "--cut-after", "0"], "--cut-after"),
         (["vm", "run", "--workload", "/no/such/script.sh"], "neither a built-in workload"),
         (["vm", "matrix", "--disk-cache", "0"], "per row"),
-        (["crash", "explore", "/no/log", "--base", "/no/base", "--check", "xfs"], "built-in checker"),
+        (["crash", "explore", "/no/log", "--base", "/no/base", "--check", "xfs"], "must contain {image}"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str):

@@ -58,6 +58,6 @@ def resolve_checker(spec: str, timeout: float = 60.0) -> CommandChecker | Ext4Ch
         return BUILTIN_CHECKERS[spec](timeout=timeout)
     names = ", ".join(sorted(BUILTIN_CHECKERS))
     raise ExploreError(
-        f"--check {spec!r}: neither a built-in checker ({names}) nor a command with {{image}} where the "
+        f"--check {spec!r} is not a built-in checker ({names}); a command must contain {{image}}, where the "
         "crash state's image goes"
     )

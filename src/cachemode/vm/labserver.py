@@ -20,10 +20,13 @@ from cachemode.nbd.server import Server, new_event_loop
 class ThreadedServer:
     """An NBD :class:`Server` for ``disk`` on 127.0.0.1:<ephemeral port>, its event loop in a daemon thread."""
 
-    def __init__(self, disk: Any, export: str = "", description: str = "") -> None:
+    def __init__(
+        self, disk: Any, export: str = "", description: str = "", handshake_limit: float | None = None
+    ) -> None:
         self.loop = new_event_loop()
+        limit = {} if handshake_limit is None else {"handshake_limit": handshake_limit}
         try:
-            self.server = Server(disk, export_name=export, loop=self.loop, description=description)
+            self.server = Server(disk, export_name=export, loop=self.loop, description=description, **limit)
             self.port: int = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
         except BaseException:
             self.loop.close()
@@ -52,9 +55,9 @@ class ThreadedServer:
 
 
 @contextlib.contextmanager
-def serve_disk(disk: Any, export: str = "") -> Iterator[ThreadedServer]:
+def serve_disk(disk: Any, export: str = "", handshake_limit: float | None = None) -> Iterator[ThreadedServer]:
     """Serve an open disk for the duration of the block."""
-    srv = ThreadedServer(disk, export)
+    srv = ThreadedServer(disk, export, handshake_limit=handshake_limit)
     try:
         yield srv
     finally:

@@ -47,7 +47,10 @@ def kernel_client_run(
         image = work / "nbd.img"
         open_disk(image, "writeback", create_size=8 << 20).close()
         disk = open_disk(image, mode, write_cache=write_cache)
-        with serve_disk(disk, EXPORT) as srv:
+        # QEMU's guestfwd connects to the server when QEMU starts, not when the guest connects: the handshake
+        # begins only once the guest has booted, so the server's 10 s handshake limit would drop a slow boot's
+        # connection and leave the guest's nbd-client waiting on a dead forward.
+        with serve_disk(disk, EXPORT, handshake_limit=timeout) as srv:
             argv = command_line(
                 kernel=kernel.vmlinuz,
                 initrd=initrd,

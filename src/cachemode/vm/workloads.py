@@ -34,6 +34,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /mnt
 say() { echo "cm: $*"; }
+say init
 for m in $(cat /etc/cm-modules); do insmod "/lib/modules/$m" || say error "insmod $m failed"; done
 for w in $(cat /proc/cmdline); do
   case "$w" in cm.*=*) k=${w%%=*}; k=${k#cm.}; eval "CM_$k=\${w#*=}";; esac
@@ -86,7 +87,8 @@ ip link set lo up
 ip link set eth0 up || {{ say error "no eth0"; finish; }}
 ip addr add 10.0.2.15/24 dev eth0
 n=0
-until nbd-client {NBD_GUEST_ADDRESS} {NBD_GUEST_PORT} /dev/nbd0 -N "$CM_export" -b 4096 -t 5 >/tmp/nbd.log 2>&1; do
+until timeout 20 nbd-client {NBD_GUEST_ADDRESS} {NBD_GUEST_PORT} /dev/nbd0 -N "$CM_export" -b 4096 >/tmp/nbd.log 2>&1
+do
   n=$((n + 1)); [ $n -ge 3 ] && {{ say error "nbd-client: $(tail -n 1 /tmp/nbd.log)"; finish; }}
   sleep 1
 done
