@@ -145,12 +145,31 @@ def test_unsafe_loses_fsynced_files_and_explore_ext4_finds_failures(guest_kernel
     assert report["log"]["barriers"] == 0  # unsafe: no flush is a barrier
 
 
+USER_WORKLOAD = """
+i=1
+while [ $i -le 6 ]; do
+  head -c 4096 /dev/urandom > u$i
+  /usr/bin/sha256sum u$i > u$i.sum || say error "the host's sha256sum did not run in the guest"
+  sync u$i; sync .
+  cm_step fsynced u$i
+  i=$((i + 1))
+done
+"""
+
+
 def test_none_on_a_lying_device_loses_fsynced_files(guest_kernel: GuestKernel, tmp_path: Path) -> None:
+    # also a user's --workload FILE, running a host program brought in with --with
+    sha256sum = shutil.which("sha256sum")
+    if sha256sum is None:
+        pytest.skip("sha256sum (coreutils) not installed")
+    script = tmp_path / "mine.sh"
+    script.write_text(USER_WORKLOAD)
     log = tmp_path / "write.log"
-    result = crash_run(tmp_path, "none", files=10, disk_flush="ignore", record=log)
+    result = crash_run(tmp_path, "none", workload=str(script), programs=(sha256sum,), disk_flush="ignore", record=log)
     assert result["guest_write_cache"] == "write back"
-    assert result["lab"]["flushes"] > 0  # the guest flushed; the device acknowledged and kept nothing
-    assert result["fsynced_lost"] == result["fsynced_total"] == 5
+    assert result["steps"] == 6 and result["lab"]["flushes"] >= 6  # the guest flushed; the device kept nothing
+    assert result["fsynced_lost"] == result["fsynced_total"] == 6
+    assert result["lab"]["lost_at_power_cut"]["writes"] == result["lab"]["writes_acknowledged"] > 0
     from cachemode.lab.record import FLUSH, read_log
 
     assert not [e for e in read_log(log).entries if e.kind == FLUSH or e.fua]  # its log has no barriers
