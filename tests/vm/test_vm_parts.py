@@ -113,3 +113,18 @@ def test_bad_input_is_one_line_and_status_2(args: list[str], message: str):
     proc = run_cli(*args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_setup_without_network_says_so(tmp_path: Path):
+    if shutil.which("apt-get") is None or shutil.which("qemu-system-x86_64") is None or shutil.which("busybox") is None:
+        pytest.skip("needs apt-get, qemu-system-x86 and busybox-static")
+    proxy = "http://127.0.0.1:9"  # nothing listens there: every download is refused
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "http_proxy": proxy, "https_proxy": proxy}
+    env["PYTHONPATH"] = str(REPO / "src")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachemode", "vm", "setup"], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("cachemode: error: cannot download linux-image-") and "no network?" in error
+    assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("vmlinuz"))

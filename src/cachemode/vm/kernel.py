@@ -152,7 +152,7 @@ def _run(argv: list[str], what: str, cwd: Path | None = None, timeout: float = 3
 
 def resolve_version() -> str:
     """The versioned kernel package the metapackage depends on today (e.g. linux-image-6.1.0-57-cloud-amd64)."""
-    out = _run(["apt-cache", "depends", META_PACKAGE], f"cannot resolve {META_PACKAGE}")
+    out = _run(["apt-cache", "depends", META_PACKAGE], f"cannot resolve {META_PACKAGE} (apt-get update?)")
     for line in out.splitlines():
         match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
         if match:
