@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import shutil
 import subprocess
 import threading
 import time
@@ -48,16 +49,10 @@ def build_initramfs(
     ram.add_file("etc/cm-modules", "".join(f"{ko.name}\n" for ko in order).encode())
     wanted_programs = [*(workload.programs if workload else ()), *programs, *(("nbd-client",) if nbd_client else ())]
     for program in dict.fromkeys(wanted_programs):
-        if program == "nbd-client" and not _which(program):
+        if program == "nbd-client" and shutil.which(program) is None:
             raise VmError("nbd-client not found: install nbd-client (apt-get install nbd-client)")
         ram.add_program(program)
     return ram.write(path)
-
-
-def _which(program: str) -> bool:
-    import shutil
-
-    return shutil.which(program) is not None
 
 
 class Guest:
@@ -123,16 +118,6 @@ class Guest:
     def _tail(self) -> str:
         tail = [ln for ln in self.console if ln.strip()][-3:]
         return "last console lines: " + " | ".join(tail) if tail else "no console output"
-
-    def wait_exit(self, timeout: float) -> int:
-        """Wait for QEMU to exit by itself (the guest rebooted); kill it at the deadline."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise VmError(f"QEMU did not exit {timeout:.0f} s after the guest finished (killed)") from None
-        finally:
-            self._close_log()
 
     def kill(self) -> None:
         """SIGKILL: nothing QEMU holds is flushed (a clean exit would flush its drive)."""

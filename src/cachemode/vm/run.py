@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class Prepared:
     accel: str
     workload: str
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(opts: RunOptions, directory: Path, *, nbd_client: bool = False) -> Prepared:
