@@ -128,3 +128,23 @@ def test_setup_without_network_says_so(tmp_path: Path):
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("cachemode: error: cannot download linux-image-") and "no network?" in error
     assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("vmlinuz"))
+
+
+def test_matrix_rows_and_their_promises(tmp_path: Path):
+    from cachemode.vm.matrix import ROWS, plot_rows, promised
+
+    labels = {row.label: row for row in ROWS}
+    assert {"writeback", "none", "writethrough", "directsync", "unsafe"} <= set(labels)
+    assert promised(labels["unsafe"]) == "may lose fsynced"
+    assert promised(labels["none wc=off"]) == "all acked kept"
+    assert promised(labels["none disk-cache=0"]) == "fsynced kept"
+    assert {(r.mode, r.disk_flush) for r in ROWS if r.disk_flush == "ignore"} == {
+        ("none", "ignore"),
+        ("writethrough", "ignore"),
+    }
+    rows = [
+        {"row": row.label, "fsynced_lost": i % 3, "fsynced_total": 2, "unsynced_lost": 1, "unsynced_total": 0}
+        for i, row in enumerate(ROWS)
+    ]
+    plot_rows(rows, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -68,9 +68,16 @@ def _run_options(func: Any) -> Any:
             show_default=True,
             help="The sqlite workload's PRAGMA synchronous.",
         ),
-        click.option("--files", type=click.IntRange(min=1, max=10000), default=40, show_default=True),
+        click.option(
+            "--files",
+            type=click.IntRange(min=1, max=10000),
+            default=40,
+            show_default=True,
+            help="Steps in the workload (files, or SQLite commits).",
+        ),
         click.option(
             "--workload",
+            metavar="NAME|FILE",
             default="fsync-files",
             show_default=True,
             help="fsync-files, rename, direct, sqlite, or a shell script FILE run in the guest (see docs/vm.md).",
@@ -111,12 +118,16 @@ def _cut(value: str) -> int | None:
 @click.option("--cache", type=_mode_choice(), default="writeback", show_default=True, help="Cache mode.")
 @write_cache_option()
 @_run_options
-@click.option("--cut-after", default="end", show_default=True, help="Cut the power after step N, or at the end.")
+@click.option(
+    "--cut-after", metavar="N|end", default="end", show_default=True, help="Cut the power after step N, or at the end."
+)
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Use this ext4 image (it is changed).")
 @click.option("--size", type=SIZE, default="32M", show_default=True, help="Size of the ext4 image made.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None, help="Keep the lab's write log here.")
 @click.option("--explore", "explore", type=click.IntRange(min=1), default=None, help="Explore N crash states.")
-@click.option("--with", "programs", multiple=True, help="Copy a host program and its libraries into the guest.")
+@click.option(
+    "--with", "programs", metavar="PROGRAM", multiple=True, help="Copy a host program and its libraries into the guest."
+)
 @click.option("--no-verify-boot", is_flag=True, help="Skip the boot that mounts the crashed image in a guest.")
 @click.option("--json", "json_path", default=None, help="Write the result as JSON to FILE ('-': stdout).")
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Keep images, logs, consoles here.")
