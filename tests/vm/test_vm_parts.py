@@ -148,3 +148,14 @@ def test_matrix_rows_and_their_promises(tmp_path: Path):
     ]
     plot_rows(rows, str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_kernel_says_to_run_setup(tmp_path: Path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachemode", "vm", "run"], capture_output=True, text=True, timeout=60, env=env
+    )
+    if "not found: install" in proc.stderr:
+        pytest.skip(proc.stderr.strip())  # QEMU or busybox is missing: that error comes first
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "run 'cachemode vm setup'" in proc.stderr
