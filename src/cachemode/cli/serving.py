@@ -3,7 +3,6 @@ address checks, the ready line, and running the server with start-up failures tu
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,6 @@ def open_served_disk(image: str | None, cache: str, write_cache: str, read_only:
         if create_size is not None:
             raise click.UsageError("--create needs an IMAGE")
         image = str(ensure_demo_image())
-    elif create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     if create_size is not None and create_size <= 0:
         raise click.UsageError("--create SIZE must be positive")
     return open_disk(image, cache, write_cache=on_off(write_cache), read_only=read_only, create_size=create_size)
@@ -87,8 +84,12 @@ def run_server(
     socket_path: str | None,
     export_name: str,
     on_ready: Any = None,
+    **limits: Any,
 ) -> Any:
-    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError."""
+    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError.
+
+    ``limits`` go to :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
+    """
     from cachemode.nbd.server import serve
 
     def ready(server: Any) -> None:
@@ -106,6 +107,7 @@ def run_server(
             export_name=export_name,
             description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
             on_ready=ready,
+            **limits,
         )
     except OSError as exc:
         where = socket_path or f"{bind}:{port}"

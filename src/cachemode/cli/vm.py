@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from cachemode.cli.lab import _console, _mode_choice, _write_json
-from cachemode.cli.options import SIZE, on_off, write_cache_option
+from cachemode.cli.console import print_table
+from cachemode.cli.lab import _mode_choice, _write_json
+from cachemode.cli.options import SIZE, json_file_option, on_off, write_cache_option
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -129,7 +130,7 @@ def _cut(value: str) -> int | None:
     "--with", "programs", metavar="PROGRAM", multiple=True, help="Copy a host program and its libraries into the guest."
 )
 @click.option("--no-verify-boot", is_flag=True, help="Skip the boot that mounts the crashed image in a guest.")
-@click.option("--json", "json_path", default=None, help="Write the result as JSON to FILE ('-': stdout).")
+@json_file_option("the result")
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Keep images, logs, consoles here.")
 def run(
     cache: str,
@@ -206,7 +207,7 @@ def _print_run(r: dict[str, Any]) -> None:
         rows.append(("crash explore --check ext4", f"{st['failed']} of {st['checked']} states failed"))
     for what, value in rows:
         table.add_row(what, value)
-    _console().print(table)
+    print_table(table)
 
 
 @vm.command("matrix")
@@ -214,7 +215,7 @@ def _print_run(r: dict[str, Any]) -> None:
 @click.option("--explore", "explore", type=click.IntRange(min=1), default=None, help="Explore N states per row.")
 @click.option("--verify-boot", is_flag=True, help="Also boot a guest on each crashed image.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart here.")
-@click.option("--json", "json_path", default=None, help="Write the rows as JSON to FILE ('-': stdout).")
+@json_file_option("the rows")
 def matrix(explore: int | None, verify_boot: bool, plot: str | None, json_path: str | None, **common: Any) -> None:
     """The real-guest durability table: every mode, write-cache off, no device cache, a lying device."""
     from cachemode.vm.matrix import plot_rows, run_matrix
@@ -255,9 +256,7 @@ def _print_matrix(rows: list[dict[str, Any]]) -> None:
             "clean" if r["fsck_clean"] else "ERRORS",
             r["promised"],
         )
-    from rich.console import Console
-
-    Console(highlight=False, width=max(110, _console().width)).print(table)
+    print_table(table)
 
 
 @vm.command("nbd-client")
@@ -265,7 +264,7 @@ def _print_matrix(rows: list[dict[str, Any]]) -> None:
 @write_cache_option()
 @_kernel_options
 @click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Seconds for the boot.")
-@click.option("--json", "json_path", default=None, help="Write the result as JSON to FILE ('-': stdout).")
+@json_file_option("the result")
 def nbd_client(
     cache: str,
     write_cache: str,

@@ -134,7 +134,12 @@ class Handshake:
                 events.append(self._reply_error(self._skip_option, c.REP_ERR_TOO_BIG, "option data too long"))
         self._in += view
         while self.state in (State.CLIENT_FLAGS, State.NEGOTIATING) and not self._skip:
-            event = self._step()
+            try:
+                event = self._step()
+            except ProtocolError:
+                # Whatever the violation, the connection is over: never leave the state at NEGOTIATING.
+                self.state = State.CLOSED
+                raise
             if event is None:
                 break
             events.append(event)
