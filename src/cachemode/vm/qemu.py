@@ -87,7 +87,9 @@ def command_line(
         "-initrd",
         str(initrd),
         "-append",
-        f"console=ttyS0 panic=-1 quiet {append}",
+        # loglevel=3: kernel warnings (RCU stalls, clocksource complaints on a loaded host) would otherwise be
+        # printed into the middle of the guest's "cm:" lines on the shared serial console
+        f"console=ttyS0 panic=-1 quiet loglevel=3 {append}",
     ]
     if isinstance(disk, NbdDisk):
         argv += [
