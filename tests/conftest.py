@@ -67,3 +67,29 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         yield device
     finally:
         subprocess.run(["losetup", "--detach", device], check=False)
+
+
+# -- the real guest (tests/vm, the kernel NBD client) ----------------------------------------------------------
+BOOT_TIMEOUT = 150.0  # seconds a test lets one guest boot run before it is killed
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> object:
+    """The guest kernel (``cachemode vm setup``; ``make test`` runs it), fetched here if it is missing.
+
+    Skips, naming what is missing, where QEMU or static busybox is not installed or no kernel can be fetched.
+    """
+    from cachemode.vm import VmError
+    from cachemode.vm.kernel import find_kernel, setup
+
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (Debian: {package})")
+    try:
+        return find_kernel()
+    except VmError:
+        pass
+    try:
+        return setup()
+    except VmError as exc:
+        pytest.skip(f"no guest kernel and 'cachemode vm setup' failed: {exc}")

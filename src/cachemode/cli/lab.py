@@ -19,8 +19,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # -- the options cachemode serve takes ------------------------------------------------------------------------
 def lab_options(func: F) -> F:
-    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record."""
+    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record, --disk-flush."""
     opts = [
+        click.option(
+            "--disk-flush",
+            "lab_disk_flush",
+            type=click.Choice(["honour", "ignore"]),
+            default=None,
+            help="Lab: ignore = a device that acknowledges FLUSH and FUA without writing back (it lies) "
+            "[default: honour].",
+        ),
         click.option(
             "--record",
             "lab_record",
@@ -76,6 +84,7 @@ def lab_config_from_options(
     lab_writeback_after: float | None = None,
     lab_control: str | None = None,
     lab_record: str | None = None,
+    lab_disk_flush: str | None = None,
 ) -> Any:
     """The LabConfig the options ask for, or None without ``--lab`` (then no lab option may be given)."""
     from cachemode.lab.disk import LabConfig
@@ -86,6 +95,7 @@ def lab_config_from_options(
         "--writeback-after": lab_writeback_after,
         "--control": lab_control,
         "--record": lab_record,
+        "--disk-flush": lab_disk_flush,
     }
     if not lab:
         extra = [name for name, value in given.items() if value is not None]
@@ -98,6 +108,7 @@ def lab_config_from_options(
         disk_cache=defaults.disk_cache if lab_disk_cache is None else lab_disk_cache,
         writeback_after=lab_writeback_after,
         record=lab_record,
+        disk_flush=lab_disk_flush or defaults.disk_flush,
     )
 
 
@@ -462,7 +473,12 @@ def _print_report(report: Any, title: str) -> None:
     help="The mode whose crash states to build (writethrough/directsync: every write is a barrier; "
     "unsafe: no flush is).",
 )
-@click.option("--check", "check", required=True, help="Checker command; {image} is the crash state's image.")
+@click.option(
+    "--check",
+    "check",
+    required=True,
+    help="A built-in checker (ext4: journal replay, then e2fsck -fn) or a command; {image} is the crash state's image.",
+)
 @click.option("--states", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -489,10 +505,11 @@ def explore_cmd(
 
     Exit status 1 when a state failed the check.
     """
-    from cachemode.lab.explore import CommandChecker, explore
+    from cachemode.lab.checkers import resolve_checker
+    from cachemode.lab.explore import explore
     from cachemode.lab.record import read_log
 
-    checker = CommandChecker(check, timeout=timeout)
+    checker = resolve_checker(check, timeout=timeout)
     wlog = read_log(log)
     mode = get_mode(cache)
     with _progress(states, "checking crash states") as advance:
