@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls_certs import Certificates, make_certificates
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -67,3 +69,11 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         yield device
     finally:
         subprocess.run(["losetup", "--detach", device], check=False)
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA, a server certificate, a client certificate and one from another CA (see tests/tls_certs.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (Debian: openssl)")
+    return make_certificates(tmp_path_factory.mktemp("tls"))

@@ -9,6 +9,7 @@ import click
 from cachemode.cli.lab import lab_config_from_options, lab_options, serve_lab
 from cachemode.cli.options import SIZE, disk_options, on_off
 from cachemode.cli.serving import DEFAULT_PORT, check_address, open_served_disk, run_server
+from cachemode.cli.tls import tls_config_from_options, tls_options
 
 
 @click.command()
@@ -19,6 +20,7 @@ from cachemode.cli.serving import DEFAULT_PORT, check_address, open_served_disk,
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, help="Unix socket instead.")
 @click.option("--export-name", default="", help="Export name (the empty default name is always accepted).")
 @click.option("--create", "create_size", type=SIZE, default=None, help="Create a sparse image of SIZE first.")
+@tls_options
 @lab_options
 def serve(
     image: str | None,
@@ -30,6 +32,10 @@ def serve(
     socket_path: str | None,
     export_name: str,
     create_size: int | None,
+    tls: str,
+    tls_certificates: str | None,
+    tls_verify_peer: bool,
+    tls_psk: str | None,
     **lab: Any,
 ) -> None:
     """Serve IMAGE over NBD with the exact semantics of a QEMU cache mode.
@@ -39,13 +45,14 @@ def serve(
     finishing in-flight requests and flushing (except in unsafe).
     """
     port = check_address(port, socket_path)
+    tls_config = tls_config_from_options(tls, tls_certificates, tls_verify_peer, tls_psk)
     lab_config = lab_config_from_options(**lab)
+    listen = {"bind": bind, "port": port, "socket_path": socket_path, "export_name": export_name, "tls": tls_config}
     if lab_config is not None:  # the power-loss lab (cachemode.lab): emulated host caches, --control, --record
-        listen = {"bind": bind, "port": port, "socket_path": socket_path, "export_name": export_name}
         serve_lab(image, cache, on_off(write_cache), read_only, create_size, lab_config, lab["lab_control"], **listen)
         return
     disk = open_served_disk(image, cache, write_cache, read_only, create_size)
     try:
-        run_server(disk, bind=bind, port=port, socket_path=socket_path, export_name=export_name)
+        run_server(disk, **listen)
     finally:
         disk.close()

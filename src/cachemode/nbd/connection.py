@@ -14,9 +14,9 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
-from cachemode.nbd import replies
+from cachemode.nbd import replies, tls
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
-from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
+from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.requests import Rejected, Request, Transmission
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.disk = server.disk
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.handshake: Handshake | None = Handshake(server.export)
+        self.handshake: Handshake | None = Handshake(server.export, tls=server.tls_mode)
+        self.tls = False  # the connection runs TLS (see cachemode.nbd.tls)
         self.tx: Transmission | None = None
         self.structured = False
         self.in_flight = 0
@@ -116,6 +117,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:  # once: a TLS upgrade that fails reports it itself
+            return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.closed = True
@@ -165,10 +168,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._abort()
 
     def eof_received(self) -> bool | None:
-        # The client closed its side: finish what is in flight, send the replies, then close.
+        # The client closed its side: finish what is in flight, send the replies, then close. (TLS closes the
+        # connection after the client's close_notify whatever this returns.)
         self.closing = True
         self._maybe_close()
-        return True
+        return None if self.tls else True
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -182,6 +186,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, Aborted):
                 self._close()
                 return
+            if isinstance(event, StartTLS):
+                self._sock_fd = -1  # from now on every byte goes through the TLS transport
+                assert self.server.tls is not None
+                tls.start_tls(self, self.server.tls.context)
+                return
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
@@ -192,6 +201,14 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 if event.trailing:
                     self._transmission_data(event.trailing)
                 return
+
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """The TLS handshake succeeded (:mod:`cachemode.nbd.tls`): negotiation starts again over ``transport``."""
+        self.transport = transport
+        self.tls = True
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        assert self.handshake is not None
+        self.handshake.tls_started()
 
     # -- transmission -------------------------------------------------------------------------------------------
     def _transmission_data(self, data: bytes) -> None:

@@ -44,7 +44,10 @@ from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
 from cachemode.nbd.direct import nowait_works
 from cachemode.nbd.export import ExportInfo
+from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
+from cachemode.nbd.tls import TLSConfig
+from cachemode.unixsock import bind_owner_only
 
 
 class Server:
@@ -63,9 +66,12 @@ class Server:
         workers: int | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         handshake_limit: float = HANDSHAKE_LIMIT,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.disk = disk
         self.handshake_limit = handshake_limit
+        self.tls = tls
+        self.tls_mode = tls.mode if tls is not None else TLSMode.OFF
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
         self._note_write: Callable[[], None] = lambda: None
@@ -124,18 +130,20 @@ class Server:
         bound = srv.sockets[0].getsockname()[1]
         hostpart = f"[{host}]" if ":" in host else host
         self.address = f"{host}:{bound}"
-        self.uri = f"nbd://{hostpart}:{bound}/{self.export.name}"
+        self.uri = f"{self._scheme}://{hostpart}:{bound}/{self.export.name}"
         return int(bound)
 
     async def start_unix(self, path: str) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)
-        srv = await self.loop.create_unix_server(self._factory, path, backlog=128)
+        """Listen on a Unix socket that only its owner may connect to (see :mod:`cachemode.unixsock`)."""
+        srv = await self.loop.create_unix_server(self._factory, sock=bind_owner_only(path), backlog=128)
         self._servers.append(srv)
         self.address = path
-        self.uri = f"nbd+unix:///{self.export.name}?socket={path}"
+        self.uri = f"{self._scheme}+unix:///{self.export.name}?socket={path}"
         return path
+
+    @property
+    def _scheme(self) -> str:
+        return "nbd" if self.tls is None else "nbds"
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, finish in-flight requests, close connections, flush the disk (unless unsafe)."""
@@ -204,6 +212,7 @@ def serve(
     description: str = "",
     on_ready: Callable[[Server], None] | None = None,
     stop: asyncio.Event | None = None,
+    tls: TLSConfig | None = None,
 ) -> Server:
     """Serve ``disk`` in the foreground until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly.
 
@@ -214,7 +223,7 @@ def serve(
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    server = Server(disk, export_name=export_name, description=description, loop=loop)
+    server = Server(disk, export_name=export_name, description=description, loop=loop, tls=tls)
 
     async def main() -> None:
         done = stop or asyncio.Event()

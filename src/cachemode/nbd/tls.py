@@ -1,0 +1,155 @@
+"""TLS for the NBD server: the server's SSL context (nbdkit's options and file names), and the upgrade of a live
+connection once the sans-IO core has acknowledged NBD_OPT_STARTTLS.
+
+The core decides (:class:`cachemode.nbd.handshake.StartTLS`); this module only moves the connection onto TLS with
+``loop.start_tls``. That works with uvloop, which the server runs on: ``uvloop.Loop.start_tls`` accepts its own TCP
+and Unix transports and wraps them in uvloop's ``SSLProtocol`` (a port of CPython 3.11's memory-BIO TLS layer),
+which hands decrypted bytes to a :class:`asyncio.BufferedProtocol` through ``get_buffer``/``buffer_updated`` --
+so a WRITE payload is still decrypted straight into the parser's buffer -- and falls back to ``data_received``
+only for a plain protocol. The upgrade keeps these rules:
+
+* reading from the socket is paused in the same callback that queued the ACK, so not one byte of the
+  client's ClientHello can reach the plaintext parser (the core also refuses bytes that arrived after STARTTLS
+  in the same read: they were sent before the client saw the ACK);
+* the connection's ``_sock_fd`` becomes -1 at once: sendfile, writev and splice would bypass the encryption;
+* the handshake time limit keeps running through the TLS handshake (and bounds it a second time as
+  ``ssl_handshake_timeout``); a TLS handshake that fails, times out or meets garbage ends that connection only;
+* the TLS layer does not report a connection lost during its own handshake to the application protocol, so the
+  upgrade does it, once.
+
+Memory: a TLS connection costs more than a plain one. On top of the plain budget, uvloop's ``SSLProtocol`` holds
+a 256 KiB receive buffer (``SSL_READ_MAX_SIZE``) and an incoming memory BIO that pauses the socket at 256 KiB of
+undecrypted data, OpenSSL holds its record buffers (about 34 KiB per direction) and session state (a few KiB), and
+unsent replies are encrypted at once into the outgoing memory BIO, which counts, with the not yet encrypted
+backlog, against the same :data:`~cachemode.nbd.connection.WRITE_HIGH_WATER` a plain connection's replies do.
+Roughly 0.6 MiB per idle TLS connection, plus the plain connection's budget when busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cachemode.errors import CachemodeError
+from cachemode.nbd.handshake import TLSMode
+
+if TYPE_CHECKING:
+    from cachemode.nbd.connection import NBDConnection
+
+log = logging.getLogger("cachemode.nbd")
+
+CA_CERT = "ca-cert.pem"
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+
+_upgrades: set[asyncio.Task[None]] = set()  # running upgrades, so none is garbage-collected half-way
+
+
+class TLSSetupError(CachemodeError):
+    """The TLS options cannot be used (missing or bad certificates, a bad PSK file, an old Python)."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """How the server offers TLS: ``mode`` (on: optional, require: nbdkit's ``--tls=require``) and the context."""
+
+    mode: TLSMode
+    context: ssl.SSLContext
+    kind: str
+    """What authenticates the peers, for the ready line: "x509", "x509 verify-peer" or "psk"."""
+
+
+def _base_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec: TLS 1.2 or later, older ones not by default
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def x509_context(directory: str | Path, verify_peer: bool) -> ssl.SSLContext:
+    """The context for ``--tls-certificates DIR`` (the layout nbdkit and QEMU's tls-creds-x509 use): the
+    server's certificate and key, and with ``verify_peer`` a client certificate signed by ``ca-cert.pem``."""
+    cert_dir = Path(directory)
+    needed = [SERVER_CERT, SERVER_KEY] + ([CA_CERT] if verify_peer else [])
+    missing = [name for name in needed if not (cert_dir / name).is_file()]
+    if missing:
+        raise TLSSetupError(
+            f"{cert_dir}: no {', '.join(missing)} (--tls-certificates DIR holds {SERVER_CERT}, {SERVER_KEY} "
+            f"and, for --tls-verify-peer, {CA_CERT})"
+        )
+    ctx = _base_context()
+    try:
+        ctx.load_cert_chain(cert_dir / SERVER_CERT, cert_dir / SERVER_KEY)
+        if verify_peer:
+            ctx.load_verify_locations(cafile=cert_dir / CA_CERT)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSSetupError(f"{cert_dir}: cannot load the certificates: {exc}") from None
+    return ctx
+
+
+def read_psk_file(path: str | Path) -> dict[str, bytes]:
+    """nbdkit's ``--tls-psk`` file (the format of GnuTLS's psktool): one ``username:hexkey`` per line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise TLSSetupError(f"{path}: cannot read the PSK file: {exc.strerror or exc}") from None
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        user, sep, hexkey = line.partition(":")
+        try:
+            key = binascii.unhexlify(hexkey.strip())
+        except (binascii.Error, ValueError):
+            key = b""
+        if not sep or not user or not key:
+            raise TLSSetupError(f"{path}:{number}: not a 'username:hexkey' line")
+        keys[user] = key
+    if not keys:
+        raise TLSSetupError(f"{path}: no keys in the PSK file")
+    return keys
+
+
+def psk_context(path: str | Path) -> ssl.SSLContext:
+    """The context for ``--tls-psk FILE``: needs the ssl module's PSK callbacks (Python 3.13 or later)."""
+    if not hasattr(ssl.SSLContext, "set_psk_server_callback"):
+        version = "Python " + ".".join(map(str, sys.version_info[:2]))
+        raise TLSSetupError(f"--tls-psk needs Python 3.13 or later (TLS-PSK in the ssl module), not {version}")
+    keys = read_psk_file(path)
+    ctx = _base_context()
+    # Python's PSK callbacks serve TLS 1.2 PSK cipher suites (see the ssl module's documentation).
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("PSK")
+    ctx.set_psk_server_callback(lambda identity: keys.get(identity or "", b""))  # type: ignore[attr-defined]
+    return ctx
+
+
+def start_tls(conn: NBDConnection, context: ssl.SSLContext) -> None:
+    """Move ``conn`` onto TLS; called in the callback that queued the STARTTLS ACK."""
+    assert conn.transport is not None
+    conn.transport.pause_reading()  # now, not when the upgrade task first runs: no TLS byte may reach the core
+    task = conn.loop.create_task(_upgrade(conn, conn.transport, context))
+    _upgrades.add(task)
+    task.add_done_callback(_upgrades.discard)
+
+
+async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+    try:
+        tls = await conn.loop.start_tls(
+            raw, conn, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
+        )
+    except Exception as exc:  # any failure of the TLS handshake ends this connection, and only this one
+        log.info("%s: closing: TLS handshake failed: %s", conn.peer, exc or type(exc).__name__)
+        tls = None
+    if tls is None or tls.is_closing() or conn.closed:
+        raw.abort()
+        conn.connection_lost(None)
+        return
+    conn.tls_established(tls)
