@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client
+DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client openssl
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench debs venv clean

@@ -202,11 +202,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     self._transmission_data(event.trailing)
                 return
 
-    def tls_established(self, transport: asyncio.Transport) -> None:
+    def tls_established(self, transport: Any) -> None:
         """The TLS handshake succeeded (:mod:`cachemode.nbd.tls`): negotiation starts again over ``transport``."""
         self.transport = transport
         self.tls = True
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         assert self.handshake is not None
         self.handshake.tls_started()
 

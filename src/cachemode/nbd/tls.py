@@ -34,7 +34,7 @@ import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cachemode.errors import CachemodeError
 from cachemode.nbd.handshake import TLSMode
@@ -47,6 +47,12 @@ log = logging.getLogger("cachemode.nbd")
 CA_CERT = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
+
+TLS_WRITE_CHUNK = 64 * 1024
+"""The most plaintext handed to the TLS layer in one write (see :class:`ChunkedWrites`)."""
+TLS_WRITE_HIGH_WATER = 256 * 1024
+"""Encrypted-but-unsent bytes held in the TLS layer before the connection stops reading; the rest of the plain
+connection's WRITE_HIGH_WATER budget queues in the socket's transport."""
 
 _upgrades: set[asyncio.Task[None]] = set()  # running upgrades, so none is garbage-collected half-way
 
@@ -152,4 +158,35 @@ async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSL
         raw.abort()
         conn.connection_lost(None)
         return
-    conn.tls_established(tls)
+    # Ciphertext waits in the socket's transport (whose limit the connection set to WRITE_HIGH_WATER; freed as
+    # it is sent) rather than in the TLS layer's outgoing memory BIO, which keeps the largest size it ever held.
+    tls.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
+    conn.tls_established(ChunkedWrites(tls))
+
+
+class ChunkedWrites:
+    """The TLS transport, with every write handed to it in pieces of at most :data:`TLS_WRITE_CHUNK`.
+
+    The TLS layer encrypts all it is given in one call into its outgoing memory BIO before passing it on, and
+    an OpenSSL memory BIO never gives back the memory it once grew to: one 32 MiB read reply would leave 32 MiB
+    allocated to that connection until it closes. Written in pieces, each is encrypted and passed to the socket's
+    transport before the next, so the BIO stays near one piece.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) <= TLS_WRITE_CHUNK:
+            self._transport.write(data)
+            return
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), TLS_WRITE_CHUNK):
+            self._transport.write(view[start : start + TLS_WRITE_CHUNK])
+
+    def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        for data in chunks:
+            self.write(data)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the TLS transport's own
+        return getattr(self._transport, name)
