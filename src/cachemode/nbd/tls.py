@@ -185,8 +185,19 @@ class ChunkedWrites:
             self._transport.write(view[start : start + TLS_WRITE_CHUNK])
 
     def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        # Small replies are joined into one write: one TLS record and one send for a batch, where the TLS layer
+        # alone would make a record per reply.
+        batch = bytearray()
         for data in chunks:
-            self.write(data)
+            if len(batch) + len(data) > TLS_WRITE_CHUNK and batch:
+                self._transport.write(batch)
+                batch = bytearray()
+            if len(data) >= TLS_WRITE_CHUNK:
+                self.write(data)
+            else:
+                batch += data
+        if batch:
+            self._transport.write(batch)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the TLS transport's own
         return getattr(self._transport, name)
