@@ -49,21 +49,27 @@ def nbds(srv: ThreadServer, client_dir: Path) -> str:
 
 
 # -- a raw client, to see every byte ----------------------------------------------------------------------------
-def raw_client(srv: ThreadServer) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+def raw_client(srv: ThreadServer, rcvbuf: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:  # before connect: a small window, so the kernel cannot absorb what the client does not read
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", srv.port))
     assert len(recv_exact(sock, 18)) == 18  # greeting
     sock.sendall(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES))
     return sock
 
 
 def recv_exact(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
             break
-        buf += chunk
-    return buf
+        got += k
+    return bytes(buf[:got])
 
 
 def option(sock: socket.socket | ssl.SSLSocket, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
@@ -230,3 +236,34 @@ def test_handshake_limit_covers_the_tls_handshake(tmp_path: Path, tls_certs: Cer
         assert closed_by_server(silent)  # never sent a ClientHello: dropped at the limit, not after 10 s
         silent.close()
         assert wait_connections(srv, 0) == 0
+
+
+def test_replies_to_a_client_that_stops_reading_all_arrive_in_order_of_bytes(
+    tmp_path: Path, tls_certs: Certificates
+) -> None:
+    """64 one-MiB READs and a DISC, read only after a pause: the replies that waited (in the socket's transport,
+    the TLS layer, and in plaintext behind it) all arrive intact before the server closes."""
+    image = tmp_path / "disk.img"
+    data = os.urandom(SIZE)
+    image.write_bytes(data)
+    with tls_served(tmp_path, tls_certs) as srv:
+        sock = start_tls(raw_client(srv, rcvbuf=64 * 1024), tls_certs)
+        assert option(sock, c.OPT_STRUCTURED_REPLY) == [(c.REP_ACK, b"")]
+        assert option(sock, c.OPT_GO, go_data())[-1] == (c.REP_ACK, b"")
+        count = 64
+        requests = b"".join(
+            struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_READ, n, (n % 16) * MIB, MIB) for n in range(count)
+        )
+        sock.sendall(requests + struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_DISC, 99, 0, 0))
+        time.sleep(1.0)  # the server fills every buffer it may, then waits
+        seen = set()
+        for _ in range(count):
+            _magic, _flags, rtype, cookie, length = struct.unpack(">IHHQI", recv_exact(sock, 20))
+            payload = recv_exact(sock, length)
+            assert rtype == c.REPLY_TYPE_OFFSET_DATA and length == 8 + MIB
+            offset = (cookie % 16) * MIB
+            assert payload[8:] == data[offset : offset + MIB], cookie
+            seen.add(cookie)
+        assert seen == set(range(count))
+        assert closed_by_server(sock)
+        sock.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import logging
 import ssl
 import sys
@@ -49,10 +50,10 @@ SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
 
 TLS_WRITE_CHUNK = 64 * 1024
-"""The most plaintext handed to the TLS layer in one write (see :class:`ChunkedWrites`)."""
+"""The most plaintext handed to the TLS layer in one write (see :class:`TLSChannel`)."""
 TLS_WRITE_HIGH_WATER = 256 * 1024
-"""Encrypted-but-unsent bytes held in the TLS layer before the connection stops reading; the rest of the plain
-connection's WRITE_HIGH_WATER budget queues in the socket's transport."""
+"""Encrypted bytes the TLS layer may hold for a full socket before replies wait in plaintext (see
+:class:`TLSChannel`); the socket's transport holds up to the plain connection's WRITE_HIGH_WATER."""
 
 _upgrades: set[asyncio.Task[None]] = set()  # running upgrades, so none is garbage-collected half-way
 
@@ -147,9 +148,10 @@ def start_tls(conn: NBDConnection, context: ssl.SSLContext) -> None:
 
 
 async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+    channel = TLSChannel(conn)
     try:
         tls = await conn.loop.start_tls(
-            raw, conn, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
+            raw, channel, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
         )
     except Exception as exc:  # any failure of the TLS handshake ends this connection, and only this one
         log.info("%s: closing: TLS handshake failed: %s", conn.peer, exc or type(exc).__name__)
@@ -158,46 +160,98 @@ async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSL
         raw.abort()
         conn.connection_lost(None)
         return
-    # Ciphertext waits in the socket's transport (whose limit the connection set to WRITE_HIGH_WATER; freed as
-    # it is sent) rather than in the TLS layer's outgoing memory BIO, which keeps the largest size it ever held.
     tls.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
-    conn.tls_established(ChunkedWrites(tls))
+    channel.tls = tls
+    conn.tls_established(channel)
 
 
-class ChunkedWrites:
-    """The TLS transport, with every write handed to it in pieces of at most :data:`TLS_WRITE_CHUNK`.
+class TLSChannel:
+    """Between a connection and the TLS layer, both ways: the connection's transport, the TLS layer's protocol.
 
-    The TLS layer encrypts all it is given in one call into its outgoing memory BIO before passing it on, and
-    an OpenSSL memory BIO never gives back the memory it once grew to: one 32 MiB read reply would leave 32 MiB
-    allocated to that connection until it closes. Written in pieces, each is encrypted and passed to the socket's
-    transport before the next, so the BIO stays near one piece.
+    The TLS layer encrypts whatever it is given at once into its outgoing memory BIO, and an OpenSSL memory BIO
+    never gives back the memory it once grew to: a 32 MiB read reply, or replies piling up for a client that
+    does not read, would stay allocated to the connection until it closes. So replies are handed over in pieces
+    of at most :data:`TLS_WRITE_CHUNK` (each encrypted and passed to the socket's transport, which frees what it
+    has sent, before the next), and while more than :data:`TLS_WRITE_HIGH_WATER` waits encrypted in the BIO --
+    the socket's transport itself being full -- the rest is held here in plaintext until the TLS layer says it
+    drained (``resume_writing``). Every call of the TLS layer goes on to the connection; small replies of one
+    batch are joined into one record.
     """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
+    def __init__(self, conn: NBDConnection) -> None:
+        self.tls: asyncio.Transport | None = None  # set once the TLS handshake succeeded
+        self._conn = conn
+        self._held: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self._close_when_sent = False
+        # The protocol side, bound once: the TLS layer calls these for every read.
+        self.get_buffer = conn.get_buffer
+        self.buffer_updated = conn.buffer_updated
+        self.data_received = conn.data_received
+        self.eof_received = conn.eof_received
+        self.connection_lost = conn.connection_lost
+        self.pause_writing = conn.pause_writing
+
+    def resume_writing(self) -> None:
+        held, self._held = self._held, collections.deque()
+        for data in held:
+            self.write(data)
+        if self._held or self._full():
+            return  # the connection stays paused until the rest is in the TLS layer
+        if self._close_when_sent:
+            assert self.tls is not None
+            self.tls.close()
+            return
+        self._conn.resume_writing()
+
+    # -- the transport side --------------------------------------------------------------------------------------
+    def _full(self) -> bool:
+        assert self.tls is not None
+        return self.tls.get_write_buffer_size() >= TLS_WRITE_HIGH_WATER
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if len(data) <= TLS_WRITE_CHUNK:
-            self._transport.write(data)
-            return
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), TLS_WRITE_CHUNK):
-            self._transport.write(view[start : start + TLS_WRITE_CHUNK])
+        assert self.tls is not None
+        if self._held or self._full():
+            self._held.append(data)
+        elif len(data) <= TLS_WRITE_CHUNK:
+            self.tls.write(data)
+        else:
+            view = memoryview(data).cast("B")
+            for start in range(0, len(view), TLS_WRITE_CHUNK):
+                if self._full():
+                    self._held.append(view[start:])
+                    return
+                self.tls.write(view[start : start + TLS_WRITE_CHUNK])
 
     def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        # Small replies are joined into one write: one TLS record and one send for a batch, where the TLS layer
-        # alone would make a record per reply.
+        # One record and one send for a batch of small replies, where the TLS layer would make one per reply.
         batch = bytearray()
         for data in chunks:
             if len(batch) + len(data) > TLS_WRITE_CHUNK and batch:
-                self._transport.write(batch)
+                self.write(batch)
                 batch = bytearray()
             if len(data) >= TLS_WRITE_CHUNK:
                 self.write(data)
             else:
                 batch += data
         if batch:
-            self._transport.write(batch)
+            self.write(batch)
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the TLS transport's own
-        return getattr(self._transport, name)
+    def close(self) -> None:
+        """Close once every reply has been handed to the TLS layer (which then sends it and closes)."""
+        assert self.tls is not None
+        if self._held:
+            self._close_when_sent = True
+        else:
+            self.tls.close()
+
+    def is_closing(self) -> bool:
+        assert self.tls is not None
+        return self._close_when_sent or self.tls.is_closing()
+
+    def abort(self) -> None:
+        assert self.tls is not None
+        self._held.clear()
+        self.tls.abort()
+
+    def __getattr__(self, name: str) -> Any:  # pause_reading, get_extra_info, ...: the TLS transport's own
+        return getattr(self.tls, name)
