@@ -23,8 +23,10 @@ import stat
 import tempfile
 
 
-def bind_owner_only(path: str) -> socket.socket:
-    """A ``SOCK_STREAM`` Unix socket bound at ``path`` with mode 0600, not yet listening.
+def listen_owner_only(path: str, backlog: int = 128) -> socket.socket:
+    """A ``SOCK_STREAM`` Unix socket listening at ``path`` with mode 0600.
+
+    It listens before it appears at ``path``, so a client that waits for the path never finds it refusing.
 
     An existing socket at ``path`` (a stale one from an earlier run) is replaced; anything else is not
     (:class:`FileExistsError`), so a mistyped path cannot destroy a file.
@@ -38,6 +40,7 @@ def bind_owner_only(path: str) -> socket.socket:
     try:
         sock.bind(staged)
         os.chmod(staged, 0o600)
+        sock.listen(backlog)
         os.rename(staged, target)
     except BaseException:
         sock.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from cachemode.errors import CachemodeError
 from cachemode.lab.disk import LabDisk
-from cachemode.unixsock import bind_owner_only
+from cachemode.unixsock import listen_owner_only
 
 
 class ControlError(CachemodeError):
@@ -57,7 +57,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def server_bind(self) -> None:
         # Whoever can connect can cut the power: the socket is owner-only from the moment it exists.
         self.socket.close()
-        self.socket = bind_owner_only(self.path)
+        self.socket = listen_owner_only(self.path, self.request_queue_size)
 
     def start(self) -> ControlServer:
         self.thread.start()

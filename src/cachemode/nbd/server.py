@@ -47,7 +47,7 @@ from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
 from cachemode.nbd.tls import TLSConfig
-from cachemode.unixsock import bind_owner_only
+from cachemode.unixsock import listen_owner_only
 
 
 class Server:
@@ -135,7 +135,7 @@ class Server:
 
     async def start_unix(self, path: str) -> str:
         """Listen on a Unix socket that only its owner may connect to (see :mod:`cachemode.unixsock`)."""
-        srv = await self.loop.create_unix_server(self._factory, sock=bind_owner_only(path), backlog=128)
+        srv = await self.loop.create_unix_server(self._factory, sock=listen_owner_only(path, 128), backlog=128)
         self._servers.append(srv)
         self.address = path
         self.uri = f"{self._scheme}+unix:///{self.export.name}?socket={path}"
