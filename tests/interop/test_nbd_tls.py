@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -120,8 +121,15 @@ def test_nbdinfo_over_tls(tmp_path: Path, tls_certs: Certificates) -> None:
     assert info["exports"][0]["export-size"] == SIZE
 
 
-def test_nbdcopy_round_trip_over_tls(tmp_path: Path, tls_certs: Certificates) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_nbdcopy_round_trip_over_tls(
+    tmp_path: Path, tls_certs: Certificates, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nbdcopy's four connections, on uvloop (what the server runs on) and on CPython's own loop (its fallback),
+    whose TLS layer hands over the first decrypted bytes before start_tls has returned."""
     need("nbdcopy")
+    if loop == "asyncio":
+        monkeypatch.setattr("tests.nbd.serving.new_event_loop", asyncio.new_event_loop)
     data = os.urandom(SIZE)
     source, back = tmp_path / "source.raw", tmp_path / "back.raw"
     source.write_bytes(data)

@@ -15,7 +15,9 @@ only for a plain protocol. The upgrade keeps these rules:
 * the handshake time limit keeps running through the TLS handshake (and bounds it a second time as
   ``ssl_handshake_timeout``); a TLS handshake that fails, times out or meets garbage ends that connection only;
 * the TLS layer does not report a connection lost during its own handshake to the application protocol, so the
-  upgrade does it, once.
+  upgrade does it, once;
+* CPython's own loop (the fallback where uvloop is not installed) hands over the first decrypted bytes before
+  ``start_tls`` has returned, uvloop only after: they are kept until the connection writes through TLS.
 
 Memory: a TLS connection costs more than a plain one. On top of the plain connection's budget it has OpenSSL's
 session and record buffers, uvloop's 256 KiB TLS receive buffer (``SSL_READ_MAX_SIZE``, touched once a large
@@ -150,10 +152,10 @@ def start_tls(conn: NBDConnection, context: ssl.SSLContext) -> None:
 
 
 async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
-    channel = TLSChannel(conn)
+    early = _Early(conn)
     try:
         tls = await conn.loop.start_tls(
-            raw, channel, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
+            raw, early, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
         )
     except Exception as exc:  # any failure of the TLS handshake ends this connection, and only this one
         log.info("%s: closing: TLS handshake failed: %s", conn.peer, exc or type(exc).__name__)
@@ -163,11 +165,47 @@ async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSL
         conn.connection_lost(None)
         return
     tls.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
-    channel.tls = tls
+    channel = TLSChannel(conn, tls)
+    tls.set_protocol(channel)
     conn.tls_established(channel)
+    if early.data:
+        conn.data_received(bytes(early.data))
+    if early.eof and not conn.closed:
+        conn.eof_received()
 
 
-class TLSChannel:
+class _Early(asyncio.BufferedProtocol):
+    """The TLS layer's protocol until ``start_tls`` has returned the TLS transport.
+
+    uvloop hands over the first decrypted bytes only after that, but CPython's own loop (used where uvloop is
+    not installed) does so in the same callback that completes the handshake: they are kept here, and given to
+    the connection once it writes through TLS. The client must wait for the reply to each option, so this is
+    at most what the TLS layer had decrypted at that moment (its receive limit, 256 KiB).
+    """
+
+    def __init__(self, conn: NBDConnection) -> None:
+        self.conn = conn
+        self.data = bytearray()
+        self.eof = False
+        self._buffer = bytearray(64 * 1024)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self._buffer[:nbytes]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+
+class TLSChannel(asyncio.BufferedProtocol):
     """Between a connection and the TLS layer, both ways: the connection's transport, the TLS layer's protocol.
 
     The TLS layer encrypts whatever it is given at once into its outgoing memory BIO, and an OpenSSL memory BIO
@@ -180,12 +218,13 @@ class TLSChannel:
     batch are joined into one record.
     """
 
-    def __init__(self, conn: NBDConnection) -> None:
-        self.tls: asyncio.Transport | None = None  # set once the TLS handshake succeeded
+    def __init__(self, conn: NBDConnection, tls: asyncio.Transport) -> None:
+        self.tls = tls
         self._conn = conn
         self._held: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._close_when_sent = False
-        # The protocol side, bound once: the TLS layer calls these for every read.
+        # The protocol side, bound once (the TLS layer looks them up when it is handed this protocol, so reads
+        # cost no extra call; asyncio.BufferedProtocol as the base makes CPython's loop use them too).
         self.get_buffer = conn.get_buffer
         self.buffer_updated = conn.buffer_updated
         self.data_received = conn.data_received
@@ -200,18 +239,15 @@ class TLSChannel:
         if self._held or self._full():
             return  # the connection stays paused until the rest is in the TLS layer
         if self._close_when_sent:
-            assert self.tls is not None
             self.tls.close()
             return
         self._conn.resume_writing()
 
     # -- the transport side --------------------------------------------------------------------------------------
     def _full(self) -> bool:
-        assert self.tls is not None
         return self.tls.get_write_buffer_size() >= TLS_WRITE_HIGH_WATER
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert self.tls is not None
         if self._held or self._full():
             self._held.append(data)
         elif len(data) <= TLS_WRITE_CHUNK:
@@ -240,18 +276,15 @@ class TLSChannel:
 
     def close(self) -> None:
         """Close once every reply has been handed to the TLS layer (which then sends it and closes)."""
-        assert self.tls is not None
         if self._held:
             self._close_when_sent = True
         else:
             self.tls.close()
 
     def is_closing(self) -> bool:
-        assert self.tls is not None
         return self._close_when_sent or self.tls.is_closing()
 
     def abort(self) -> None:
-        assert self.tls is not None
         self._held.clear()
         self.tls.abort()
 
