@@ -14,10 +14,11 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
-from cachemode.nbd import replies, tls
+from cachemode.nbd import replies
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.requests import Rejected, Request, Transmission
+from cachemode.nbd.tls import start_tls
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -189,7 +190,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, StartTLS):
                 self._sock_fd = -1  # from now on every byte goes through the TLS transport
                 assert self.server.tls is not None
-                tls.start_tls(self, self.server.tls.context)
+                start_tls(self, self.server.tls.context)
                 return
             if isinstance(event, Ready):
                 negotiated = event.negotiated
