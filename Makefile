@@ -14,9 +14,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "cachemode: creating the virtualenv $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "cachemode: installing cachemode and its dependencies (numpy, numba, matplotlib, ...; a minute or two the first time)"
+	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	@echo "cachemode: installed in $(VENV)"
 	touch $(STAMP)
 
 debs:

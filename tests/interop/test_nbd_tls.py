@@ -275,3 +275,33 @@ def test_replies_to_a_client_that_stops_reading_all_arrive_in_order_of_bytes(
         assert seen == set(range(count))
         assert closed_by_server(sock)
         sock.close()
+
+
+def test_requests_larger_than_the_budget_follow_each_other_over_tls(tmp_path: Path, tls_certs: Certificates) -> None:
+    """A request larger than the connection's budget is admitted only into an empty one: the encrypted bytes
+    still on their way out must not keep it waiting for ever."""
+    with tls_served(tmp_path, tls_certs, connection_budget=MIB) as srv:
+        sock = start_tls(raw_client(srv), tls_certs)
+        assert option(sock, c.OPT_GO, go_data())[-1] == (c.REP_ACK, b"")
+        data = os.urandom(4 * MIB)
+        for cookie in range(3):
+            sock.sendall(struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, cookie, 0, len(data)) + data)
+            assert recv_exact(sock, 16) == struct.pack(">IIQ", c.SIMPLE_REPLY_MAGIC, 0, cookie)
+            sock.sendall(struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_READ, 100 + cookie, 0, len(data)))
+            assert recv_exact(sock, 16) == struct.pack(">IIQ", c.SIMPLE_REPLY_MAGIC, 0, 100 + cookie)
+            assert recv_exact(sock, len(data)) == data
+        sock.close()
+
+
+def test_max_connections_counts_connections_in_their_tls_handshake(tmp_path: Path, tls_certs: Certificates) -> None:
+    with tls_served(tmp_path, tls_certs, max_connections=1) as srv:
+        first = raw_client(srv)
+        assert option(first, c.OPT_STARTTLS) == [(c.REP_ACK, b"")]  # and then silence, mid-handshake
+        second = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        assert closed_by_server(second)  # refused before the greeting
+        second.close()
+        first.close()
+        assert wait_connections(srv, 0) == 0
+        third = start_tls(raw_client(srv), tls_certs)  # the slot is free again
+        assert [r[0] for r in option(third, c.OPT_LIST)] == [c.REP_SERVER, c.REP_ACK]
+        third.close()

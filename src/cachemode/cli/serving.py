@@ -3,7 +3,6 @@ address checks, the ready line, and running the server with start-up failures tu
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,8 +72,6 @@ def open_served_disk(image: str | None, cache: str, write_cache: str, read_only:
         if create_size is not None:
             raise click.UsageError("--create needs an IMAGE")
         image = str(ensure_demo_image())
-    elif create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     if create_size is not None and create_size <= 0:
         raise click.UsageError("--create SIZE must be positive")
     return open_disk(image, cache, write_cache=on_off(write_cache), read_only=read_only, create_size=create_size)
@@ -89,10 +86,12 @@ def run_server(
     export_name: str,
     on_ready: Any = None,
     tls: Any = None,
+    **limits: Any,
 ) -> Any:
     """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError.
 
-    ``tls`` is a :class:`cachemode.nbd.tls.TLSConfig` (see :mod:`cachemode.cli.tls`) or None.
+    ``tls`` is a :class:`cachemode.nbd.tls.TLSConfig` (see :mod:`cachemode.cli.tls`) or None; ``limits`` go to
+    :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
     """
     from cachemode.cli.tls import exposure_warning
     from cachemode.nbd.server import serve
@@ -117,6 +116,7 @@ def run_server(
             description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
             on_ready=ready,
             tls=tls,
+            **limits,
         )
     except OSError as exc:
         where = socket_path or f"{bind}:{port}"

@@ -168,8 +168,8 @@ class DirectPaths:
                     # Large read: straight from the aligned buffer to the socket, copying only what the
                     # socket does not take at once.
                     self._finish(req)
-                    self._send_direct(hdr, buf, length)
-                    aio.release(buf)
+                    if not self._send_direct(hdr, buf, length):
+                        aio.release(buf)
                     self._after_completion()
                     return
                 result = (hdr, buf[:length])
@@ -194,11 +194,15 @@ class DirectPaths:
             rest = Request(c.CMD_WRITE, 0, cookie, req.offset + res, length - res, memoryview(req.data)[res:])
             self._submit(rest)
 
-    def _send_direct(self, hdr: bytes, buf: Any, length: int) -> None:
-        """Write ``hdr`` + ``buf[:length]`` with writev when nothing is queued before it; queue the rest."""
+    def _send_direct(self, hdr: bytes, buf: Any, length: int) -> bool:
+        """Write ``hdr`` + ``buf[:length]`` with writev when nothing is queued before it; queue the rest.
+
+        Returns True when the transport was handed a view of ``buf`` itself (not a copy): the buffer is then
+        the transport's, freed (unmapped) once sent, and must not go back to the pool.
+        """
         transport = self.transport
         if transport is None:
-            return
+            return False
         sent = 0
         if self._sock_fd >= 0 and not transport.get_write_buffer_size():
             with memoryview(buf) as view:
@@ -208,14 +212,17 @@ class DirectPaths:
                     sent = 0
                 except OSError:
                     self._abort()
-                    return
+                    return False
         total = len(hdr) + length
         if sent >= total:
-            return
+            return False
+        # No copy of the rest: a client that reads slowly must not turn each queued reply into a heap block.
+        view = memoryview(buf)[max(0, sent - len(hdr)) : length]
         if sent < len(hdr):
-            transport.write(hdr[sent:] + buf[:length])
+            transport.writelines([hdr[sent:], view])
         else:
-            transport.write(buf[sent - len(hdr) : length])
+            transport.write(view)
+        return True
 
 
 def nowait_works(fd: int | None) -> bool:

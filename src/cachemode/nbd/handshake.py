@@ -159,7 +159,12 @@ class Handshake:
                 events.append(self._skipped(self._skip_option))
         self._in += view
         while self.state in (State.CLIENT_FLAGS, State.NEGOTIATING) and not self._skip:
-            event = self._step()
+            try:
+                event = self._step()
+            except ProtocolError:
+                # Whatever the violation, the connection is over: never leave the state at NEGOTIATING.
+                self.state = State.CLOSED
+                raise
             if event is None:
                 break
             events.append(event)

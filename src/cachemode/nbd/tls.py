@@ -19,14 +19,14 @@ only for a plain protocol. The upgrade keeps these rules:
 * CPython's own loop (the fallback where uvloop is not installed) hands over the first decrypted bytes before
   ``start_tls`` has returned, uvloop only after: they are kept until the connection writes through TLS.
 
-Memory: a TLS connection costs more than a plain one. On top of the plain connection's budget it has OpenSSL's
+Memory: a TLS connection costs more than a plain one, and outside the connection's memory budget
+(:mod:`cachemode.nbd.budget`, which counts the replies held back in :class:`TLSChannel` as queued): OpenSSL's
 session and record buffers, uvloop's 256 KiB TLS receive buffer (``SSL_READ_MAX_SIZE``, touched once a large
-WRITE arrives) and the incoming memory BIO, which pauses the socket at 256 KiB of undecrypted data but, like
+WRITE arrives), and the incoming memory BIO, which pauses the socket at 256 KiB of undecrypted data but, like
 every OpenSSL memory BIO, keeps the largest size it grew to. Replies never pile up in the outgoing BIO (see
-:class:`TLSChannel`). Measured (resident memory of the server per idle connection, 20-100 connections): 327 KiB
-plain, 359 KiB TLS after small I/O, about 1 MiB TLS after 1 MiB or 32 MiB READs and WRITEs (6 MiB before
-:class:`TLSChannel`); unsent replies are bounded as for a plain connection (WRITE_HIGH_WATER in the socket's
-transport, :data:`TLS_WRITE_HIGH_WATER` in the TLS layer, the rest held back with reading paused).
+:class:`TLSChannel`). Measured (resident memory of the server per idle connection, 20-40 connections): 2 KiB
+plain, 37 KiB TLS after 4 KiB I/O, about 0.6 MiB TLS after 1 MiB or 32 MiB READs and WRITEs (6 MiB before
+:class:`TLSChannel`).
 """
 
 from __future__ import annotations
@@ -55,9 +55,13 @@ SERVER_KEY = "server-key.pem"
 
 TLS_WRITE_CHUNK = 64 * 1024
 """The most plaintext handed to the TLS layer in one write (see :class:`TLSChannel`)."""
-TLS_WRITE_HIGH_WATER = 256 * 1024
+TLS_WRITE_HIGH_WATER = 64 * 1024
 """Encrypted bytes the TLS layer may hold for a full socket before replies wait in plaintext (see
-:class:`TLSChannel`); the socket's transport holds up to the plain connection's WRITE_HIGH_WATER."""
+:class:`TLSChannel`); like the socket transport's limit, also how stale the budget's view may get."""
+
+TLS_CLOSE_WAIT = 5.0
+"""Seconds a closing TLS connection waits for the last replies to leave and for the client's close_notify
+(idle clients do not read, and would hold a shutdown for the TLS layer's default 30 s)."""
 
 _upgrades: set[asyncio.Task[None]] = set()  # running upgrades, so none is garbage-collected half-way
 
@@ -155,14 +159,20 @@ async def _upgrade(conn: NBDConnection, raw: asyncio.Transport, context: ssl.SSL
     early = _Early(conn)
     try:
         tls = await conn.loop.start_tls(
-            raw, early, context, server_side=True, ssl_handshake_timeout=conn.server.handshake_limit or None
+            raw,
+            early,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=conn.server.handshake_limit or None,
+            ssl_shutdown_timeout=TLS_CLOSE_WAIT,
         )
     except Exception as exc:  # any failure of the TLS handshake ends this connection, and only this one
         log.info("%s: closing: TLS handshake failed: %s", conn.peer, exc or type(exc).__name__)
         tls = None
     if tls is None or tls.is_closing() or conn.closed:
         raw.abort()
-        conn.connection_lost(None)
+        if not conn.closed:  # the TLS layer reports no loss during its handshake: once, here
+            conn.connection_lost(None)
         return
     tls.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
     channel = TLSChannel(conn, tls)
@@ -202,7 +212,8 @@ class _Early(asyncio.BufferedProtocol):
         self.eof = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.connection_lost(exc)
+        if not self.conn.closed:  # the upgrade may have reported it already
+            self.conn.connection_lost(exc)
 
 
 class TLSChannel(asyncio.BufferedProtocol):
@@ -222,6 +233,7 @@ class TLSChannel(asyncio.BufferedProtocol):
         self.tls = tls
         self._conn = conn
         self._held: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self._held_size = 0
         self._close_when_sent = False
         # The protocol side, bound once (the TLS layer looks them up when it is handed this protocol, so reads
         # cost no extra call; asyncio.BufferedProtocol as the base makes CPython's loop use them too).
@@ -234,6 +246,7 @@ class TLSChannel(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         held, self._held = self._held, collections.deque()
+        self._held_size = 0
         for data in held:
             self.write(data)
         if self._held or self._full():
@@ -250,6 +263,7 @@ class TLSChannel(asyncio.BufferedProtocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._held or self._full():
             self._held.append(data)
+            self._held_size += len(data)
         elif len(data) <= TLS_WRITE_CHUNK:
             self.tls.write(data)
         else:
@@ -257,6 +271,7 @@ class TLSChannel(asyncio.BufferedProtocol):
             for start in range(0, len(view), TLS_WRITE_CHUNK):
                 if self._full():
                     self._held.append(view[start:])
+                    self._held_size += len(view) - start
                     return
                 self.tls.write(view[start : start + TLS_WRITE_CHUNK])
 
@@ -274,6 +289,17 @@ class TLSChannel(asyncio.BufferedProtocol):
         if batch:
             self.write(batch)
 
+    def get_write_buffer_size(self) -> int:
+        """The reply bytes held here: what the connection's memory budget counts as queued.
+
+        The encrypted bytes below (at most :data:`TLS_WRITE_HIGH_WATER` plus one piece in the TLS layer, and the
+        socket transport's high-water mark) are left out, as a plain connection's budget is up to one
+        high-water mark out of date: those drain with no report to the connection, and a count that stayed
+        above zero would keep a request larger than the budget (admitted only into an empty one) waiting
+        for ever.
+        """
+        return self._held_size
+
     def close(self) -> None:
         """Close once every reply has been handed to the TLS layer (which then sends it and closes)."""
         if self._held:
@@ -286,6 +312,7 @@ class TLSChannel(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         self._held.clear()
+        self._held_size = 0
         self.tls.abort()
 
     def __getattr__(self, name: str) -> Any:  # pause_reading, get_extra_info, ...: the TLS transport's own
