@@ -30,12 +30,17 @@ SIZE = 16 * MIB
 
 @contextlib.contextmanager
 def tls_served(
-    tmp_path: Path, certs: Certificates, mode: str = "require", verify_peer: bool = False, **server_options: object
+    tmp_path: Path,
+    certs: Certificates,
+    mode: str = "require",
+    verify_peer: bool = False,
+    cache: str = "writeback",
+    **server_options: object,
 ) -> Iterator[ThreadServer]:
     path = tmp_path / "disk.img"
     if not path.exists():
         open_disk(path, "writeback", create_size=SIZE).close()
-    disk = open_disk(path, "writeback")
+    disk = open_disk(path, cache)
     config = TLSConfig(TLSMode(mode), x509_context(certs.server, verify_peer), "x509")
     srv = ThreadServer(disk, tls=config, **server_options)
     try:
@@ -121,19 +126,20 @@ def test_nbdinfo_over_tls(tmp_path: Path, tls_certs: Certificates) -> None:
     assert info["exports"][0]["export-size"] == SIZE
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("loop,cache", [("uvloop", "writeback"), ("asyncio", "writeback"), ("uvloop", "none")])
 def test_nbdcopy_round_trip_over_tls(
-    tmp_path: Path, tls_certs: Certificates, loop: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_certs: Certificates, loop: str, cache: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nbdcopy's four connections, on uvloop (what the server runs on) and on CPython's own loop (its fallback),
-    whose TLS layer hands over the first decrypted bytes before start_tls has returned."""
+    whose TLS layer hands over the first decrypted bytes before start_tls has returned; and with O_DIRECT, whose
+    native-AIO read replies hand the transport a view of their buffer."""
     need("nbdcopy")
     if loop == "asyncio":
         monkeypatch.setattr("tests.nbd.serving.new_event_loop", asyncio.new_event_loop)
     data = os.urandom(SIZE)
     source, back = tmp_path / "source.raw", tmp_path / "back.raw"
     source.write_bytes(data)
-    with tls_served(tmp_path, tls_certs, verify_peer=True) as srv:
+    with tls_served(tmp_path, tls_certs, verify_peer=True, cache=cache) as srv:
         uri = nbds(srv, tls_certs.client)
         run(["nbdcopy", str(source), uri])
         run(["nbdcopy", uri, str(back)])
@@ -246,15 +252,16 @@ def test_handshake_limit_covers_the_tls_handshake(tmp_path: Path, tls_certs: Cer
         assert wait_connections(srv, 0) == 0
 
 
+@pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_replies_to_a_client_that_stops_reading_all_arrive_in_order_of_bytes(
-    tmp_path: Path, tls_certs: Certificates
+    tmp_path: Path, tls_certs: Certificates, cache: str
 ) -> None:
     """64 one-MiB READs and a DISC, read only after a pause: the replies that waited (in the socket's transport,
     the TLS layer, and in plaintext behind it) all arrive intact before the server closes."""
     image = tmp_path / "disk.img"
     data = os.urandom(SIZE)
     image.write_bytes(data)
-    with tls_served(tmp_path, tls_certs) as srv:
+    with tls_served(tmp_path, tls_certs, cache=cache) as srv:
         sock = start_tls(raw_client(srv, rcvbuf=64 * 1024), tls_certs)
         assert option(sock, c.OPT_STRUCTURED_REPLY) == [(c.REP_ACK, b"")]
         assert option(sock, c.OPT_GO, go_data())[-1] == (c.REP_ACK, b"")
