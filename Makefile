@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client \
-          qemu-system-x86 busybox-static e2fsprogs sqlite3
+          qemu-system-x86 busybox-static e2fsprogs sqlite3 openssl
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench debs venv clean

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls_certs import Certificates, make_certificates
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -93,3 +95,12 @@ def guest_kernel() -> object:
         return setup()
     except VmError as exc:
         pytest.skip(f"no guest kernel and 'cachemode vm setup' failed: {exc}")
+
+
+# -- TLS (tests/interop/test_nbd_tls.py, test_serve_security.py) -------------------------------------------------
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA, a server certificate, a client certificate and one from another CA (see tests/tls_certs.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (Debian: openssl)")
+    return make_certificates(tmp_path_factory.mktemp("tls"))

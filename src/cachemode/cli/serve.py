@@ -9,6 +9,7 @@ import click
 from cachemode.cli.lab import lab_config_from_options, lab_options, serve_lab
 from cachemode.cli.options import SIZE, disk_options, on_off
 from cachemode.cli.serving import DEFAULT_PORT, check_address, open_served_disk, run_server
+from cachemode.cli.tls import tls_config_from_options, tls_options
 from cachemode.nbd.budget import CONNECTION_BUDGET, LARGEST_REQUEST, SERVER_BUDGET
 from cachemode.nbd.server import MAX_CONNECTIONS, SHUTDOWN_TIMEOUT
 
@@ -21,6 +22,7 @@ from cachemode.nbd.server import MAX_CONNECTIONS, SHUTDOWN_TIMEOUT
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, help="Unix socket instead.")
 @click.option("--export-name", default="", help="Export name (the empty default name is always accepted).")
 @click.option("--create", "create_size", type=SIZE, default=None, help="Create a sparse image of SIZE first.")
+@tls_options
 @click.option(
     "--max-connections",
     type=click.IntRange(min=1),
@@ -62,6 +64,10 @@ def serve(
     socket_path: str | None,
     export_name: str,
     create_size: int | None,
+    tls: str,
+    tls_certificates: str | None,
+    tls_verify_peer: bool,
+    tls_psk: str | None,
     max_connections: int,
     shutdown_timeout: float,
     connection_budget: int,
@@ -75,6 +81,7 @@ def serve(
     finishing in-flight requests and flushing (except in unsafe).
     """
     port = check_address(port, socket_path)
+    tls_config = tls_config_from_options(tls, tls_certificates, tls_verify_peer, tls_psk)
     if connection_budget < 1:
         raise click.UsageError("--connection-budget must be positive")
     if memory_budget < LARGEST_REQUEST:
@@ -89,6 +96,7 @@ def serve(
         "shutdown_timeout": shutdown_timeout,
         "connection_budget": connection_budget,
         "server_budget": memory_budget,
+        "tls": tls_config,
     }
     lab_config = lab_config_from_options(**lab)
     if lab_config is not None:  # the power-loss lab (cachemode.lab): emulated host caches, --control, --record

@@ -47,10 +47,11 @@ def ready_line(server: Any) -> str:
     disk = server.disk
     told = "SEND_FLUSH+SEND_FUA" if disk.guest_write_cache else "no write cache (no SEND_FLUSH/SEND_FUA)"
     flags = server.export.transmission_flags(True)
+    tls = f" tls={server.tls.mode.value}({server.tls.kind})" if server.tls is not None else ""
     return (
         f"cachemode serve: {server.uri} cache={disk.mode.name} "
         f"write-cache={'on' if disk.write_cache else 'off'} size={disk.size} "
-        f"told={told} flags={'|'.join(describe_flags(flags))}"
+        f"told={told} flags={'|'.join(describe_flags(flags))}{tls}"
     )
 
 
@@ -84,13 +85,20 @@ def run_server(
     socket_path: str | None,
     export_name: str,
     on_ready: Any = None,
+    tls: Any = None,
     **limits: Any,
 ) -> Any:
     """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError.
 
-    ``limits`` go to :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
+    ``tls`` is a :class:`cachemode.nbd.tls.TLSConfig` (see :mod:`cachemode.cli.tls`) or None; ``limits`` go to
+    :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
     """
+    from cachemode.cli.tls import exposure_warning
     from cachemode.nbd.server import serve
+
+    warning = exposure_warning(bind, socket_path, tls)
+    if warning:
+        click.echo(warning, err=True)
 
     def ready(server: Any) -> None:
         click.echo(ready_line(server))
@@ -107,6 +115,7 @@ def run_server(
             export_name=export_name,
             description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
             on_ready=ready,
+            tls=tls,
             **limits,
         )
     except OSError as exc:

@@ -20,8 +20,9 @@ from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 from cachemode.nbd.budget import cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
-from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
+from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.requests import Rejected, Request, Transmission, Violation
+from cachemode.nbd.tls import start_tls
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -68,7 +69,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.disk = server.disk
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.handshake: Handshake | None = Handshake(server.export)
+        self.handshake: Handshake | None = Handshake(server.export, tls=server.tls_mode)
+        self.tls = False  # the connection runs TLS (see cachemode.nbd.tls)
         self.tx: Transmission | None = None
         self.structured = False
         self.in_flight = 0
@@ -181,10 +183,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._abort()
 
     def eof_received(self) -> bool | None:
-        # The client closed its side: finish what is in flight, send the replies, then close.
+        # The client closed its side: finish what is in flight, send the replies, then close. (TLS closes the
+        # connection after the client's close_notify whatever this returns.)
         self.closing = True
         self._maybe_close()
-        return True
+        return None if self.tls else True
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -198,6 +201,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, Aborted):
                 self._close()
                 return
+            if isinstance(event, StartTLS):
+                self._sock_fd = -1  # from now on every byte goes through the TLS transport
+                assert self.server.tls is not None
+                start_tls(self, self.server.tls.context)
+                return
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
@@ -208,6 +216,13 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 if event.trailing:
                     self._transmission_data(event.trailing)
                 return
+
+    def tls_established(self, transport: Any) -> None:
+        """The TLS handshake succeeded (:mod:`cachemode.nbd.tls`): negotiation starts again over ``transport``."""
+        self.transport = transport
+        self.tls = True
+        assert self.handshake is not None
+        self.handshake.tls_started()
 
     # -- transmission -------------------------------------------------------------------------------------------
     def _transmission_data(self, data: bytes) -> None:

@@ -48,8 +48,11 @@ from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
 from cachemode.nbd.direct import nowait_works
 from cachemode.nbd.export import ExportInfo
+from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
 from cachemode.nbd.requests import SCRATCH_SIZE
+from cachemode.nbd.tls import TLSConfig
+from cachemode.unixsock import listen_owner_only
 
 log = logging.getLogger("cachemode.nbd")
 
@@ -84,11 +87,14 @@ class Server:
         max_connections: int = MAX_CONNECTIONS,
         connection_budget: int = budget.CONNECTION_BUDGET,
         server_budget: int = budget.SERVER_BUDGET,
+        tls: TLSConfig | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.disk = disk
         self.handshake_limit = handshake_limit
+        self.tls = tls
+        self.tls_mode = tls.mode if tls is not None else TLSMode.OFF
         self.max_connections = max_connections
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
@@ -186,18 +192,20 @@ class Server:
         bound = srv.sockets[0].getsockname()[1]
         hostpart = f"[{host}]" if ":" in host else host
         self.address = f"{host}:{bound}"
-        self.uri = f"nbd://{hostpart}:{bound}/{self.export.name}"
+        self.uri = f"{self._scheme}://{hostpart}:{bound}/{self.export.name}"
         return int(bound)
 
     async def start_unix(self, path: str) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)
-        srv = await self.loop.create_unix_server(self._factory, path, backlog=128)
+        """Listen on a Unix socket that only its owner may connect to (see :mod:`cachemode.unixsock`)."""
+        srv = await self.loop.create_unix_server(self._factory, sock=listen_owner_only(path, 128), backlog=128)
         self._servers.append(srv)
         self.address = path
-        self.uri = f"nbd+unix:///{self.export.name}?socket={path}"
+        self.uri = f"{self._scheme}+unix:///{self.export.name}?socket={path}"
         return path
+
+    @property
+    def _scheme(self) -> str:
+        return "nbd" if self.tls is None else "nbds"
 
     def abort_connections(self) -> None:
         """Drop every connection now, without waiting for replies to be read (a second SIGTERM)."""
@@ -280,6 +288,7 @@ def serve(
     description: str = "",
     on_ready: Callable[[Server], None] | None = None,
     stop: asyncio.Event | None = None,
+    tls: TLSConfig | None = None,
     max_connections: int = MAX_CONNECTIONS,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     connection_budget: int = budget.CONNECTION_BUDGET,
@@ -304,6 +313,7 @@ def serve(
         max_connections=max_connections,
         connection_budget=connection_budget,
         server_budget=server_budget,
+        tls=tls,
     )
 
     async def main() -> None:
