@@ -326,3 +326,31 @@ def test_a_full_server_budget_still_serves_small_requests_and_wakes_large_ones(t
     finally:
         srv.stop()
         disk.close()
+
+
+@pytest.mark.parametrize("mode", ["writeback", "none"])
+def test_requests_larger_than_the_budget_follow_one_another(tmp_path: Path, mode: str) -> None:
+    """A 32 MiB READ is admitted alone. After the previous one's reply, the transport may still hold a few KiB
+    it sends without reporting: the next large request must not wait for a report that never comes (it did,
+    once in two runs, in none)."""
+    with served(tmp_path / "d.img", mode, size=64 * MIB) as srv:
+        cl = Client("127.0.0.1", srv.port)
+        cl.sock.settimeout(60)
+        cl.pwrite(b"b" * 4096, 0)
+        for _ in range(8):
+            assert cl.pread(32 * MIB, 0)[:4096] == b"b" * 4096
+        cl.close()
+
+
+def test_a_large_request_does_not_wait_for_bytes_the_transport_sends_unreported() -> None:
+    """The ledger's rule itself: with nothing admitted and only a stale few KiB queued, a request larger than
+    the connection's budget is admitted; with more than the high-water mark queued, it waits."""
+    from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, ServerBudget
+
+    budget = ServerBudget(None, limit=256 * MIB, per_connection=8 * MIB)
+    ledger = budget.ledger(lambda: None)
+    ledger.set_queued(16 * 1024)
+    assert ledger.admit(32 * MIB)
+    ledger.release(32 * MIB)
+    ledger.set_queued(TRANSPORT_HIGH_WATER + 1)
+    assert not ledger.admit(32 * MIB)

@@ -11,7 +11,8 @@ clients cannot add up to more than it; requests of a connection that holds almos
 hostile ones fill the server's budget.
 
 The bound is therefore: per connection max(its budget, one request up to the 32 MiB maximum payload -- a
-request larger than the budget is admitted alone), and for the server its budget plus :data:`RESERVE` per
+request larger than the budget is admitted alone, beside at most :data:`TRANSPORT_HIGH_WATER` of replies the
+transport is still sending), and for the server its budget plus :data:`RESERVE` per
 connection. Error replies to rejected requests are not admitted one by one (they cost no disk work) but
 count once queued, so reading pauses after at most one read's worth of them past the budget. What the kernel
 holds in socket buffers is not counted (it is not the process's memory).
@@ -40,6 +41,10 @@ SERVER_BUDGET = 256 * 1024 * 1024
 """Bytes all connections together may make the server hold (plus :data:`RESERVE` each)."""
 RESERVE = 128 * 1024
 """A connection holding less than this may always start a request that keeps it under it."""
+TRANSPORT_HIGH_WATER = 64 * 1024
+"""Unsent bytes above which a connection's transport reports back-pressure. Below it the transport sends on
+without a word, so the budget's view of it (refreshed at each report) is never more than this out of date,
+and it never waits for bytes that the transport drains on its own."""
 SMALL_REPLY = 4096
 """What a request without data is charged: its reply (an error message, a short block status) and its event."""
 
@@ -116,8 +121,10 @@ class Ledger:
         """Charge ``amount`` if it fits; otherwise charge nothing, arrange a wake-up, and return False."""
         budget = self.budget
         mine = self.held + self.queued
-        if mine + amount > budget.per_connection and mine:
-            return False  # the connection retries itself when one of its replies leaves or a request completes
+        if mine + amount > budget.per_connection and (self.held or self.queued > TRANSPORT_HIGH_WATER):
+            # Retried when one of its replies leaves or a request completes. Queued bytes below the high-water
+            # mark are not waited for: the transport sends them without reporting, so nothing would wake us.
+            return False
         if budget.used + amount > budget.limit and mine + amount > RESERVE:
             if not self.closed:
                 budget._waiting[self] = self.wake  # woken when another connection releases memory

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd.budget import cost
+from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.requests import Rejected, Request, Transmission, Violation
@@ -34,9 +34,6 @@ HANDSHAKE_LIMIT = 10.0
 MAX_IN_FLIGHT = 64
 """Requests outstanding per connection before the server stops reading from it (memory is bounded by the
 connection's budget, :mod:`cachemode.nbd.budget`; this bounds the work queued for the pool and the AIO context)."""
-TRANSPORT_HIGH_WATER = 64 * 1024
-"""Unsent bytes above which the transport reports back-pressure: the budget's view of a paused transport is
-refreshed at each report, so it is never more than this out of date."""
 INLINE_WRITE_MAX = 256 * 1024
 """Page-cache writes below this size run inline; larger ones go to the pool, so the kernel's copy of one
 payload overlaps with receiving the next."""
