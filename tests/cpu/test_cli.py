@@ -74,7 +74,7 @@ def test_sim_errors(tmp_path, xdin):
     bad.write_text("0 10\n0 10\n9 10\n")
     for args, fragment in [
         (["sim", str(bad), "--level", "u:1k:16:1"], "bad.din: line 3: din format error: label 9"),
-        (["sim", str(xdin), "--level", "u:1k:16:3"], "power-of-2 number of sets"),
+        (["sim", str(xdin), "--level", "u:1k:16:0"], "associativity '0' is not a number of ways (1 or more) or 'full'"),
         (["sim", str(xdin)], "no caches"),
         (["sim", str(tmp_path / "missing.din"), "--level", "u:1k:16:1"], "cannot read trace"),
     ]:

@@ -2,7 +2,7 @@
 
 ``disk``, ``nbd``, ``lab`` and ``cpu`` are libraries that import only downward (``lab`` uses ``disk``; ``nbd``
 knows nothing of ``lab``); this package is where they meet the user. Each subcommand lives in a module here and
-is imported only when invoked, so ``cachemode modes`` does not pay for numba or asyncio start-up. Every user
+is imported only when invoked, so ``cachemode modes`` does not pay for NumPy or asyncio start-up. Every user
 error ends as one line on stderr and exit status 2, never a traceback.
 """
 

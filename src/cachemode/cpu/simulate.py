@@ -16,10 +16,11 @@ import os
 
 import numpy as np
 
+from cachemode.cpu import kernels as K
 from cachemode.cpu.config import CacheConfig, Hierarchy
 from cachemode.cpu.kernels import CacheState, run_cache
 from cachemode.cpu.stats import CacheStats, SimResult
-from cachemode.cpu.trace import Trace, read_trace
+from cachemode.cpu.trace import Trace, TraceReader
 
 _EMPTY_ORIGIN = np.empty(0, np.int64)
 
@@ -95,7 +96,7 @@ def top_stream(trace: Trace, *, flushcount: int = 0, copyback: bool = True) -> S
     )
 
 
-CHUNK = 1 << 20  # top-level events per pass through the hierarchy: buffers stay small and are reused
+CHUNK = 1 << 18  # top-level events per pass through the hierarchy: buffers stay small and are reused
 
 
 class _Runner:
@@ -138,10 +139,11 @@ def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
 
     Blocks whose address bits ``[shift, shift + log2(parts))`` are equal land in the same slice of sets at
     every level (those bits are set-index bits everywhere), so each slice can run on its own core with the
-    exact result of a serial run. Needs per-set replacement (LRU, FIFO, PLRU) and no 3C shadow cache.
+    exact result of a serial run. Needs per-set replacement (LRU, FIFO, PLRU), no 3C shadow cache and a
+    power-of-2 number of sets everywhere.
     """
     caches = [cfg for _, cfg in hierarchy.caches()]
-    if threads < 2 or any(c.ccc or c.repl == "random" for c in caches):
+    if threads < 2 or any(c.ccc or c.repl == "random" or c.nsets & (c.nsets - 1) for c in caches):
         return 0, 1
     shift = max(c.block_size.bit_length() - 1 for c in caches)
     room = min(c.block_size.bit_length() - 1 + c.nsets.bit_length() - 1 - shift for c in caches)
@@ -166,95 +168,124 @@ def default_threads() -> int:
 
 
 class Simulation:
-    """A run that can be advanced step by step (for periodic statistics) and then finished.
+    """A run fed a trace chunk by chunk (any length, bounded memory), then finished.
 
-    ``simulate()`` is the one-call form. Positions count top-level events: trace records plus, with
-    ``flushcount``, the inserted copy-back/invalidate pairs (see :meth:`position_after`).
+    :meth:`feed` takes trace records; with ``flushcount`` a copy-back and invalidate of every cache follows each
+    N-th record (the one due after the last record fed so far waits, so that statistics taken now exclude it, as
+    Dinero IV prints them). :meth:`stats` can be called between feeds; :meth:`finish` ends the run.
+    ``simulate()`` is the one-call form.
     """
 
-    def __init__(self, hierarchy: Hierarchy, trace: Trace, *, flushcount: int = 0, threads: int | None = None):
+    def __init__(self, hierarchy: Hierarchy, *, flushcount: int = 0, threads: int | None = None):
         self.hierarchy = hierarchy
-        self.references = len(trace)
         self.flushcount = flushcount if flushcount and flushcount > 0 else 0
-        if self.flushcount:
-            top = top_stream(trace, flushcount=self.flushcount, copyback=False)
-            self.types, self.addrs, self.sizes = top.types, top.addrs, top.sizes
-        else:  # sizes stay uint16 and are widened chunk by chunk
-            self.types, self.addrs, self.sizes = trace.types, trace.addrs, trace.sizes
-        self.n = len(self.types)
+        self.threads = threads
+        self.references = 0  # trace records fed
+        self.pos = 0  # top-level events sent down (records plus inserted flushes)
+        self.flush_due = False
+        self.runners: list[_Runner] = []
+        self.parts = 1
+
+    def _start(self, first_chunk: int) -> None:
+        threads = self.threads
         if threads is None:
-            threads = default_threads() if self.n >= PARALLEL_MIN_EVENTS else 1
-        self.shift, self.parts = partitioning(hierarchy, threads)
-        self.runners = [_Runner(hierarchy) for _ in range(self.parts)]
+            threads = default_threads() if first_chunk >= PARALLEL_MIN_EVENTS else 1
+        shift, self.parts = partitioning(self.hierarchy, threads)
+        self.runners = [_Runner(self.hierarchy) for _ in range(self.parts)]
         if self.parts > 1:
             for pid, runner in enumerate(self.runners):
                 for state in runner.states.values():
-                    state.partition(self.shift, self.parts - 1, pid)
-        self.pos = 0
-        self._wide = [np.empty(min(self.n, CHUNK), np.uint32) for _ in range(self.parts)]
-
-    def position_after(self, records: int) -> int:
-        """The stream position just after ``records`` trace records (before a flush that follows them)."""
-        if not self.flushcount or records == 0:
-            return records
-        return records + 2 * ((records - 1) // self.flushcount)
+                    state.partition(shift, self.parts - 1, pid)
 
     def _each(self, fn) -> None:
         if self.parts == 1:
             fn(0)
             return
-        from concurrent.futures import ThreadPoolExecutor
+        list(self._pool().map(fn, range(self.parts)))
 
-        with ThreadPoolExecutor(max_workers=self.parts) as pool:
-            list(pool.map(fn, range(self.parts)))
+    def _pool(self):
+        if not hasattr(self, "_executor"):
+            from concurrent.futures import ThreadPoolExecutor
 
-    def run_to(self, pos: int) -> None:
-        """Send stream events up to ``pos`` (exclusive) through the hierarchy."""
-        pos = min(pos, self.n)
+            self._executor = ThreadPoolExecutor(max_workers=self.parts)
+        return self._executor
+
+    def _send(self, types: np.ndarray, addrs: np.ndarray, sizes: np.ndarray) -> None:
+        """Send top-level events through the hierarchy, CHUNK at a time."""
+        n = len(types)
         start = self.pos
-        if pos <= start:
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            stream = Stream(types[lo:hi], addrs[lo:hi], sizes[lo:hi])
+            self._each(lambda pid, s=stream, off=start + lo: self.runners[pid].feed(s, off))
+        self.pos += n
+
+    def _flush(self) -> None:
+        self._send(_FLUSH_TYPES, _FLUSH_ZEROS, _FLUSH_SIZES)
+        self.flush_due = False
+
+    def feed(self, trace: Trace) -> None:
+        """Run trace records through the hierarchy (state carries over between calls)."""
+        n = len(trace)
+        if n == 0:
             return
-        types, addrs, sizes = self.types, self.addrs, self.sizes
-
-        def work(pid: int) -> None:
-            runner, wide = self.runners[pid], self._wide[pid]
-            for lo in range(start, pos, CHUNK):
-                hi = min(pos, lo + CHUNK)
-                chunk = sizes[lo:hi]
-                if chunk.dtype != np.uint32:
-                    np.copyto(wide[: hi - lo], chunk)
-                    chunk = wide[: hi - lo]
-                runner.feed(Stream(types[lo:hi], addrs[lo:hi], chunk), lo)
-
-        self._each(work)
-        self.pos = pos
+        if not self.runners:
+            self._start(n)
+        if self.flush_due:
+            self._flush()
+        types, addrs, sizes = trace.types, trace.addrs, trace.sizes
+        fc = self.flushcount
+        if fc:
+            first = fc - self.references % fc  # records until the next flush (1-based within this chunk)
+            after = np.arange(first, n + 1, fc)  # flush after these many records of the chunk
+            self.flush_due = len(after) > 0 and after[-1] == n
+            inner = after[:-1] if self.flush_due else after
+            if len(inner):
+                ins = np.repeat(inner, 2)
+                types = np.insert(types, ins, np.tile(_FLUSH_TYPES, len(inner)))
+                addrs = np.insert(addrs, ins, np.zeros(2 * len(inner), np.uint64))
+                sizes = np.insert(sizes, ins, np.zeros(2 * len(inner), sizes.dtype))
+        self._send(types, addrs, sizes)
+        self.references += n
 
     def finish(self, copyback: bool = True) -> SimResult:
-        """Run the rest of the trace, then (by default) the end-of-run copy-back; return the statistics."""
-        self.run_to(self.n)
+        """End the run: a due flush, then (by default) the end-of-run copy-back; return the statistics."""
+        if not self.runners:
+            self._start(0)
+        if self.flush_due:
+            self._flush()
         if copyback:
-            final = Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32))
-            self._each(lambda pid: self.runners[pid].feed(final, self.n))
+            self._send(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint16))
+        if hasattr(self, "_executor"):
+            self._executor.shutdown()
+            del self._executor
         return self.stats()
 
     def stats(self) -> SimResult:
         result = SimResult(references=self.references)
         for name, cfg in self.hierarchy.caches():
-            cnt = sum(r.states[name].cnt for r in self.runners)
+            cnt = sum(r.states[name].cnt for r in self.runners) if self.runners else np.zeros(K.NCOUNTERS, np.int64)
             result.caches.append(CacheStats.from_counters(name, cfg, cnt))
         return result
+
+
+_FLUSH_TYPES = np.array([4, 5], np.int8)  # copy back (data side), then invalidate (both sides)
+_FLUSH_ZEROS = np.zeros(2, np.uint64)
+_FLUSH_SIZES = np.zeros(2, np.uint16)
 
 
 def simulate(
     hierarchy: Hierarchy | CacheConfig,
     trace: Trace | str | os.PathLike,
     *,
+    fmt: str | None = None,
     flushcount: int = 0,
     copyback: bool = True,
     threads: int | None = None,
 ) -> SimResult:
-    """Simulate ``trace`` (a :class:`Trace` or a file path) on ``hierarchy`` and return the statistics.
+    """Simulate ``trace`` (a :class:`Trace`, or a file name read in chunks, ``-`` for stdin) on ``hierarchy``.
 
+    ``fmt``: the file's format (default: from its name and first line).
     ``flushcount``: copy back and invalidate every cache after every N records (Dinero's ``-flushcount``).
     ``copyback``: write every dirty block back at the end of the run (Dinero always does).
     ``threads``: cores to use (default: ``CACHEMODE_THREADS`` or every core, for traces long enough to gain;
@@ -263,6 +294,11 @@ def simulate(
     """
     if isinstance(hierarchy, CacheConfig):
         hierarchy = Hierarchy.single(hierarchy)
-    if not isinstance(trace, Trace):
-        trace = read_trace(trace)
-    return Simulation(hierarchy, trace, flushcount=flushcount, threads=threads).finish(copyback)
+    sim = Simulation(hierarchy, flushcount=flushcount, threads=threads)
+    if isinstance(trace, Trace):
+        sim.feed(trace)
+    else:
+        with TraceReader(trace, fmt) as reader:
+            for chunk in reader:
+                sim.feed(chunk)
+    return sim.finish(copyback)
