@@ -266,7 +266,9 @@ def status(control: str, as_json: bool) -> None:
 @click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
-@click.option("--json", "json_path", default=None, help="Write the cells as JSON to FILE ('-': stdout).")
+@click.option(
+    "--json", "json_path", default=None, metavar="FILE", help="Write the cells as JSON to FILE ('-': stdout)."
+)
 def matrix(
     host_cache: int,
     disk_cache: int,
@@ -339,7 +341,9 @@ def matrix(
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@click.option(
+    "--json", "json_path", default=None, metavar="FILE", help="Write the report as JSON to FILE ('-': stdout)."
+)
 def sqlite(
     cache: str, synchronous: str, states: int, transfers: int, seed: int, sector: str, json_path: str | None
 ) -> None:
@@ -469,7 +473,9 @@ def _print_report(report: Any, title: str) -> None:
 @write_cache_option("The guest-visible write cache during the run; off: every write was durable (except in unsafe).")
 @click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@click.option(
+    "--json", "json_path", default=None, metavar="FILE", help="Write the report as JSON to FILE ('-': stdout)."
+)
 def explore_cmd(
     log: str,
     base: str,

@@ -41,7 +41,9 @@ enum {
 enum { ST_CLK, ST_FCLK, ST_RNG, ST_FRNG, ST_NSEEN, ST_FHEAD, ST_FTAIL, ST_NFREE, NST };
 /* parameter slots (int64 array prm) */
 enum { P_LGB, P_NSETS, P_ASSOC, P_REPL, P_WALLOC, P_WBACK, P_RALLOC, P_CCC, P_EMIT, P_ORG0, P_PSHIFT, P_PMASK, P_PID,
-       NPRM };
+       P_SIDE, NPRM };
+/* P_SIDE: 0 every event; 1 instruction side (fetches and invalidates); 2 data side (all but fetches) */
+#define OTHER_SIDE(side, t) ((side) && ((side) == 1 ? ((t) != 2 && (t) != 5) : (t) == 2))
 /* why a kernel stopped */
 enum { DONE = 0, OUT_FULL = 1, SEEN_FULL = 2, SPECIAL = 3 };
 
@@ -213,8 +215,10 @@ static inline int run_general(Kern *K, Py_ssize_t start, Py_ssize_t stop, Py_ssi
     Py_ssize_t k = k0, e = start;
     int reason = DONE;
 
+    const int64_t side = prm[P_SIDE];
     for (; e < stop; e++) {
         const int t = K->types[e];
+        if (OTHER_SIDE(side, t)) continue;
         const uint64_t a = K->addrs[e];
         const int64_t sz = size_at(K, e);
         const int64_t org = K->origin ? K->origin[e] : prm[P_ORG0] + e;
@@ -496,8 +500,10 @@ static inline int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0, Py_ssize_t 
     const int8_t *types = K->types;
     const uint64_t *addrs = K->addrs;
 
+    const int64_t side = prm[P_SIDE];
     for (; e < n; e++) {
         const int t = types[e];
+        if (OTHER_SIDE(side, t)) continue;
         if (t >= 4) {
             reason = SPECIAL;
             break;
@@ -812,8 +818,63 @@ static int parse(const uint8_t *buf, Py_ssize_t n, int fmt, int8_t *types, uint6
     int64_t ln = *line;
 #define FAIL(code, ch, val) do { *ech = (ch); *eval = (val); err = (code); goto out; } while (0)
     int err = 0;
+    /* the fast paths read up to a line end without bounds checks: only when the data ends with one */
+    const int sentinel = n > 0 && buf[n - 1] == '\n';
     while (i < n) {
         if (k + 2 > cap) break;
+        if (sentinel && fmt != 2) { /* the common shapes: "L ADDR" (din) and "t ADDR SIZE" (xdin) */
+            const uint8_t *p = buf + i;
+            int t = -1;
+            if (fmt == 0) {
+                int v = HEX[p[0]];
+                if (v >= 0 && v <= 5) t = v;
+            } else {
+                switch (p[0] | 0x20) {
+                case 'r': t = 0; break;
+                case 'w': t = 1; break;
+                case 'i': t = 2; break;
+                case 'm': t = 3; break;
+                }
+            }
+            if (t >= 0 && p[1] == ' ' && HEX[p[2]] >= 0 && p[2] != '0') {
+                const uint8_t *q = p + 2;
+                uint64_t addr = 0;
+                int d;
+                while ((d = HEX[*q]) >= 0) {
+                    addr = addr * 16 + (uint64_t)d;
+                    q++;
+                }
+                if (q - (p + 2) <= 16) {
+                    if (fmt == 0 && (*q == '\n' || *q == ' ' || *q == '\t' || *q == '\r')) {
+                        q = *q == '\n' ? q : memchr(q, '\n', (size_t)(buf + n - q));
+                        types[k] = (int8_t)t;
+                        addrs[k] = addr & ~(uint64_t)3;
+                        sizes[k] = 4;
+                        k++;
+                        ln++;
+                        i = (q - buf) + 1;
+                        continue;
+                    }
+                    if (fmt == 1 && *q == ' ' && HEX[q[1]] >= 0 && q[1] != '0') {
+                        int64_t size = 0;
+                        q++;
+                        while ((d = HEX[*q]) >= 0 && size <= 65535) {
+                            size = size * 16 + d;
+                            q++;
+                        }
+                        if (*q == '\n' && size <= 65535) {
+                            types[k] = (int8_t)t;
+                            addrs[k] = addr;
+                            sizes[k] = (uint16_t)size;
+                            k++;
+                            ln++;
+                            i = (q - buf) + 1;
+                            continue;
+                        }
+                    }
+                }
+            }
+        } /* anything else: the general parser below, which also names what is wrong */
         ln++;
         while (i < n && blank(buf[i])) i++;
         if (i >= n) { /* trailing blanks: not a line */
@@ -986,7 +1047,59 @@ fail:
     return NULL;
 }
 
+/* ---- text trace writer ---- */
+static char *put_hex(char *o, uint64_t v) {
+    char tmp[16];
+    int n = 0;
+    do {
+        tmp[n++] = "0123456789abcdef"[v & 15];
+        v >>= 4;
+    } while (v);
+    while (n) *o++ = tmp[--n];
+    return o;
+}
+
+static PyObject *py_format_text(PyObject *self, PyObject *args) {
+    PyObject *t_obj, *a_obj, *s_obj;
+    int din;
+    if (!PyArg_ParseTuple(args, "OOOp", &t_obj, &a_obj, &s_obj, &din)) return NULL;
+    Bufs b = {.n = 0};
+    const int8_t *types;
+    const uint64_t *addrs;
+    const uint16_t *sizes;
+    Py_ssize_t n = 0, len = 0;
+    GET(types, t_obj, 0, 1, &n, "types");
+    GET(addrs, a_obj, 0, 8, &len, "addrs");
+    if (len != n) goto short_arrays;
+    GET(sizes, s_obj, 0, 2, &len, "sizes");
+    if (len != n) goto short_arrays;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 24 + 1); /* "t " + 16 digits + " " + 4 digits + "\n" */
+    if (out == NULL) goto fail;
+    char *o = PyBytes_AS_STRING(out), *start = o;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int t = types[i] < 0 || types[i] > 5 ? 0 : types[i];
+        *o++ = din ? (char)('0' + t) : "rwimcv"[t];
+        *o++ = ' ';
+        o = put_hex(o, addrs[i]);
+        if (!din) {
+            *o++ = ' ';
+            o = put_hex(o, sizes[i]);
+        }
+        *o++ = '\n';
+    }
+    release(&b);
+    if (_PyBytes_Resize(&out, o - start) < 0) return NULL;
+    return out;
+short_arrays:
+    PyErr_SetString(PyExc_ValueError, "format_text: arrays differ in length");
+fail:
+    release(&b);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"format_text", py_format_text, METH_VARARGS,
+     "format_text(types, addrs, sizes, din) -> bytes: one din (label addr) or extended din (t addr size) line each"},
     {"run", py_run, METH_VARARGS,
      "run(general, (types, addrs, sizes, origin), start, stop, k0, state, (otypes, oaddrs, osizes, oorig))"
      " -> (next event, events written, reason)"},

@@ -529,7 +529,7 @@ def run(argv: list[str], source: BinaryIO | str, out: TextIO) -> list[str]:
     writing the report to ``out`` as Dinero does (the statistics of ``-stat-interval`` as the run goes).
     Returns the warnings for stderr."""
     from cachemode.cpu.simulate import Simulation
-    from cachemode.cpu.trace import TraceReader
+    from cachemode.cpu.trace import TraceReader, read_ahead
 
     a = parse_args(argv)
     if a.help:
@@ -540,7 +540,7 @@ def run(argv: list[str], source: BinaryIO | str, out: TextIO) -> list[str]:
     out.write(HEADER + format_summary(a) + "\n---Simulation begins.\n")
     every = a.stat_interval
     with TraceReader(source, INFORMATS[a.informat], name="<stdin>") as reader:
-        for chunk in reader:
+        for chunk in read_ahead(reader):
             chunk = window.apply(chunk)
             while every and len(chunk) >= every - sim.references % every:
                 # statistics after every N records, before a flush due at the same record

@@ -54,7 +54,7 @@ class CacheState:
 
     def __init__(self, lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, seed):
         nb = nsets * assoc
-        self.prm = np.array([lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, 0, 0, 0, 0, 0], np.int64)
+        self.prm = np.array([lgb, nsets, assoc, repl, walloc, wback, ralloc, ccc, 0, 0, 0, 0, 0, 0], np.int64)
         self._bufs = None
         rng = (seed * 0x9E3779B97F4A7C15 | 1) & (2**64 - 1)
         frng = (rng ^ 0x5851F42D4C957F2D) | 1
@@ -91,13 +91,15 @@ class CacheState:
         """Own only blocks with ``(address >> shift) & mask == pid`` (a slice of the sets, for parallel runs)."""
         self.prm[10], self.prm[11], self.prm[12] = shift, mask, pid
 
-    def run(self, types, addrs, sizes, origin, emit: bool, origin_offset: int = 0):
+    def run(self, types, addrs, sizes, origin, emit: bool, origin_offset: int = 0, side: int = 0):
         """Run a stream (state carries over between calls). Returns the downstream (types, addrs, sizes,
         origin); these may be views of buffers reused by the next call. ``origin_offset`` is added to event
-        indexes when ``origin`` is empty."""
+        indexes when ``origin`` is empty. ``side`` 1 takes only instruction fetches and invalidates from the
+        stream, 2 everything else and invalidates (Dinero's routing), 0 every event."""
         n = len(types)
         self.prm[8] = 1 if emit else 0
         self.prm[9] = origin_offset
+        self.prm[13] = side
         nb = int(self.prm[1] * self.prm[2])
         if emit:
             want = max(3 * n, nb + 1) + 64

@@ -20,7 +20,7 @@ from cachemode.cpu import kernels as K
 from cachemode.cpu.config import CacheConfig, Hierarchy
 from cachemode.cpu.kernels import CacheState, run_cache
 from cachemode.cpu.stats import CacheStats, SimResult
-from cachemode.cpu.trace import Trace, TraceReader
+from cachemode.cpu.trace import Trace, TraceReader, read_ahead
 
 _EMPTY_ORIGIN = np.empty(0, np.int64)
 
@@ -96,6 +96,7 @@ def top_stream(trace: Trace, *, flushcount: int = 0, copyback: bool = True) -> S
     )
 
 
+ISIDE, DSIDE = 1, 2  # a cache given the whole trace takes instruction fetches and invalidates, or all but fetches
 CHUNK = 1 << 18  # top-level events per pass through the hierarchy: buffers stay small and are reused
 
 
@@ -106,10 +107,10 @@ class _Runner:
         self.levels = hierarchy.levels
         self.states = {name: CacheState(*cfg.params()) for name, cfg in hierarchy.caches()}
 
-    def _run(self, name: str, stream: Stream, emit: bool, offset: int) -> Stream:
+    def _run(self, name: str, stream: Stream, emit: bool, offset: int, side: int = 0) -> Stream:
         origin = _EMPTY_ORIGIN if stream.origin is None else stream.origin
-        t, a, s, o = self.states[name].run(stream.types, stream.addrs, stream.sizes, origin, emit, offset)
-        return Stream(t, a, s, o if stream.origin is not None else None)
+        t, a, s, o = self.states[name].run(stream.types, stream.addrs, stream.sizes, origin, emit, offset, side)
+        return Stream(t, a, s, o if stream.origin is not None or side else None)
 
     def feed(self, stream: Stream, offset: int) -> None:
         """Send top-level events (trace indexes ``offset``...) through every level."""
@@ -119,11 +120,18 @@ class _Runner:
         for n, lev in enumerate(self.levels, 1):
             emit = n < nlev
             if lev.split:
-                if unified is not None:  # first split level: route by type
+                if unified is not None:  # first split level: each cache takes its side of the trace
                     ty = unified.types
-                    istream = unified.select((ty == 2) | (ty == 5), offset)
-                    dstream = unified.select(ty != 2, offset)
+                    if lev.icache is not None:
+                        istream = self._run(f"l{n}-icache", unified, emit, offset, ISIDE)
+                    else:  # no cache on this side: its references go on to the next level
+                        istream = unified.select((ty == 2) | (ty == 5), offset)
+                    if lev.dcache is not None:
+                        dstream = self._run(f"l{n}-dcache", unified, emit, offset, DSIDE)
+                    else:
+                        dstream = unified.select(ty != 2, offset)
                     unified = None
+                    continue
                 if lev.icache is not None:
                     istream = self._run(f"l{n}-icache", istream, emit, offset)
                 if lev.dcache is not None:
@@ -181,6 +189,7 @@ class Simulation:
         self.flushcount = flushcount if flushcount and flushcount > 0 else 0
         self.threads = threads
         self.references = 0  # trace records fed
+        self.type_counts = np.zeros(6, np.int64)  # records per access type (for references no cache receives)
         self.pos = 0  # top-level events sent down (records plus inserted flushes)
         self.flush_due = False
         self.runners: list[_Runner] = []
@@ -231,6 +240,7 @@ class Simulation:
             return
         if not self.runners:
             self._start(n)
+        self.type_counts += np.bincount(trace.types, minlength=6)[:6]
         if self.flush_due:
             self._flush()
         types, addrs, sizes = trace.types, trace.addrs, trace.sizes
@@ -261,8 +271,19 @@ class Simulation:
             del self._executor
         return self.stats()
 
+    def unrouted(self) -> dict[str, int]:
+        """References of a side of the hierarchy that has no cache at all (as Dinero IV, they go to memory
+        uncounted): ``{"ifetch": N}`` without an i or u cache, ``{"data": N}`` without a d or u cache."""
+        levels = self.hierarchy.levels
+        out = {}
+        if not any(lev.icache is not None or not lev.split for lev in levels):
+            out["ifetch"] = int(self.type_counts[2])
+        if not any(lev.dcache is not None or not lev.split for lev in levels):
+            out["data"] = int(self.type_counts[0] + self.type_counts[1] + self.type_counts[3])
+        return {k: v for k, v in out.items() if v}
+
     def stats(self) -> SimResult:
-        result = SimResult(references=self.references)
+        result = SimResult(references=self.references, unrouted=self.unrouted())
         for name, cfg in self.hierarchy.caches():
             cnt = sum(r.states[name].cnt for r in self.runners) if self.runners else np.zeros(K.NCOUNTERS, np.int64)
             result.caches.append(CacheStats.from_counters(name, cfg, cnt))
@@ -299,6 +320,6 @@ def simulate(
         sim.feed(trace)
     else:
         with TraceReader(trace, fmt) as reader:
-            for chunk in reader:
+            for chunk in read_ahead(reader):
                 sim.feed(chunk)
     return sim.finish(copyback)

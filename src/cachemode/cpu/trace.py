@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
 from cachemode.cpu import _core
 from cachemode.errors import CachemodeError
 
+T = TypeVar("T")
 READ, WRITE, IFETCH, MISC, COPYBACK, INVALIDATE = 0, 1, 2, 3, 4, 5
 TYPE_NAMES = ("read", "write", "ifetch", "misc", "copyback", "invalidate")
 FORMATS = ("din", "xdin", "lackey", "bin", "npz")
@@ -94,11 +97,7 @@ class Trace:
 
     def to_xdin(self) -> str:
         """Extended din text (one ``<letter> <hexaddr> <hexsize>`` line per record)."""
-        letters = "rwimcv"
-        return "".join(
-            f"{letters[t]} {a:x} {s:x}\n"
-            for t, a, s in zip(self.types.tolist(), self.addrs.tolist(), self.sizes.tolist(), strict=True)
-        )
+        return _core.format_text(self.types, self.addrs, self.sizes, False).decode()
 
 
 _ERRORS = {
@@ -119,7 +118,7 @@ _ERRORS = {
 
 
 _TEXT_BLOCK = 4 << 20  # bytes read at a time from a text trace
-MAX_LINE = 1 << 20  # a "line" longer than this is not a trace line: stop instead of buffering it
+MAX_LINE = 16 << 20  # a "line" longer than this is not a trace line: stop instead of buffering it
 CHUNK_RECORDS = 1 << 18  # records per chunk when streaming: memory stays bounded whatever the trace length
 
 
@@ -149,22 +148,27 @@ def _parse_lines(body, fmt: str, name: str, lines: list[int], chunk: int) -> Ite
 
 def _iter_text(f: BinaryIO, fmt: str, name: str, chunk: int) -> Iterator[Trace]:
     lines = [0]
-    carry = b""
+    buf = bytearray(_TEXT_BLOCK)
+    view = memoryview(buf)
+    have = 0  # bytes in buf: the unparsed end of the last block (an incomplete line), then what was read
     while True:
-        block = f.read(_TEXT_BLOCK)
-        if not block:
-            if carry:  # a last line without a line end
-                yield from _parse_lines(carry, fmt, name, lines, chunk)
-            return
-        data = carry + block if carry else block
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            if len(data) > MAX_LINE:
+        if have == len(buf):  # one line fills the buffer
+            if len(buf) >= MAX_LINE:
                 raise TraceError(f"{name}: line {lines[0] + 1}: {fmt} format error: no line end in {MAX_LINE:,} bytes")
-            carry = data
-            continue
-        carry = data[cut:]
-        yield from _parse_lines(memoryview(data)[:cut], fmt, name, lines, chunk)
+            view.release()
+            buf.extend(bytes(len(buf)))
+            view = memoryview(buf)
+        got = f.readinto(view[have:])
+        if not got:
+            if have:  # a last line without a line end
+                yield from _parse_lines(view[:have], fmt, name, lines, chunk)
+            return
+        have += got
+        cut = buf.rfind(b"\n", 0, have) + 1
+        if cut:
+            yield from _parse_lines(view[:cut], fmt, name, lines, chunk)
+            buf[: have - cut] = view[cut:have]
+            have -= cut
 
 
 def parse_text(data: bytes, fmt: str, name: str = "<trace>") -> Trace:
@@ -336,6 +340,46 @@ class TraceReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_ahead(chunks: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield the items of ``chunks`` as a thread produces them, at most ``depth`` ahead: reading and parsing the
+    next chunks overlaps simulating this one (both release the GIL). Stopping early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in chunks:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name="cachemode-trace-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_trace(path: str | os.PathLike, fmt: str | None = None) -> Trace:
