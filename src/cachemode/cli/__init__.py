@@ -9,7 +9,11 @@ error ends as one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# NumPy's BLAS threads would spin beside the simulator's own; no command here does linear algebra
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
 

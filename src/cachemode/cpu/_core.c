@@ -478,14 +478,14 @@ static inline int run_general(Kern *K, Py_ssize_t start, Py_ssize_t stop, Py_ssi
 /* The common case, kept small so it stays fast: no 3C shadow, up to 32 ways, demand references. Same rules and
  * output as run_general; stops with SPECIAL at a copy-back or invalidate event, which the caller hands to the
  * general kernel. Shares the state arrays with it. */
-static inline int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0, Py_ssize_t *next, Py_ssize_t *kout,
-                           const int pow2) {
+static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0,
+                                                          Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
+                                                          const int64_t repl, const int emit) {
     const int64_t *prm = K->prm;
     int64_t *st = K->st, *tags = K->tags, *stamp = K->stamp, *cnt = K->cnt;
     uint8_t *dirty = K->dirty, *plru = K->plru;
-    const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = prm[P_ASSOC], repl = prm[P_REPL];
+    const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = prm[P_ASSOC];
     const int64_t walloc = prm[P_WALLOC], wback = prm[P_WBACK], ralloc = prm[P_RALLOC];
-    const int emit = prm[P_EMIT] != 0;
     const Py_ssize_t n = K->n, cap = K->cap;
     const int64_t bsize = (int64_t)1 << lgb;
     const uint64_t boff = (uint64_t)(bsize - 1);
@@ -659,12 +659,20 @@ static int run_general_pow2(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k
 static int run_general_any(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
     return run_general(K, s, stop, k0, nx, ko, 0);
 }
-static int run_fast_pow2(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
-    return run_fast(K, s, k0, nx, ko, 1);
-}
-static int run_fast_any(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
-    return run_fast(K, s, k0, nx, ko, 0);
-}
+/* the fast kernel, compiled once per (sets a power of 2, replacement policy, output or not): the policy tests in
+ * the loop become constants */
+#define FAST(P, R, E)                                                                     \
+    static int run_fast_##P##_##R##_##E(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) { \
+        return run_fast(K, s, k0, nx, ko, P, R, E);                                       \
+    }
+#define FAST_R(P, E) FAST(P, 0, E) FAST(P, 1, E) FAST(P, 2, E) FAST(P, 3, E)
+FAST_R(0, 0)
+FAST_R(0, 1)
+FAST_R(1, 0)
+FAST_R(1, 1)
+typedef int (*FastFn)(Kern *, Py_ssize_t, Py_ssize_t, Py_ssize_t *, Py_ssize_t *);
+#define FAST_ROW(P, E) {run_fast_##P##_0_##E, run_fast_##P##_1_##E, run_fast_##P##_2_##E, run_fast_##P##_3_##E}
+static const FastFn FAST_FNS[2][2][4] = {{FAST_ROW(0, 0), FAST_ROW(0, 1)}, {FAST_ROW(1, 0), FAST_ROW(1, 1)}};
 
 /* ---- buffers ---- */
 #define MAXBUF 32
@@ -766,7 +774,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
         reason = pow2 ? run_general_pow2(&K, start, stop, k0, &next, &kout)
                       : run_general_any(&K, start, stop, k0, &next, &kout);
     else
-        reason = pow2 ? run_fast_pow2(&K, start, k0, &next, &kout) : run_fast_any(&K, start, k0, &next, &kout);
+        reason = FAST_FNS[pow2][K.prm[P_EMIT] != 0][K.prm[P_REPL] & 3](&K, start, k0, &next, &kout);
     Py_END_ALLOW_THREADS
     release(&b);
     if (reason < 0) return PyErr_NoMemory();

@@ -189,7 +189,10 @@ class Simulation:
         self.flushcount = flushcount if flushcount and flushcount > 0 else 0
         self.threads = threads
         self.references = 0  # trace records fed
-        self.type_counts = np.zeros(6, np.int64)  # records per access type (for references no cache receives)
+        self.unrouted_counts = {"ifetch": 0, "data": 0}  # references of a side without any cache
+        levels = hierarchy.levels
+        self._no_icache = not any(lev.icache is not None or not lev.split for lev in levels)
+        self._no_dcache = not any(lev.dcache is not None or not lev.split for lev in levels)
         self.pos = 0  # top-level events sent down (records plus inserted flushes)
         self.flush_due = False
         self.runners: list[_Runner] = []
@@ -240,7 +243,10 @@ class Simulation:
             return
         if not self.runners:
             self._start(n)
-        self.type_counts += np.bincount(trace.types, minlength=6)[:6]
+        if self._no_icache or self._no_dcache:
+            fetches = int(np.count_nonzero(trace.types == 2))
+            self.unrouted_counts["ifetch"] += fetches
+            self.unrouted_counts["data"] += n - fetches - int(np.count_nonzero(trace.types >= 4))
         if self.flush_due:
             self._flush()
         types, addrs, sizes = trace.types, trace.addrs, trace.sizes
@@ -274,13 +280,8 @@ class Simulation:
     def unrouted(self) -> dict[str, int]:
         """References of a side of the hierarchy that has no cache at all (as Dinero IV, they go to memory
         uncounted): ``{"ifetch": N}`` without an i or u cache, ``{"data": N}`` without a d or u cache."""
-        levels = self.hierarchy.levels
-        out = {}
-        if not any(lev.icache is not None or not lev.split for lev in levels):
-            out["ifetch"] = int(self.type_counts[2])
-        if not any(lev.dcache is not None or not lev.split for lev in levels):
-            out["data"] = int(self.type_counts[0] + self.type_counts[1] + self.type_counts[3])
-        return {k: v for k, v in out.items() if v}
+        sides = (("ifetch", self._no_icache), ("data", self._no_dcache))
+        return {k: self.unrouted_counts[k] for k, missing in sides if missing and self.unrouted_counts[k]}
 
     def stats(self) -> SimResult:
         result = SimResult(references=self.references, unrouted=self.unrouted())

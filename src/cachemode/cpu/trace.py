@@ -117,7 +117,7 @@ _ERRORS = {
 }
 
 
-_TEXT_BLOCK = 4 << 20  # bytes read at a time from a text trace
+TEXT_BLOCK = 4 << 20  # bytes read at a time from a text trace
 MAX_LINE = 16 << 20  # a "line" longer than this is not a trace line: stop instead of buffering it
 CHUNK_RECORDS = 1 << 18  # records per chunk when streaming: memory stays bounded whatever the trace length
 
@@ -148,7 +148,7 @@ def _parse_lines(body, fmt: str, name: str, lines: list[int], chunk: int) -> Ite
 
 def _iter_text(f: BinaryIO, fmt: str, name: str, chunk: int) -> Iterator[Trace]:
     lines = [0]
-    buf = bytearray(_TEXT_BLOCK)
+    buf = bytearray(TEXT_BLOCK)
     view = memoryview(buf)
     have = 0  # bytes in buf: the unparsed end of the last block (an incomplete line), then what was read
     while True:
@@ -269,6 +269,23 @@ def _decompressor(kind: str, raw: BinaryIO) -> BinaryIO:
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
 
 
+class _Borrowed(io.RawIOBase):
+    """A caller's binary file seen through a buffer (for ``peek``) without closing it when done."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if hasattr(self._f, "readinto"):
+            return self._f.readinto(b)
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
 def open_trace(path: str | os.PathLike | BinaryIO) -> BinaryIO:
     """Open a trace for reading (``-`` is stdin; an open binary file is used as it is), decompressing gzip, xz,
     zstd or bzip2 found by magic number. The result can ``peek`` at the first bytes without consuming them."""
@@ -281,7 +298,7 @@ def open_trace(path: str | os.PathLike | BinaryIO) -> BinaryIO:
         except OSError as exc:
             raise TraceError(f"{name}: cannot read trace: {exc.strerror or exc}") from None
     if not hasattr(raw, "peek"):
-        raw = io.BufferedReader(raw)
+        raw = io.BufferedReader(_Borrowed(raw))
     head = raw.peek(8)[:8]
     for magic, kind in _MAGIC:
         if head.startswith(magic):
@@ -300,13 +317,13 @@ class TraceReader:
     """
 
     def __init__(
-        self, path: str | os.PathLike | BinaryIO, fmt: str | None = None, *, chunk: int = CHUNK_RECORDS, name=None
+        self, path: str | os.PathLike | BinaryIO, fmt: str | None = None, *, chunk: int | None = None, name=None
     ):
         if fmt is not None and fmt not in FORMATS:
             raise TraceError(f"unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
         self.name = name or (getattr(path, "name", "<trace>") if hasattr(path, "read") else os.fspath(path))
         self._own = not hasattr(path, "read") and self.name != "-"
-        self.chunk = max(int(chunk), 2)
+        self.chunk = max(int(chunk or CHUNK_RECORDS), 2)
         self._f = open_trace(path)
         try:
             self.fmt = fmt or guess_format(self.name, self._f.peek(4096)[:4096])
