@@ -139,30 +139,30 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
     from rich.progress import Progress
 
     from cachemode.cpu.sweep import plot, sweep
-    from cachemode.cpu.trace import read_trace
 
     size_list = _size_list(sizes, "size")
     assoc_list = _size_list(assocs, "assoc")
-    trace = read_trace(trace_path, fmt)
     with Progress(transient=True, console=_stderr_console()) as prog:
-        task = prog.add_task("simulating", total=len(size_list) * len(assoc_list))
+        task = prog.add_task("simulating", total=None)
 
-        def tick(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
+        def tick(done: int, _total: int) -> None:
+            prog.update(task, completed=done, description=f"{done:,} references")
 
         points = sweep(
-            trace,
+            trace_path,
             size_list,
             assoc_list,
             parse_size(block, "block size"),
+            fmt=fmt,
             workers=workers,
             progress=tick,
             repl=repl,
             walloc=walloc,
             wback=wback,
         )
+    refs = points[0].stats.total_fetches if points else 0
     if plot_path:
-        plot(points, plot_path, title=f"{trace_path}: {len(trace):,} references, {block}-byte blocks")
+        plot(points, plot_path, title=f"{trace_path}: {refs:,} references, {block}-byte blocks")
     if as_json:
         click.echo(
             json.dumps(
@@ -183,7 +183,7 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"miss rate, {len(trace):,} references")
+    t = Table(title=f"miss rate, {refs:,} references")
     t.add_column("size", justify="right")
     cols = sorted({p.assoc for p in points}, key=lambda a: a or 1 << 62)
     for a in cols:

@@ -475,16 +475,30 @@ static inline int run_general(Kern *K, Py_ssize_t start, Py_ssize_t stop, Py_ssi
     return reason;
 }
 
+/* The way of blk in the set at base, or -1. With a constant number of ways the loop is unrolled and branch-free
+ * (a block is in at most one way), which a miss-heavy level prefers to an early exit that mispredicts. */
+static inline __attribute__((always_inline)) int64_t find_way(const int64_t *tags, int64_t base, int64_t assoc,
+                                                              int64_t blk, const int64_t A) {
+    if (A) {
+        int64_t w = -1;
+        for (int64_t j = A - 1; j >= 0; j--) w = tags[base + j] == blk ? j : w;
+        return w;
+    }
+    for (int64_t j = 0; j < assoc; j++)
+        if (tags[base + j] == blk) return j;
+    return -1;
+}
+
 /* The common case, kept small so it stays fast: no 3C shadow, up to 32 ways, demand references. Same rules and
  * output as run_general; stops with SPECIAL at a copy-back or invalidate event, which the caller hands to the
  * general kernel. Shares the state arrays with it. */
 static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0,
                                                           Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
-                                                          const int64_t repl, const int emit) {
+                                                          const int64_t repl, const int emit, const int64_t A) {
     const int64_t *prm = K->prm;
     int64_t *st = K->st, *tags = K->tags, *stamp = K->stamp, *cnt = K->cnt;
     uint8_t *dirty = K->dirty, *plru = K->plru;
-    const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = prm[P_ASSOC];
+    const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = A ? A : prm[P_ASSOC];
     const int64_t walloc = prm[P_WALLOC], wback = prm[P_WBACK], ralloc = prm[P_RALLOC];
     const Py_ssize_t n = K->n, cap = K->cap;
     const int64_t bsize = (int64_t)1 << lgb;
@@ -526,12 +540,8 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
             if (blk == lastblk)
                 slot = lastslot;
             else {
-                int64_t base = SET_OF(blk) * assoc;
-                for (int64_t j = 0; j < assoc; j++)
-                    if (tags[base + j] == blk) {
-                        slot = base + j;
-                        break;
-                    }
+                int64_t base = SET_OF(blk) * assoc, w = find_way(tags, base, assoc, blk, A);
+                slot = w < 0 ? -1 : base + w;
             }
             if (slot >= 0) {
                 cnt[FETCH + t]++;
@@ -571,11 +581,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                 if (blk == lastblk) /* same block as the previous access: it is still where we left it */
                     w = lastslot - base;
                 else if (!known_miss)
-                    for (int64_t j = 0; j < assoc; j++)
-                        if (tags[base + j] == blk) {
-                            w = j;
-                            break;
-                        }
+                    w = find_way(tags, base, assoc, blk, A);
                 cnt[FETCH + t]++;
                 int64_t vic = -1;
                 int wb = 0, walloc_ok = 0;
@@ -597,12 +603,21 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                         clk++;
                         /* least recent (LRU) or oldest (FIFO); invalid ways have stamp 0, so they go first */
                         int64_t v = 0, bs = stamp[base];
-                        for (int64_t j = 1; j < assoc; j++) {
-                            int64_t sj = stamp[base + j];
-                            int less = sj < bs;
-                            bs = less ? sj : bs;
-                            v = less ? j : v;
-                        }
+                        if (A) { /* a reduction tree over (stamp, way) keys: a short dependency chain */
+                            uint64_t key[A ? A : 1];
+                            for (int64_t j = 0; j < A; j++) key[j] = (uint64_t)stamp[base + j] << 5 | (uint64_t)j;
+                            for (int64_t width = A / 2; width >= 1; width /= 2)
+                                for (int64_t j = 0; j < width; j++)
+                                    key[j] = key[j + width] < key[j] ? key[j + width] : key[j];
+                            v = (int64_t)(key[0] & 31);
+                            bs = (int64_t)(key[0] >> 5);
+                        } else
+                            for (int64_t j = 1; j < assoc; j++) { /* branch-free minimum */
+                                int64_t sj = stamp[base + j];
+                                int less = sj < bs;
+                                bs = less ? sj : bs;
+                                v = less ? j : v;
+                            }
                         if (bs != 0 && !lru && stamped) { /* set full: random or tree pseudo-LRU */
                             if (tree) {
                                 int64_t pb = set * (assoc - 1), node = 0;
@@ -659,20 +674,30 @@ static int run_general_pow2(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k
 static int run_general_any(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
     return run_general(K, s, stop, k0, nx, ko, 0);
 }
-/* the fast kernel, compiled once per (sets a power of 2, replacement policy, output or not): the policy tests in
- * the loop become constants */
-#define FAST(P, R, E)                                                                     \
-    static int run_fast_##P##_##R##_##E(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) { \
-        return run_fast(K, s, k0, nx, ko, P, R, E);                                       \
+/* the fast kernel, compiled once per (sets a power of 2, output or not, replacement policy, and for LRU and FIFO
+ * 8 or 16 ways): the policy tests in the loop become constants */
+#define FAST(P, E, R, A)                                                                  \
+    static int run_fast_##P##_##E##_##R##_##A(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) { \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A);                                    \
     }
-#define FAST_R(P, E) FAST(P, 0, E) FAST(P, 1, E) FAST(P, 2, E) FAST(P, 3, E)
+#define FAST_R(P, E) FAST(P, E, 0, 0) FAST(P, E, 1, 0) FAST(P, E, 2, 0) FAST(P, E, 3, 0) \
+    FAST(P, E, 0, 8) FAST(P, E, 1, 8) FAST(P, E, 0, 16) FAST(P, E, 1, 16)
 FAST_R(0, 0)
 FAST_R(0, 1)
 FAST_R(1, 0)
 FAST_R(1, 1)
 typedef int (*FastFn)(Kern *, Py_ssize_t, Py_ssize_t, Py_ssize_t *, Py_ssize_t *);
-#define FAST_ROW(P, E) {run_fast_##P##_0_##E, run_fast_##P##_1_##E, run_fast_##P##_2_##E, run_fast_##P##_3_##E}
-static const FastFn FAST_FNS[2][2][4] = {{FAST_ROW(0, 0), FAST_ROW(0, 1)}, {FAST_ROW(1, 0), FAST_ROW(1, 1)}};
+#define FAST_ROW(P, E) {{run_fast_##P##_##E##_0_0, run_fast_##P##_##E##_1_0, run_fast_##P##_##E##_2_0,          \
+                         run_fast_##P##_##E##_3_0},                                                              \
+                        {run_fast_##P##_##E##_0_8, run_fast_##P##_##E##_1_8, NULL, NULL},                         \
+                        {run_fast_##P##_##E##_0_16, run_fast_##P##_##E##_1_16, NULL, NULL}}
+static const FastFn FAST_FNS[2][2][3][4] = {{FAST_ROW(0, 0), FAST_ROW(0, 1)}, {FAST_ROW(1, 0), FAST_ROW(1, 1)}};
+
+static FastFn fast_fn(const int64_t *prm, int pow2) {
+    int64_t repl = prm[P_REPL] & 3, assoc = prm[P_ASSOC];
+    int a = repl < 2 ? (assoc == 8 ? 1 : assoc == 16 ? 2 : 0) : 0;
+    return FAST_FNS[pow2][prm[P_EMIT] != 0][a][repl];
+}
 
 /* ---- buffers ---- */
 #define MAXBUF 32
@@ -774,7 +799,7 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
         reason = pow2 ? run_general_pow2(&K, start, stop, k0, &next, &kout)
                       : run_general_any(&K, start, stop, k0, &next, &kout);
     else
-        reason = FAST_FNS[pow2][K.prm[P_EMIT] != 0][K.prm[P_REPL] & 3](&K, start, k0, &next, &kout);
+        reason = fast_fn(K.prm, pow2)(&K, start, k0, &next, &kout);
     Py_END_ALLOW_THREADS
     release(&b);
     if (reason < 0) return PyErr_NoMemory();

@@ -72,28 +72,14 @@ def run_one(cfg: CacheConfig, stream: Stream, emit: bool) -> tuple[np.ndarray, S
     return cnt, Stream(t, a, s, o if stream.origin is not None else None)
 
 
-def top_stream(trace: Trace, *, flushcount: int = 0, copyback: bool = True) -> Stream:
-    """The trace as an event stream, with flushes every ``flushcount`` records and the final copy-back."""
-    types, addrs = trace.types, trace.addrs
-    sizes = trace.sizes.astype(np.uint32)
-    n = len(types)
-    if flushcount and flushcount > 0 and n >= flushcount:
-        # after every flushcount records: copy-back (data side) then invalidate (both sides)
-        nflush = n // flushcount
-        pos = np.arange(1, nflush + 1) * flushcount  # insert before record index pos
-        ins = np.repeat(pos, 2)
-        types = np.insert(types, ins, np.tile(np.array([4, 5], np.int8), nflush))
-        addrs = np.insert(addrs, ins, np.zeros(2 * nflush, np.uint64))
-        sizes = np.insert(sizes, ins, np.zeros(2 * nflush, np.uint32))
+def top_stream(trace: Trace, *, copyback: bool = True) -> Stream:
+    """The trace as one event stream, with (by default) the end-of-run copy-back: for :func:`run_one`."""
+    types, addrs, sizes = trace.types, trace.addrs, trace.sizes
     if copyback:
         types = np.append(types, np.int8(4))
         addrs = np.append(addrs, np.uint64(0))
-        sizes = np.append(sizes, np.uint32(0))
-    return Stream(
-        np.ascontiguousarray(types, np.int8),
-        np.ascontiguousarray(addrs, np.uint64),
-        np.ascontiguousarray(sizes, np.uint32),
-    )
+        sizes = np.append(sizes, np.uint16(0))
+    return Stream(types, addrs, sizes)
 
 
 ISIDE, DSIDE = 1, 2  # a cache given the whole trace takes instruction fetches and invalidates, or all but fetches
