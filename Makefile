@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client gcc python3-dev
+DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client gcc python3-dev time
 BUILD_DEBS := gcc python3-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

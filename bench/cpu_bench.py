@@ -182,18 +182,26 @@ def throughput(name: str, addrs: np.ndarray, stores: np.ndarray | None, repeat: 
     }
 
 
+TIME = "/usr/bin/time"  # GNU time: a small parent, so the peak RSS is the program's own (Debian package time)
+
+
 def run_program(cmd: list[str], stdin_path: Path | None, env: dict | None = None) -> tuple[bytes, float, float, int]:
-    """(stdout, wall s, CPU s, peak RSS KiB) of one run of a program."""
-    with open(stdin_path or os.devnull, "rb") as f, tempfile.TemporaryFile() as out:
+    """(stdout, wall s, CPU s, peak RSS KiB or 0) of one run of a program.
+
+    The peak comes from GNU time when it is installed: a child forked from this (large) process would report
+    this process's resident size as its own peak."""
+    with open(stdin_path or os.devnull, "rb") as f, tempfile.NamedTemporaryFile() as out, \
+            tempfile.NamedTemporaryFile("r") as rss:  # fmt: skip
+        wrapped = [TIME, "-f", "%M", "-o", rss.name, *cmd] if os.path.exists(TIME) else cmd
         w0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdin=f, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        p = subprocess.Popen(wrapped, stdin=f, stdout=out, stderr=subprocess.DEVNULL, env=env)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - w0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode:
-            raise RuntimeError(f"{cmd[0]} exited with {p.returncode}")
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{cmd[0]} exited with {os.waitstatus_to_exitcode(status)}")
+        peak = int(rss.read().split()[-1]) if wrapped is not cmd else 0
         out.seek(0)
-        return out.read(), wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+        return out.read(), wall, ru.ru_utime + ru.ru_stime, peak
 
 
 def best_program(cmd, path, repeat, env=None) -> dict:

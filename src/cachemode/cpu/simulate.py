@@ -6,8 +6,10 @@ instruction and data streams leaving split levels are merged in trace order (eac
 of the trace record that caused it) before the first unified level. At the end of the run a whole-cache
 copy-back goes to the data side and travels down the hierarchy; its bytes count as bytes to memory.
 
-Levels are processed one after another over whole streams. That gives the same result as Dinero's
-depth-first processing because a cache's behaviour depends only on the order of the events it receives.
+The trace arrives in chunks (:class:`Simulation`); each chunk goes through the levels one after another. That
+gives the same result as Dinero's depth-first processing because a cache's behaviour depends only on the order
+of the events it receives. A first split level reads the trace itself, each side's cache taking its references
+(no copy); a side with no cache at a level passes its references on to the next level, as in Dinero.
 """
 
 from __future__ import annotations
