@@ -496,8 +496,17 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                                                           Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
                                                           const int64_t repl, const int emit, const int64_t A) {
     const int64_t *prm = K->prm;
-    int64_t *st = K->st, *tags = K->tags, *stamp = K->stamp, *cnt = K->cnt;
-    uint8_t *dirty = K->dirty, *plru = K->plru;
+    /* restrict: the arrays never overlap, and the byte arrays (dirty, output types) would otherwise oblige the
+     * compiler to reload everything after each store through them */
+    int64_t *restrict st = K->st, *restrict tags = K->tags, *restrict stamp = K->stamp, *restrict cnt = K->cnt;
+    uint8_t *restrict dirty = K->dirty, *restrict plru = K->plru;
+    int8_t *restrict otypes = K->otypes;
+    uint64_t *restrict oaddrs = K->oaddrs;
+    uint32_t *restrict osizes = K->osizes;
+    int64_t *restrict oorig = K->oorig;
+    const int64_t *restrict origin = K->origin;
+    const uint16_t *restrict sz16 = K->sz16;
+    const uint32_t *restrict sz32 = K->sz32;
     const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = A ? A : prm[P_ASSOC];
     const int64_t walloc = prm[P_WALLOC], wback = prm[P_WBACK], ralloc = prm[P_RALLOC];
     const Py_ssize_t n = K->n, cap = K->cap;
@@ -511,10 +520,18 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
     int64_t lastblk = -1, lastslot = 0; /* the block of the previous access and its slot */
     Py_ssize_t k = k0, e = start;
     int reason = DONE;
-    const int8_t *types = K->types;
-    const uint64_t *addrs = K->addrs;
+    const int8_t *restrict types = K->types;
+    const uint64_t *restrict addrs = K->addrs;
+#define PUT(t_, a_, s_, o_)            \
+    do {                               \
+        otypes[k] = (int8_t)(t_);      \
+        oaddrs[k] = (a_);              \
+        osizes[k] = (uint32_t)(s_);    \
+        oorig[k] = (o_);               \
+        k++;                           \
+    } while (0)
 
-    const int64_t side = prm[P_SIDE];
+    const int64_t side = prm[P_SIDE], org0 = prm[P_ORG0];
     for (; e < n; e++) {
         const int t = types[e];
         if (OTHER_SIDE(side, t)) continue;
@@ -523,7 +540,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
             break;
         }
         const uint64_t a = addrs[e];
-        const int64_t sz = size_at(K, e);
+        const int64_t sz = sz16 ? sz16[e] : (int64_t)sz32[e];
         int single = (int64_t)(a & boff) + sz <= bsize;
         if (emit) {
             int64_t need = single ? 3 : 3 * ((int64_t)((a + (uint64_t)(sz - 1)) >> lgb) - (int64_t)(a >> lgb) + 1);
@@ -558,7 +575,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
             }
             known_miss = 1; /* searched just now: the piece loop need not search again */
         }
-        const int64_t org = K->origin ? K->origin[e] : prm[P_ORG0] + e;
+        const int64_t org = origin ? origin[e] : org0 + e;
         uint64_t pa = a;
         int64_t remaining = sz;
         for (;;) {
@@ -604,7 +621,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                         /* least recent (LRU) or oldest (FIFO); invalid ways have stamp 0, so they go first */
                         int64_t v = 0, bs = stamp[base];
                         if (A) { /* a reduction tree over (stamp, way) keys: a short dependency chain */
-                            uint64_t key[A ? A : 1];
+                            uint64_t key[32];
                             for (int64_t j = 0; j < A; j++) key[j] = (uint64_t)stamp[base + j] << 5 | (uint64_t)j;
                             for (int64_t width = A / 2; width >= 1; width /= 2)
                                 for (int64_t j = 0; j < width; j++)
@@ -639,17 +656,17 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                     }
                     if (!is_write || (walloc_ok && psz != bsize)) {
                         nfills++;
-                        if (emit) k = put(K, k, is_write ? 0 : t, (uint64_t)blk << lgb, bsize, org);
+                        if (emit) PUT(is_write ? 0 : t, (uint64_t)blk << lgb, bsize, org);
                     }
                 }
                 if (is_write && !wb) {
                     cnt[WRITETHROUGHS]++;
                     cnt[BYTES_WRITTEN] += psz;
-                    if (emit) k = put(K, k, 1, pa, psz, org);
+                    if (emit) PUT(1, pa, psz, org);
                 }
                 if (vic >= 0) {
                     nwbacks++;
-                    if (emit) k = put(K, k, 1, (uint64_t)vic << lgb, bsize, org);
+                    if (emit) PUT(1, (uint64_t)vic << lgb, bsize, org);
                 }
             }
             if (single) break;
@@ -666,6 +683,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
     *next = e;
     *kout = k;
     return reason;
+#undef PUT
 }
 
 static int run_general_pow2(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
