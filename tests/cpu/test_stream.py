@@ -97,6 +97,12 @@ def test_text_read_in_small_blocks_keeps_line_numbers(tiny_chunks, tmp_path):
         list(TraceReader(path))
 
 
+def test_lines_longer_than_the_read_buffer(tiny_chunks):
+    data = b"0 10 " + b"x" * 300 + b"\n1 20\n2 30 " + b"y" * 500  # ignored fields; the last line has no line end
+    chunks = list(TraceReader(io.BytesIO(data), "din"))
+    assert [a for c in chunks for a in c.addrs.tolist()] == [0x10, 0x20, 0x30]
+
+
 def test_binary_records_split_across_reads(tiny_chunks, tmp_path):
     t = parse_bytes(lcg_trace().encode(), "xdin")
     path = tmp_path / "t.bin"

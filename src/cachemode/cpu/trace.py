@@ -396,7 +396,7 @@ def read_ahead(chunks: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=5)  # a reader blocked on an interactive stdin is a daemon: it cannot hold up the exit
 
 
 def read_trace(path: str | os.PathLike, fmt: str | None = None) -> Trace:
