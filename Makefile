@@ -24,9 +24,12 @@ venv: $(STAMP)
 # the CPU simulator's core is C, compiled when the package installs: a compiler and Python's headers first
 $(STAMP): pyproject.toml src/cachemode/cpu/_core.c
 	@$(call apt_install,$(BUILD_DEBS))
+	@echo "cachemode: creating the virtualenv $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "cachemode: installing cachemode and its dependencies (numpy, matplotlib, ...; compiling the CPU simulator's core; a minute or two the first time)"
+	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	@echo "cachemode: installed in $(VENV)"
 	touch $(STAMP)
 
 debs:

@@ -14,7 +14,7 @@ import pytest
 from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
 from cachemode.nbd.client import Client
-from cachemode.nbd.server import MAX_IN_FLIGHT_BYTES, WRITE_HIGH_WATER
+from cachemode.nbd.connection import MAX_IN_FLIGHT_BYTES, WRITE_HIGH_WATER
 from tests.nbd.serving import MIB, ThreadServer, served
 
 SIZE = 16 * MIB

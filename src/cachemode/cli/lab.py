@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 
 import click
 
-from cachemode.cli.options import SIZE, write_cache_option
+from cachemode.cli.console import unclipped
+from cachemode.cli.options import SIZE, json_file_option, write_cache_option
 from cachemode.modes import Failure, get_mode, mode_names
-from cachemode.units import format_size
+from cachemode.units import format_size, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,7 +90,7 @@ def lab_config_from_options(
     if not lab:
         extra = [name for name, value in given.items() if value is not None]
         if extra:
-            raise click.UsageError(f"{', '.join(extra)} need --lab")
+            raise click.UsageError(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --lab")
         return None
     defaults = LabConfig()
     return LabConfig(
@@ -140,9 +141,9 @@ def drop_connections(server: Any) -> None:
 
 # -- output helpers -----------------------------------------------------------------------------------------
 def _console() -> Any:
-    from rich.console import Console
+    from cachemode.cli.console import console
 
-    return Console(highlight=False)
+    return console()
 
 
 def _write_json(data: Any, path: str | None) -> None:
@@ -229,7 +230,7 @@ def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> 
         return
     lost = reply.get("lost_now", {})
     click.echo(
-        f"power cut ({survivors}): {lost.get('writes', 0)} writes, {lost.get('bytes', 0)} bytes "
+        f"power cut ({survivors}): {plural(lost.get('writes', 0), 'write')}, {plural(lost.get('bytes', 0), 'byte')} "
         "were only in volatile caches and are gone"
     )
 
@@ -266,9 +267,7 @@ def status(control: str, as_json: bool) -> None:
 @click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
-@click.option(
-    "--json", "json_path", default=None, metavar="FILE", help="Write the cells as JSON to FILE ('-': stdout)."
-)
+@json_file_option("the cells")
 def matrix(
     host_cache: int,
     disk_cache: int,
@@ -309,7 +308,7 @@ def matrix(
             row += [f"{c.acked_unflushed_lost}/{c.acked_unflushed}", f"{c.flushed_lost}/{c.flushed}"]
         table.add_row(*row)
     if json_path != "-":
-        _console().print(table)
+        _console().print(unclipped(table))
     _write_json([c.as_dict() for c in cells], json_path)
     if plot:
         try:
@@ -341,9 +340,7 @@ def matrix(
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
-@click.option(
-    "--json", "json_path", default=None, metavar="FILE", help="Write the report as JSON to FILE ('-': stdout)."
-)
+@json_file_option("the report")
 def sqlite(
     cache: str, synchronous: str, states: int, transfers: int, seed: int, sector: str, json_path: str | None
 ) -> None:
@@ -405,10 +402,11 @@ class _progress:
     def __enter__(self) -> Callable[[int, int], None]:
         if not sys.stderr.isatty():
             return lambda done, total: None
-        from rich.console import Console
         from rich.progress import Progress
 
-        self.bar = Progress(console=Console(stderr=True), transient=True)
+        from cachemode.cli.console import console
+
+        self.bar = Progress(console=console(stderr=True), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.what, total=self.total)
         return lambda done, total: self.bar.update(task, completed=done, total=total)
@@ -441,7 +439,7 @@ def _print_report(report: Any, title: str) -> None:
     ]
     for what, value in rows:
         table.add_row(what, value)
-    _console().print(table)
+    _console().print(unclipped(table))
     for failure in report.failures[:5]:
         state = failure["state"]
         click.echo(
@@ -473,9 +471,7 @@ def _print_report(report: Any, title: str) -> None:
 @write_cache_option("The guest-visible write cache during the run; off: every write was durable (except in unsafe).")
 @click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
-@click.option(
-    "--json", "json_path", default=None, metavar="FILE", help="Write the report as JSON to FILE ('-': stdout)."
-)
+@json_file_option("the report")
 def explore_cmd(
     log: str,
     base: str,
@@ -530,14 +526,10 @@ def serve_lab(
     **listen: Any,
 ) -> None:
     """``cachemode serve IMAGE --lab ...``: serve a lab disk, with its control socket, until stopped."""
-    import os
-
-    from cachemode.cli.serving import ServeError, run_server
+    from cachemode.cli.serving import run_server
 
     if image is None:
         raise click.UsageError("--lab needs an IMAGE")
-    if create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     disk = open_lab_from_options(image, cache, write_cache, config, create_size, read_only)
     ctl = None
     try:

@@ -56,3 +56,10 @@ def disk_options(func: F) -> F:
         help="Cache mode, as QEMU's -drive cache=.",
     )(func)
     return func
+
+
+def json_file_option(what: str) -> Callable[[F], F]:
+    """``--json FILE`` ('-' for stdout), stored as ``json_path``: where a command writes ``what`` as JSON."""
+    return click.option(
+        "--json", "json_path", default=None, metavar="FILE", help=f"Write {what} as JSON to FILE ('-': stdout)."
+    )

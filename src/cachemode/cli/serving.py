@@ -3,7 +3,6 @@ address checks, the ready line, and running the server with start-up failures tu
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,6 @@ def open_served_disk(image: str | None, cache: str, write_cache: str, read_only:
         if create_size is not None:
             raise click.UsageError("--create needs an IMAGE")
         image = str(ensure_demo_image())
-    elif create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     if create_size is not None and create_size <= 0:
         raise click.UsageError("--create SIZE must be positive")
     return open_disk(image, cache, write_cache=on_off(write_cache), read_only=read_only, create_size=create_size)
