@@ -494,7 +494,8 @@ static inline __attribute__((always_inline)) int64_t find_way(const int64_t *tag
  * general kernel. Shares the state arrays with it. */
 static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0,
                                                           Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
-                                                          const int64_t repl, const int emit, const int64_t A) {
+                                                          const int64_t repl, const int emit, const int64_t A,
+                                                          const int plain) {
     const int64_t *prm = K->prm;
     /* restrict: the arrays never overlap, and the byte arrays (dirty, output types) would otherwise oblige the
      * compiler to reload everything after each store through them */
@@ -512,7 +513,9 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
     const Py_ssize_t n = K->n, cap = K->cap;
     const int64_t bsize = (int64_t)1 << lgb;
     const uint64_t boff = (uint64_t)(bsize - 1);
-    const uint64_t upshift = (uint64_t)prm[P_PSHIFT], upmask = (uint64_t)prm[P_PMASK], upid = (uint64_t)prm[P_PID];
+    /* plain: every event is this cache's (no side of a split level to pick, no partition of the sets) */
+    const uint64_t upshift = plain ? 0 : (uint64_t)prm[P_PSHIFT], upmask = plain ? 0 : (uint64_t)prm[P_PMASK];
+    const uint64_t upid = plain ? 0 : (uint64_t)prm[P_PID];
     const int64_t smask = nsets - 1;
     const int lru = repl == 0, stamped = repl != 1, tree = repl == 3, wt = wback == 1;
     uint64_t rng = (uint64_t)st[ST_RNG];
@@ -531,7 +534,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
         k++;                           \
     } while (0)
 
-    const int64_t side = prm[P_SIDE], org0 = prm[P_ORG0];
+    const int64_t side = plain ? 0 : prm[P_SIDE], org0 = prm[P_ORG0];
     for (; e < n; e++) {
         const int t = types[e];
         if (OTHER_SIDE(side, t)) continue;
@@ -692,29 +695,35 @@ static int run_general_pow2(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k
 static int run_general_any(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) {
     return run_general(K, s, stop, k0, nx, ko, 0);
 }
-/* the fast kernel, compiled once per (sets a power of 2, output or not, replacement policy, and for LRU and FIFO
- * 8 or 16 ways): the policy tests in the loop become constants */
-#define FAST(P, E, R, A)                                                                  \
-    static int run_fast_##P##_##E##_##R##_##A(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx, Py_ssize_t *ko) { \
-        return run_fast(K, s, k0, nx, ko, P, R, E, A);                                    \
+/* the fast kernel, compiled once per (sets a power of 2 or not, output or not, replacement policy, and for LRU
+ * and FIFO 8 or 16 ways), in two forms: plain (every event is this cache's) or picking its side of a split level
+ * or its partition of the sets. The policy tests in the loop become constants. */
+#define FAST(P, E, R, A, L)                                                                                     \
+    static int run_fast_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx,     \
+                                                    Py_ssize_t *ko) {                                          \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A, L);                                                      \
     }
-#define FAST_R(P, E) FAST(P, E, 0, 0) FAST(P, E, 1, 0) FAST(P, E, 2, 0) FAST(P, E, 3, 0) \
-    FAST(P, E, 0, 8) FAST(P, E, 1, 8) FAST(P, E, 0, 16) FAST(P, E, 1, 16)
-FAST_R(0, 0)
-FAST_R(0, 1)
-FAST_R(1, 0)
-FAST_R(1, 1)
+#define FAST_A(P, E, L) FAST(P, E, 0, 0, L) FAST(P, E, 1, 0, L) FAST(P, E, 2, 0, L) FAST(P, E, 3, 0, L) \
+    FAST(P, E, 0, 8, L) FAST(P, E, 1, 8, L) FAST(P, E, 0, 16, L) FAST(P, E, 1, 16, L)
+#define FAST_L(P, E) FAST_A(P, E, 0) FAST_A(P, E, 1)
+FAST_L(0, 0)
+FAST_L(0, 1)
+FAST_L(1, 0)
+FAST_L(1, 1)
 typedef int (*FastFn)(Kern *, Py_ssize_t, Py_ssize_t, Py_ssize_t *, Py_ssize_t *);
-#define FAST_ROW(P, E) {{run_fast_##P##_##E##_0_0, run_fast_##P##_##E##_1_0, run_fast_##P##_##E##_2_0,          \
-                         run_fast_##P##_##E##_3_0},                                                              \
-                        {run_fast_##P##_##E##_0_8, run_fast_##P##_##E##_1_8, NULL, NULL},                         \
-                        {run_fast_##P##_##E##_0_16, run_fast_##P##_##E##_1_16, NULL, NULL}}
-static const FastFn FAST_FNS[2][2][3][4] = {{FAST_ROW(0, 0), FAST_ROW(0, 1)}, {FAST_ROW(1, 0), FAST_ROW(1, 1)}};
+#define FAST_ROW(P, E, L)                                                                                      \
+    {{run_fast_##P##_##E##_0_0_##L, run_fast_##P##_##E##_1_0_##L, run_fast_##P##_##E##_2_0_##L,                 \
+      run_fast_##P##_##E##_3_0_##L},                                                                           \
+     {run_fast_##P##_##E##_0_8_##L, run_fast_##P##_##E##_1_8_##L, NULL, NULL},                                  \
+     {run_fast_##P##_##E##_0_16_##L, run_fast_##P##_##E##_1_16_##L, NULL, NULL}}
+#define FAST_PE(P, E) {FAST_ROW(P, E, 0), FAST_ROW(P, E, 1)}
+static const FastFn FAST_FNS[2][2][2][3][4] = {{FAST_PE(0, 0), FAST_PE(0, 1)}, {FAST_PE(1, 0), FAST_PE(1, 1)}};
 
 static FastFn fast_fn(const int64_t *prm, int pow2) {
     int64_t repl = prm[P_REPL] & 3, assoc = prm[P_ASSOC];
     int a = repl < 2 ? (assoc == 8 ? 1 : assoc == 16 ? 2 : 0) : 0;
-    return FAST_FNS[pow2][prm[P_EMIT] != 0][a][repl];
+    int plain = prm[P_SIDE] == 0 && prm[P_PMASK] == 0;
+    return FAST_FNS[pow2][prm[P_EMIT] != 0][plain][a][repl];
 }
 
 /* ---- buffers ---- */
