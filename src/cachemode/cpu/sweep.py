@@ -1,20 +1,23 @@
 """Miss-rate curves over cache size and associativity, one single-level simulation per point.
 
-The kernel releases the GIL (``nogil=True``), so the points run in a thread pool on every core and share one
-copy of the trace.
+The trace is read once, in chunks; each chunk runs through every point's cache in a thread pool (the compiled
+kernels release the GIL), so the points use every core and memory stays bounded whatever the trace's length.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from cachemode.cpu.config import CacheConfig, ConfigError
-from cachemode.cpu.simulate import run_one, top_stream
+from cachemode.cpu.kernels import CacheState
 from cachemode.cpu.stats import CacheStats
-from cachemode.cpu.trace import Trace
+from cachemode.cpu.trace import Trace, TraceReader, read_ahead
 
 
 @dataclass
@@ -29,17 +32,19 @@ class SweepPoint:
 
 
 def sweep(
-    trace: Trace,
+    trace: Trace | str | os.PathLike,
     sizes: list[int],
     assocs: list[int],
     block_size: int = 64,
     *,
+    fmt: str | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     **policy,
 ) -> list[SweepPoint]:
     """Simulate every (size, assoc) pair; ``assoc`` 0 means fully associative. Returns points sorted by
-    (assoc, size). Pairs that do not make a valid cache (more ways than blocks) are skipped."""
+    (assoc, size). Pairs that do not make a valid cache (more ways than blocks) are skipped. ``trace`` may be a
+    file name: it is read once, in chunks, each chunk run through every cache (memory stays bounded)."""
     configs = []
     for a in assocs:
         for s in sizes:
@@ -52,25 +57,35 @@ def sweep(
             configs.append((s, a, cfg))
     if not configs:
         raise ConfigError("no valid (size, assoc) pair in the sweep")
-    stream = top_stream(trace)
+    states = [CacheState(*cfg.params()) for _, _, cfg in configs]
     workers = workers or os.cpu_count() or 1
-    out: list[SweepPoint] = []
-
-    def job(item):
-        s, a, cfg = item
-        cnt, _ = run_one(cfg, stream, emit=False)
-        return SweepPoint(s, a, CacheStats.from_counters(f"{s}/{a}", cfg, cnt))
-
+    end = Trace(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint16))  # end-of-run copy-back
     done = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(job, c) for c in configs]
-        for fut in as_completed(futures):
-            out.append(fut.result())
-            done += 1
+    with ThreadPoolExecutor(max_workers=workers) as pool, _chunks(trace, fmt) as chunks:
+        for chunk in chunks:
+            list(pool.map(lambda st, c=chunk: st.run(c.types, c.addrs, c.sizes, _NO_ORIGIN, False), states))
+            done += len(chunk)
             if progress:
-                progress(done, len(configs))
+                progress(done, 0)
+        list(pool.map(lambda st: st.run(end.types, end.addrs, end.sizes, _NO_ORIGIN, False), states))
+    out = [
+        SweepPoint(s, a, CacheStats.from_counters(f"{s}/{a}", cfg, st.cnt))
+        for (s, a, cfg), st in zip(configs, states, strict=True)
+    ]
     out.sort(key=lambda p: (p.assoc if p.assoc else 1 << 62, p.size))
     return out
+
+
+_NO_ORIGIN = np.empty(0, np.int64)
+
+
+@contextmanager
+def _chunks(trace: Trace | str | os.PathLike, fmt: str | None) -> Iterator[Iterable[Trace]]:
+    if isinstance(trace, Trace):
+        yield [trace]
+        return
+    with TraceReader(trace, fmt) as reader:
+        yield read_ahead(reader)
 
 
 def plot(points: list[SweepPoint], path: str, title: str = "") -> None:
