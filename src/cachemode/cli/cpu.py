@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cachemode.cli.options import execution_options
 from cachemode.cpu.config import ConfigError, hierarchy_from_specs, load_toml, parse_size
 from cachemode.cpu.trace import FORMATS
 
@@ -107,20 +108,28 @@ def _size_list(value: str, what: str) -> list[int]:
 @click.option("--format", "fmt", type=click.Choice(FORMATS))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the curves to a PNG.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--workers", type=int, default=None, help="Threads (default: every core).")
-def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, workers) -> None:
-    """Miss-rate curves over cache size and associativity, using every core."""
+@execution_options(
+    "Simulate N points at once here (with --scheduler local: N worker processes) [default: every core].",
+    jobs_alias="--workers",
+)
+def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, jobs, scheduler) -> None:
+    """Miss-rate curves over cache size and associativity, using every core (or a Dask cluster)."""
     import json
+    import os
 
     from rich.progress import Progress
 
     from cachemode.cpu.sweep import plot, sweep
     from cachemode.cpu.trace import read_trace
+    from cachemode.execution import open_executor
 
     size_list = _size_list(sizes, "size")
     assoc_list = _size_list(assocs, "assoc")
     trace = read_trace(trace_path, fmt)
-    with Progress(transient=True, console=_stderr_console()) as prog:
+    with (
+        open_executor(jobs or os.cpu_count() or 1, scheduler) as executor,
+        Progress(transient=True, console=_stderr_console()) as prog,
+    ):
         task = prog.add_task("simulating", total=len(size_list) * len(assoc_list))
 
         def tick(done: int, total: int) -> None:
@@ -131,7 +140,7 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
             size_list,
             assoc_list,
             parse_size(block, "block size"),
-            workers=workers,
+            executor=executor,
             progress=tick,
             repl=repl,
             walloc=walloc,

@@ -1,20 +1,21 @@
 """Miss-rate curves over cache size and associativity, one single-level simulation per point.
 
-The kernel releases the GIL (``nogil=True``), so the points run in a thread pool on every core and share one
-copy of the trace.
+The points run on an :class:`~cachemode.execution.Executor`: by default a thread pool on every core (the kernel
+releases the GIL, so the threads share one copy of the trace), or Dask workers, to which the event stream is
+sent once. The points are sorted afterwards, so the result does not depend on where they ran.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from cachemode.cpu.config import CacheConfig, ConfigError
-from cachemode.cpu.simulate import run_one, top_stream
+from cachemode.cpu.simulate import Stream, run_one, top_stream
 from cachemode.cpu.stats import CacheStats
 from cachemode.cpu.trace import Trace
+from cachemode.execution import Executor, LocalExecutor
 
 
 @dataclass
@@ -28,6 +29,13 @@ class SweepPoint:
         return self.stats.miss_rate
 
 
+def _point(item: tuple[int, int, CacheConfig], stream: Stream) -> SweepPoint:
+    """One task: simulate one cache over the shared stream."""
+    s, a, cfg = item
+    cnt, _ = run_one(cfg, stream, emit=False)
+    return SweepPoint(s, a, CacheStats.from_counters(f"{s}/{a}", cfg, cnt))
+
+
 def sweep(
     trace: Trace,
     sizes: list[int],
@@ -35,11 +43,13 @@ def sweep(
     block_size: int = 64,
     *,
     workers: int | None = None,
+    executor: Executor | None = None,
     progress: Callable[[int, int], None] | None = None,
     **policy,
 ) -> list[SweepPoint]:
     """Simulate every (size, assoc) pair; ``assoc`` 0 means fully associative. Returns points sorted by
-    (assoc, size). Pairs that do not make a valid cache (more ways than blocks) are skipped."""
+    (assoc, size). Pairs that do not make a valid cache (more ways than blocks) are skipped. The points run on
+    ``executor``, or ``workers`` threads here (default: every core)."""
     configs = []
     for a in assocs:
         for s in sizes:
@@ -52,23 +62,18 @@ def sweep(
             configs.append((s, a, cfg))
     if not configs:
         raise ConfigError("no valid (size, assoc) pair in the sweep")
-    stream = top_stream(trace)
-    workers = workers or os.cpu_count() or 1
-    out: list[SweepPoint] = []
-
-    def job(item):
-        s, a, cfg = item
-        cnt, _ = run_one(cfg, stream, emit=False)
-        return SweepPoint(s, a, CacheStats.from_counters(f"{s}/{a}", cfg, cnt))
-
-    done = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(job, c) for c in configs]
-        for fut in as_completed(futures):
-            out.append(fut.result())
-            done += 1
+    own = executor is None
+    ex = executor if executor is not None else LocalExecutor(workers or os.cpu_count() or 1)
+    try:
+        stream = ex.share(top_stream(trace))
+        out: list[SweepPoint] = []
+        for _, point in ex.map(_point, configs, stream):
+            out.append(point)
             if progress:
-                progress(done, len(configs))
+                progress(len(out), len(configs))
+    finally:
+        if own:
+            ex.close()
     out.sort(key=lambda p: (p.assoc if p.assoc else 1 << 62, p.size))
     return out
 
