@@ -114,8 +114,8 @@ class DaskExecutor(Executor):
                 )
                 self.client = Client(self.cluster)
             else:
-                self.client = Client(address, timeout="20s")
-        except (OSError, TimeoutError) as exc:
+                self.client = Client(address, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:
             if self.cluster is not None:
                 self.cluster.close()
             raise ExecutionError(f"--scheduler {address}: cannot reach a Dask scheduler there ({exc})") from None

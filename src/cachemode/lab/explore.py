@@ -60,6 +60,7 @@ __all__ = [
     "FunctionChecker",
     "Outcome",
     "OverlayImage",
+    "Progress",
     "Report",
     "explore",
     "generate",
@@ -305,8 +306,6 @@ def explore(
     elif base_bytes is None or len(base_bytes) != log.size:
         got = "no" if base_bytes is None else f"{len(base_bytes)} bytes of"
         raise ExploreError(f"{got} base image, but the log was recorded on a {log.size}-byte disk")
-    elif chk.needs_file:
-        raise ExploreError(f"the checker {chk.describe()} needs a base image file (--base)")
     own = executor is None
     ex = executor if executor is not None else LocalExecutor(jobs)
     token = None

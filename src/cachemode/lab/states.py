@@ -7,7 +7,8 @@ writes; here the work per state is a few NumPy slice assignments.
 * The **pool** holds every sector any write of the log can leave whole, once: sector ``j`` of the pool is
   ``pool[j * sector : (j + 1) * sector]`` (its *source* number ``j``). Sectors that a state leaves patched by
   unaligned writes are computed when a state needs them and appended.
-* Every source also has a **content id**: equal bytes, equal id (interned by exact bytes, not by hash). Two
+* Every source also has a **content id**: equal bytes, equal id (interned by exact bytes, not by hash), and
+  knows whether it differs from the base sector under it (a write of what was there changes nothing). Two
   states are the same image exactly when they change the same sectors to the same content ids, so that list
   (16 bytes per sector, not 512) is the identity. A hash of it finds candidates and the lists are compared
   whole on a hit, so two different images are never merged.
@@ -87,7 +88,8 @@ class StateBuilder:
         pos_of = {d: p for p, d in enumerate(self.universe.tolist())}
         self._pos_of = pos_of
         chunks: list[bytes] = []
-        cids: list[int] = []
+        cids: list[int] = []  # per source: its content id
+        differs: list[bool] = []  # per source: whether it differs from the base under it
         self._intern: dict[bytes, int] = {}
         self.writes: dict[int, _Write] = {}
         self._touching: dict[int, list[int]] = {}  # partial sector -> writes touching it, in log order
@@ -108,6 +110,14 @@ class StateBuilder:
                 chunks.append(data)
                 for k in range(0, len(data), s):
                     cids.append(self._intern.setdefault(data[k : k + s], len(self._intern)))
+                under = base_read(b - a, start + a)
+                under += bytes(-len(under) % s)
+                rows = len(data) // s
+                differs.extend(
+                    (np.frombuffer(data, np.uint8).reshape(rows, s) != np.frombuffer(under, np.uint8).reshape(rows, s))
+                    .any(axis=1)
+                    .tolist()
+                )
                 nsrc += len(whole)
             self.writes[e.index] = w
             for d in partial:
@@ -120,7 +130,9 @@ class StateBuilder:
             self._touching[d].sort()
         self._pool = bytearray(b"".join(chunks))
         self._cids = cids
+        self._differs = differs
         self._cid_array = np.array(cids, dtype=np.int64)
+        self._differs_array = np.array(differs, dtype=bool)
         self._seen: dict[int, list[np.ndarray]] = {}  # identity digest -> runs of the states built with it
 
     @property
@@ -128,12 +140,13 @@ class StateBuilder:
         """Every pool sector, source ``j`` at byte ``j * sector`` (read it after building: patches append)."""
         return bytes(self._pool)
 
-    def _source(self, content: bytes) -> int:
-        """A pool source holding ``content`` (a new one appended for a patched sector)."""
+    def _source(self, content: bytes, under: bytes) -> int:
+        """A pool source holding ``content`` (a new one appended for a patched sector over ``under``)."""
         src = len(self._cids)
         padded = content + bytes(-len(content) % self.sector)
         self._pool += padded
         self._cids.append(self._intern.setdefault(padded, len(self._intern)))
+        self._differs.append(content != under)
         return src
 
     def image(self, state_writes: list[int], torn: dict[int, frozenset[int]]) -> np.ndarray:
@@ -181,7 +194,7 @@ class StateBuilder:
             e = self.log.entries[i]
             lo, hi = max(start, e.offset), min(start + slen, e.offset + e.length)
             buf[lo - start : hi - start] = e.data[lo - e.offset : hi - e.offset] if e.kind == WRITE else bytes(hi - lo)
-        img[self._pos_of[d]] = self._source(bytes(buf))
+        img[self._pos_of[d]] = self._source(bytes(buf), self._base_read(slen, start))
 
     def build(
         self, durable: tuple[int, ...], kept: tuple[int, ...], torn: tuple[tuple[int, tuple[int, ...]], ...]
@@ -189,8 +202,11 @@ class StateBuilder:
         """The state's overlay, or None when an identical image was built before."""
         tmap = {i: frozenset(secs) for i, secs in torn}
         img = self.image(sorted({*durable, *kept, *tmap}), tmap)
+        self._refresh()
         pos = np.flatnonzero(img >= 0)
-        disk, srcs = self.universe[pos], img[pos]
+        srcs = img[pos]
+        changed = self._differs_array[srcs]  # a sector written with what the base holds is not a change
+        disk, srcs = self.universe[pos[changed]], srcs[changed]
         ident = self._identity(disk, srcs)
         key = hash(ident.tobytes())  # only a bucket: a hit is compared whole
         same = self._seen.setdefault(key, [])
@@ -200,10 +216,14 @@ class StateBuilder:
         same.append(runs)
         return Overlay(self.sector, runs)
 
-    def _identity(self, disk: np.ndarray, srcs: np.ndarray) -> np.ndarray:
-        """What makes the image: each changed sector and its content id."""
+    def _refresh(self) -> None:
+        """Bring the per-source arrays up to date with sources appended by patches."""
         if len(self._cid_array) < len(self._cids):
             self._cid_array = np.array(self._cids, dtype=np.int64)
+            self._differs_array = np.array(self._differs, dtype=bool)
+
+    def _identity(self, disk: np.ndarray, srcs: np.ndarray) -> np.ndarray:
+        """What makes the image: each changed sector and its content id."""
         return np.concatenate((disk, self._cid_array[srcs]))
 
 
