@@ -84,10 +84,8 @@ class LocalExecutor(Executor):
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield pending.pop(fut), fut.result()
-        finally:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # on an early exit the caller stops what is running (e.g. kills checker processes)
+            pool.shutdown(wait=not pending, cancel_futures=True)
 
     def close(self) -> None:
         pass

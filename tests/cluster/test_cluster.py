@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -202,3 +203,37 @@ def test_cli_scheduler_errors_are_one_line(tmp_path, workload):
         "sim", "sweep", str(SHARED / "traces" / "mm32.din"), "--sizes", "1k", "--assoc", "1", "--workers", "2"
     )
     assert proc.returncode == 0, proc.stderr  # --workers stays an alias of --jobs
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_ctrl_c_cancels_the_run_and_its_checkers(dask_cluster: DaskCluster, workload, where):
+    log, base, _ = workload
+    marker = f"31.{os.getpid()}{len(where)}"  # a sleep no other test runs
+    argv = [sys.executable, "-m", "cachemode", "crash", "explore", str(log), "--base", str(base)]
+    argv += ["--check", f"sh -c 'sleep {marker}' {{image}}", "--states", "40"]
+    argv += ["--scheduler", dask_cluster.address] if where == "cluster" else ["--jobs", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", f"^(sh -c )?sleep {marker}"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    deadline = time.monotonic() + 10  # the checkers were killed, here or on the workers
+    while subprocess.run(["pgrep", "-f", f"^(sh -c )?sleep {marker}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a checker outlived the cancelled run"
+        time.sleep(0.1)
+    if where == "cluster":
+        from distributed import Client
+
+        with Client(dask_cluster.address, timeout="10s") as client:
+            deadline = time.monotonic() + 10
+            while any(client.processing().values()):
+                assert time.monotonic() < deadline, client.processing()
+                time.sleep(0.1)

@@ -96,6 +96,7 @@ class FunctionChecker(Checker):
 _running: dict[subprocess.Popen[str], str | None] = {}  # checker process -> the exploration it works for
 _running_lock = threading.Lock()
 _current = threading.local()  # .token: the exploration this thread checks for
+_cancelled: set[str] = set()  # explorations cancelled: their batches still running stop at the next state
 
 
 class CommandChecker(Checker):
@@ -134,8 +135,12 @@ class CommandChecker(Checker):
             )
         except OSError as exc:
             raise ExploreError(f"checker {argv[0]!r} cannot run: {exc.strerror}") from None
+        token = getattr(_current, "token", None)
         with _running_lock:
-            _running[proc] = getattr(_current, "token", None)
+            _running[proc] = token
+            cancelled = token in _cancelled
+        if cancelled:  # cancelled between the batch's check and now: no checker may outlive the run
+            _kill_group(proc)
         try:
             out, _ = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -160,6 +165,7 @@ def kill_checkers(token: str) -> None:
     """Kill the checker commands this process runs for one exploration (cancelling it: Ctrl-C does not reach
     their process groups, and on a cluster it would not reach them at all). Run everywhere."""
     with _running_lock:
+        _cancelled.add(token)
         procs = [p for p, t in _running.items() if t == token]
     for proc in procs:
         _kill_group(proc)
@@ -406,12 +412,14 @@ def check_batch(batch: Batch, ctx: CheckContext) -> tuple[list[tuple[int, Outcom
     if not checker.needs_file:
         base = _worker.bytes_of(ctx)
         for index, state, runs in batch:
+            _stop_if_cancelled(ctx.token)
             overlay = Overlay(ctx.sector, runs)
             image = OverlayImage(base, overlay.sectors(ctx.pool, ctx.base.size), ctx.sector)
             out.append((index, checker.check_image(image, state)))
         return out, "overlay"
     scratch = _worker.scratch_for(ctx)
     for index, state, runs in batch:
+        _stop_if_cancelled(ctx.token)
         overlay = Overlay(ctx.sector, runs)
         scratch.prepare(overlay, ctx.pool)
         try:
@@ -419,6 +427,12 @@ def check_batch(batch: Batch, ctx: CheckContext) -> tuple[list[tuple[int, Outcom
         finally:
             scratch.restore(overlay)
     return out, "reflink" if scratch.reflink else "copy-once+restore"
+
+
+def _stop_if_cancelled(token: str) -> None:
+    with _running_lock:
+        if token in _cancelled:
+            raise ExploreError("exploration cancelled")
 
 
 def verify_checker(checker: Checker) -> str | None:
