@@ -22,8 +22,6 @@ from typing import Any
 
 from cachemode.errors import CachemodeError
 
-SCHEDULER_ENV = "CACHEMODE_SCHEDULER"
-
 
 class ExecutionError(CachemodeError):
     """The work cannot run where it was asked to (no Dask installed, no scheduler at that address)."""
@@ -151,11 +149,6 @@ class DaskExecutor(Executor):
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
-
-
-def scheduler_from_env(scheduler: str | None) -> str | None:
-    """The scheduler asked for: the option, else ``$CACHEMODE_SCHEDULER``, else None (run here)."""
-    return scheduler or os.environ.get(SCHEDULER_ENV) or None
 
 
 def open_executor(jobs: int | None = None, scheduler: str | None = None) -> Executor:

@@ -432,7 +432,7 @@ class _progress:
                 self.tasks[phase] = self.bar.add_task(f"{phase} {self.what}", total=total, rate="")
             task = self.tasks[phase]
             self.bar.update(task, completed=done, total=total)
-            speed = self.bar.tasks[task].speed
+            speed = next(t.speed for t in self.bar.tasks if t.id == task)
             if speed:
                 self.bar.update(task, rate=f"{speed:.1f} states/s")
 

@@ -145,7 +145,10 @@ class CommandChecker(Checker):
             out, _ = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            proc.communicate()
+            try:
+                proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a child that left the group holds the pipe: stop reading
+                proc.wait()
             return Outcome(False, f"checker timed out after {self.timeout:g} s (killed)", ("timeout",))
         finally:
             with _running_lock:
@@ -435,10 +438,9 @@ def _stop_if_cancelled(token: str) -> None:
             raise ExploreError("exploration cancelled")
 
 
-def verify_checker(checker: Checker) -> str | None:
-    """Run on every worker before any state is checked."""
-    problem = checker.verify()
-    return None if problem is None else f"{problem} on {socket.gethostname()}"
+def verify_checker(checker: Checker) -> tuple[str, str | None]:
+    """Run on every worker before any state is built: this host's name, and why the checker cannot run here."""
+    return socket.gethostname(), checker.verify()
 
 
 def release(token: str) -> None:

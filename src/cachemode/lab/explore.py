@@ -248,13 +248,17 @@ def _place_base(executor: Executor, base: str | None, base_bytes: bytes | None, 
 
 
 def _verify_checker(executor: Executor, checker: Checker) -> None:
-    problems = {w: p for w, p in executor.everywhere(verify_checker, checker).items() if p}
+    """Fail before any work when the checker cannot run where the work will (a missing program)."""
+    found = executor.everywhere(verify_checker, checker)
+    problems = {worker: (host, problem) for worker, (host, problem) in found.items() if problem}
     if not problems:
         return
+    host, problem = next(iter(problems.values()))
     if not executor.remote:
-        raise ExploreError(next(iter(problems.values())).rsplit(" on ", 1)[0])
-    first = next(iter(problems.values()))
-    raise ExploreError(f"{first} (on {len(problems)} of the cluster's workers: {', '.join(sorted(problems))})")
+        raise ExploreError(problem)
+    raise ExploreError(
+        f"{problem} on {host} (on {len(problems)} of the cluster's workers: {', '.join(sorted(problems))})"
+    )
 
 
 def _batches(count: int, workers: int, remote: bool) -> list[range]:
