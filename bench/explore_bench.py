@@ -132,12 +132,8 @@ def main() -> None:
         )
         cpu, distinct = build_cpu_seconds(log_path, args.states, args.seed)
         print(f"build only: {args.states} states ({distinct} distinct) in {cpu:.3f} CPU s")
-        runs = [
-            ("local", 1, None),
-            ("local", 2, None),
-            ("dask LocalCluster", 1, "local"),
-            ("dask LocalCluster", 2, "local"),
-        ]
+        runs: list[tuple[str, int, str | None]] = [("local threads", n, None) for n in args.workers]
+        runs += [("dask LocalCluster", n, "local") for n in args.workers]
         if args.scheduler:
             runs.append((f"dask {args.scheduler}", 0, args.scheduler))
         checker = CommandChecker(args.check)
