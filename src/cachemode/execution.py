@@ -14,6 +14,7 @@ the results itself, so the answer does not depend on where or in which order the
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -149,6 +150,30 @@ class DaskExecutor(Executor):
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def file_digest(path: str) -> str:
+    """BLAKE2b of a file's content."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def same_file_here(path: str, size: int, digest: str) -> bool:
+    """Whether this process sees the file at ``path`` with this size and checksum (run on every worker)."""
+    try:
+        return os.stat(path).st_size == size and file_digest(path) == digest
+    except OSError:
+        return False
+
+
+def shared_file(executor: Executor, path: str) -> str | None:
+    """The file's digest when every worker reads the same file at ``path`` (so tasks may name it), else None
+    (then its content must travel). Local threads share this process's files."""
+    if not executor.remote:
+        return ""
+    digest = file_digest(path)
+    seen = executor.everywhere(same_file_here, path, os.stat(path).st_size, digest)
+    return digest if seen and all(seen.values()) else None
 
 
 def open_executor(jobs: int | None = None, scheduler: str | None = None) -> Executor:

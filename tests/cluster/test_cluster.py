@@ -125,9 +125,13 @@ def test_sweep_on_the_cluster(dask_cluster: DaskCluster):
     args = (trace, [1024, 4096, 16384], [1, 4, 0])
     local = sweep(*args, executor=LocalExecutor(2))
     with DaskExecutor(dask_cluster.address) as ex:
-        remote = sweep(*args, executor=ex)
-    assert [(p.size, p.assoc, p.stats) for p in remote] == [(p.size, p.assoc, p.stats) for p in local]
+        remote = sweep(*args, executor=ex)  # the event stream is sent to the workers
+        shared = sweep(*args, executor=ex, trace_path=str(SHARED / "traces" / "mm32.din"))  # they read the file
+        parsed = ex.everywhere(lambda: __import__("cachemode.cpu.sweep", fromlist=["_"])._stream_of.cache_info())
+    want = [(p.size, p.assoc, p.stats) for p in local]
+    assert [(p.size, p.assoc, p.stats) for p in remote] == want == [(p.size, p.assoc, p.stats) for p in shared]
     assert len(local) == 9
+    assert sum(info.misses for info in parsed.values()) >= 1  # some worker parsed the shared trace itself
 
 
 def test_a_worker_killed_mid_run_has_its_states_checked_elsewhere(dask_cluster: DaskCluster, workload, tmp_path):

@@ -141,6 +141,8 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
             assoc_list,
             parse_size(block, "block size"),
             executor=executor,
+            trace_path=None if trace_path == "-" else trace_path,
+            trace_format=fmt,
             progress=tick,
             repl=repl,
             walloc=walloc,

@@ -1,8 +1,9 @@
 """Miss-rate curves over cache size and associativity, one single-level simulation per point.
 
 The points run on an :class:`~cachemode.execution.Executor`: by default a thread pool on every core (the kernel
-releases the GIL, so the threads share one copy of the trace), or Dask workers, to which the event stream is
-sent once. The points are sorted afterwards, so the result does not depend on where they ran.
+releases the GIL, so the threads share one copy of the trace), or Dask workers, which read the trace from its
+path when they all see the same file there (same size and checksum), and are otherwise sent the event stream
+once. The points are sorted afterwards, so the result does not depend on where they ran.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cachemode.cpu.config import CacheConfig, ConfigError
 from cachemode.cpu.simulate import Stream, run_one, top_stream
 from cachemode.cpu.stats import CacheStats
-from cachemode.cpu.trace import Trace
-from cachemode.execution import Executor, LocalExecutor
+from cachemode.cpu.trace import Trace, read_trace
+from cachemode.execution import Executor, LocalExecutor, shared_file
 
 
 @dataclass
@@ -29,9 +31,25 @@ class SweepPoint:
         return self.stats.miss_rate
 
 
-def _point(item: tuple[int, int, CacheConfig], stream: Stream) -> SweepPoint:
+@dataclass(frozen=True)
+class TraceFile:
+    """A trace the workers read themselves: its path (the same file everywhere: ``digest``) and format."""
+
+    path: str
+    fmt: str | None
+    digest: str
+
+
+@lru_cache(maxsize=1)
+def _stream_of(source: TraceFile) -> Stream:
+    """Parse a shared trace once per worker process (the tasks of one sweep all want the same one)."""
+    return top_stream(read_trace(source.path, source.fmt))
+
+
+def _point(item: tuple[int, int, CacheConfig], source: Stream | TraceFile) -> SweepPoint:
     """One task: simulate one cache over the shared stream."""
     s, a, cfg = item
+    stream = _stream_of(source) if isinstance(source, TraceFile) else source
     cnt, _ = run_one(cfg, stream, emit=False)
     return SweepPoint(s, a, CacheStats.from_counters(f"{s}/{a}", cfg, cnt))
 
@@ -44,12 +62,15 @@ def sweep(
     *,
     workers: int | None = None,
     executor: Executor | None = None,
+    trace_path: str | None = None,
+    trace_format: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     **policy,
 ) -> list[SweepPoint]:
     """Simulate every (size, assoc) pair; ``assoc`` 0 means fully associative. Returns points sorted by
     (assoc, size). Pairs that do not make a valid cache (more ways than blocks) are skipped. The points run on
-    ``executor``, or ``workers`` threads here (default: every core)."""
+    ``executor``, or ``workers`` threads here (default: every core); ``trace_path`` (the file ``trace`` was
+    read from) lets cluster workers read it themselves instead of receiving it."""
     configs = []
     for a in assocs:
         for s in sizes:
@@ -65,9 +86,13 @@ def sweep(
     own = executor is None
     ex = executor if executor is not None else LocalExecutor(workers or os.cpu_count() or 1)
     try:
-        stream = ex.share(top_stream(trace))
+        digest = shared_file(ex, os.path.abspath(trace_path)) if trace_path and ex.remote else None
+        if digest is not None:
+            source = ex.share(TraceFile(os.path.abspath(trace_path), trace_format, digest))
+        else:
+            source = ex.share(top_stream(trace))
         out: list[SweepPoint] = []
-        for _, point in ex.map(_point, configs, stream):
+        for _, point in ex.map(_point, configs, source):
             out.append(point)
             if progress:
                 progress(len(out), len(configs))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shlex
 import shutil
@@ -312,19 +311,6 @@ class BaseImage:
     path: str | None = None
     digest: str | None = None
     data: bytes | None = field(default=None, repr=False)
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()
-
-
-def base_matches(path: str, size: int, digest: str) -> bool:
-    """Whether this worker sees the client's base image at ``path`` (same size and checksum)."""
-    try:
-        return os.stat(path).st_size == size and file_digest(path) == digest
-    except OSError:
-        return False
 
 
 @dataclass

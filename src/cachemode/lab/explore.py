@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from cachemode.execution import Executor, LocalExecutor
+from cachemode.execution import Executor, LocalExecutor, shared_file
 from cachemode.lab.checking import (
     BaseImage,
     CheckContext,
@@ -40,9 +40,7 @@ from cachemode.lab.checking import (
     FunctionChecker,
     Outcome,
     OverlayImage,
-    base_matches,
     check_batch,
-    file_digest,
     kill_checkers,
     release,
     verify_checker,
@@ -236,12 +234,9 @@ def _place_base(executor: Executor, base: str | None, base_bytes: bytes | None, 
     if base is None:
         assert base_bytes is not None
         return BaseImage(size, data=bytes(base_bytes))
-    if not executor.remote:
-        return BaseImage(size, path=os.path.abspath(base))
     path = os.path.abspath(base)
-    digest = file_digest(path)
-    seen = executor.everywhere(base_matches, path, size, digest)
-    if seen and all(seen.values()):
+    digest = shared_file(executor, path)
+    if digest is not None:
         return BaseImage(size, path=path, digest=digest)
     with open(path, "rb") as f:
         return BaseImage(size, data=f.read())
