@@ -1,12 +1,13 @@
 # cachemode: two commands for a fresh Debian machine with Python 3.11, as root.
 #   make demo   set up, then serve the demo image over NBD and show a client session against it
-#   make test   set up everything (Debian peers included) and run the whole suite
+#   make test   set up everything (Debian peers and the guest kernel included) and run the whole suite
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client
+DEBS   := qemu-utils libnbd-bin python3-libnbd nbdkit fio strace valgrind nbd-client \
+          qemu-system-x86 busybox-static e2fsprogs sqlite3 openssl
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench debs venv clean
@@ -14,16 +15,19 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "cachemode: creating the virtualenv $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "cachemode: installing cachemode and its dependencies (numpy, numba, matplotlib, ...; a minute or two the first time)"
+	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	@echo "cachemode: installed in $(VENV)"
 	touch $(STAMP)
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 demo: $(STAMP)
@@ -31,6 +35,7 @@ demo: $(STAMP)
 
 test: debs $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/cachemode vm setup
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: $(STAMP)

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sim": "cachemode.cli.cpu:sim",
     "dinero": "cachemode.cli.cpu:dinero",
     "trace": "cachemode.cli.cpu:trace",
+    "vm": "cachemode.cli.vm:vm",
 }
 
 

@@ -71,9 +71,9 @@ def run(
     if as_json:
         click.echo(result.to_json(indent=2))
         return
-    from rich.console import Console
+    from cachemode.cli.console import print_table
 
-    Console().print(result.table())
+    print_table(result.table())
 
 
 def _size_list(value: str, what: str) -> list[int]:
@@ -167,8 +167,9 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
             )
         )
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from cachemode.cli.console import print_table
 
     t = Table(title=f"miss rate, {len(trace):,} references")
     t.add_column("size", justify="right")
@@ -178,15 +179,15 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
     grid = {(p.size, p.assoc): p.miss_rate for p in points}
     for s in sorted({p.size for p in points}):
         t.add_row(str(s), *[f"{grid[(s, a)]:.4f}" if (s, a) in grid else "-" for a in cols])
-    Console().print(t)
+    print_table(t)
     if plot_path:
         click.echo(f"plot written to {plot_path}")
 
 
 def _stderr_console():
-    from rich.console import Console
+    from cachemode.cli.console import console
 
-    return Console(stderr=True)
+    return console(stderr=True)
 
 
 @click.command(

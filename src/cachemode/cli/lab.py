@@ -9,17 +9,26 @@ from typing import Any, TypeVar
 
 import click
 
-from cachemode.cli.options import SIZE, execution_options, write_cache_option
+from cachemode.cli.console import unclipped
+from cachemode.cli.options import SIZE, execution_options, json_file_option, write_cache_option
 from cachemode.modes import Failure, get_mode, mode_names
-from cachemode.units import format_size
+from cachemode.units import format_size, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 # -- the options cachemode serve takes ------------------------------------------------------------------------
 def lab_options(func: F) -> F:
-    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record."""
+    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record, --disk-flush."""
     opts = [
+        click.option(
+            "--disk-flush",
+            "lab_disk_flush",
+            type=click.Choice(["honour", "ignore"]),
+            default=None,
+            help="Lab: ignore = a device that acknowledges FLUSH and FUA without writing back (it lies) "
+            "[default: honour].",
+        ),
         click.option(
             "--record",
             "lab_record",
@@ -75,6 +84,7 @@ def lab_config_from_options(
     lab_writeback_after: float | None = None,
     lab_control: str | None = None,
     lab_record: str | None = None,
+    lab_disk_flush: str | None = None,
 ) -> Any:
     """The LabConfig the options ask for, or None without ``--lab`` (then no lab option may be given)."""
     from cachemode.lab.disk import LabConfig
@@ -85,11 +95,12 @@ def lab_config_from_options(
         "--writeback-after": lab_writeback_after,
         "--control": lab_control,
         "--record": lab_record,
+        "--disk-flush": lab_disk_flush,
     }
     if not lab:
         extra = [name for name, value in given.items() if value is not None]
         if extra:
-            raise click.UsageError(f"{', '.join(extra)} need --lab")
+            raise click.UsageError(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --lab")
         return None
     defaults = LabConfig()
     return LabConfig(
@@ -97,6 +108,7 @@ def lab_config_from_options(
         disk_cache=defaults.disk_cache if lab_disk_cache is None else lab_disk_cache,
         writeback_after=lab_writeback_after,
         record=lab_record,
+        disk_flush=lab_disk_flush or defaults.disk_flush,
     )
 
 
@@ -140,9 +152,9 @@ def drop_connections(server: Any) -> None:
 
 # -- output helpers -----------------------------------------------------------------------------------------
 def _console() -> Any:
-    from rich.console import Console
+    from cachemode.cli.console import console
 
-    return Console(highlight=False)
+    return console()
 
 
 def _write_json(data: Any, path: str | None) -> None:
@@ -229,7 +241,7 @@ def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> 
         return
     lost = reply.get("lost_now", {})
     click.echo(
-        f"power cut ({survivors}): {lost.get('writes', 0)} writes, {lost.get('bytes', 0)} bytes "
+        f"power cut ({survivors}): {plural(lost.get('writes', 0), 'write')}, {plural(lost.get('bytes', 0), 'byte')} "
         "were only in volatile caches and are gone"
     )
 
@@ -266,7 +278,7 @@ def status(control: str, as_json: bool) -> None:
 @click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
-@click.option("--json", "json_path", default=None, help="Write the cells as JSON to FILE ('-': stdout).")
+@json_file_option("the cells")
 def matrix(
     host_cache: int,
     disk_cache: int,
@@ -307,7 +319,7 @@ def matrix(
             row += [f"{c.acked_unflushed_lost}/{c.acked_unflushed}", f"{c.flushed_lost}/{c.flushed}"]
         table.add_row(*row)
     if json_path != "-":
-        _console().print(table)
+        _console().print(unclipped(table))
     _write_json([c.as_dict() for c in cells], json_path)
     if plot:
         try:
@@ -340,7 +352,7 @@ def matrix(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
 @execution_options("Check states in N threads here (with --scheduler local: N worker processes) [default: 1].")
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@json_file_option("the report")
 def sqlite(
     cache: str,
     synchronous: str,
@@ -413,8 +425,9 @@ class _progress:
     def __enter__(self) -> Callable[[str, int, int], None]:
         if not sys.stderr.isatty():
             return lambda phase, done, total: None
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from cachemode.cli.console import console
 
         self.bar = Progress(
             TextColumn("{task.description}"),
@@ -422,7 +435,7 @@ class _progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console(stderr=True),
             transient=True,
         )
         self.bar.start()
@@ -467,7 +480,7 @@ def _print_report(report: Any, title: str) -> None:
     ]
     for what, value in rows:
         table.add_row(what, value)
-    _console().print(table)
+    _console().print(unclipped(table))
     for failure in report.failures[:5]:
         state = failure["state"]
         click.echo(
@@ -490,7 +503,12 @@ def _print_report(report: Any, title: str) -> None:
     help="The mode whose crash states to build (writethrough/directsync: every write is a barrier; "
     "unsafe: no flush is).",
 )
-@click.option("--check", "check", required=True, help="Checker command; {image} is the crash state's image.")
+@click.option(
+    "--check",
+    "check",
+    required=True,
+    help="A built-in checker (ext4: journal replay, then e2fsck -fn) or a command; {image} is the crash state's image.",
+)
 @click.option("--states", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -505,7 +523,7 @@ def _print_report(report: Any, title: str) -> None:
     show_default=True,
     help="Seconds per checker run; a checker still running then is killed and the state fails as 'timeout'.",
 )
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@json_file_option("the report")
 def explore_cmd(
     log: str,
     base: str,
@@ -525,10 +543,11 @@ def explore_cmd(
     Exit status 1 when a state failed the check.
     """
     from cachemode.execution import open_executor
-    from cachemode.lab.explore import CommandChecker, explore
+    from cachemode.lab.checkers import resolve_checker
+    from cachemode.lab.explore import explore
     from cachemode.lab.record import read_log
 
-    checker = CommandChecker(check, timeout=timeout)
+    checker = resolve_checker(check, timeout=timeout)
     wlog = read_log(log)
     mode = get_mode(cache)
     with open_executor(jobs, scheduler) as executor, _progress(states) as advance:
@@ -562,14 +581,10 @@ def serve_lab(
     **listen: Any,
 ) -> None:
     """``cachemode serve IMAGE --lab ...``: serve a lab disk, with its control socket, until stopped."""
-    import os
-
-    from cachemode.cli.serving import ServeError, run_server
+    from cachemode.cli.serving import run_server
 
     if image is None:
         raise click.UsageError("--lab needs an IMAGE")
-    if create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     disk = open_lab_from_options(image, cache, write_cache, config, create_size, read_only)
     ctl = None
     try:

@@ -75,3 +75,10 @@ def execution_options(jobs_help: str, *, jobs_alias: str | None = None) -> Calla
         return click.option(*names, type=click.IntRange(min=1, max=1024), default=None, help=jobs_help)(func)
 
     return decorate
+
+
+def json_file_option(what: str) -> Callable[[F], F]:
+    """``--json FILE`` ('-' for stdout), stored as ``json_path``: where a command writes ``what`` as JSON."""
+    return click.option(
+        "--json", "json_path", default=None, metavar="FILE", help=f"Write {what} as JSON to FILE ('-': stdout)."
+    )

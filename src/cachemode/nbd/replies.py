@@ -125,3 +125,12 @@ def clip_extents(extents: Iterable[object], offset: int, length: int, req_one: b
     if req_one:
         out = out[:1]
     return out[: c.MAX_EXTENTS]
+
+
+def error_of(exc: BaseException, command: int) -> int:
+    """The NBD error for a failed disk call (EINVAL from a write means ENOSPC on the wire, as qemu-nbd says)."""
+    host = getattr(exc, "errno", None)
+    error = c.wire_errno(host)
+    if error == c.EINVAL and command in (c.CMD_WRITE, c.CMD_WRITE_ZEROES):
+        error = c.ENOSPC
+    return error

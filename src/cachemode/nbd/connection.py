@@ -1,0 +1,580 @@
+"""One NBD client connection: the handshake, then transmission -- parsing by the sans-IO core, dispatch to the
+disk (inline, the thread pool, or the direct paths of :mod:`cachemode.nbd.direct`), replies in completion order,
+and the back-pressure that keeps its memory within its budget (:mod:`cachemode.nbd.budget`)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import struct
+import termios
+from typing import TYPE_CHECKING, Any
+
+from cachemode.nbd import constants as c
+from cachemode.nbd import replies
+from cachemode.nbd.budget import cost
+from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
+from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
+from cachemode.nbd.requests import Rejected, Request, Transmission, Violation
+from cachemode.nbd.tls import start_tls
+
+if TYPE_CHECKING:
+    from cachemode.nbd.server import Server
+
+log = logging.getLogger("cachemode.nbd")
+
+HANDSHAKE_LIMIT = 10.0
+"""Seconds a client may take to finish negotiating before it is dropped (qemu-nbd's --handshake-limit)."""
+MAX_IN_FLIGHT = 64
+"""Requests outstanding per connection before the server stops reading from it (memory is bounded by the
+connection's budget, :mod:`cachemode.nbd.budget`; this bounds the work queued for the pool and the AIO context)."""
+TRANSPORT_HIGH_WATER = 64 * 1024
+"""Unsent bytes above which the transport reports back-pressure: the budget's view of a paused transport is
+refreshed at each report, so it is never more than this out of date."""
+INLINE_WRITE_MAX = 256 * 1024
+"""Page-cache writes below this size run inline; larger ones go to the pool, so the kernel's copy of one
+payload overlaps with receiving the next."""
+SEND_EARLY = 1024 * 1024
+"""Inline read data queued in one batch before it is handed to the transport (so back-pressure is seen)."""
+SOCKET_BUFFER = 4 * 1024 * 1024
+"""SO_SNDBUF asked for each connection (the kernel doubles it)."""
+SENDFILE_MIN = 128 * 1024
+"""Buffered reads at least this long go from the image to the socket with sendfile(2), no copy in Python."""
+
+
+class Stats:
+    """Counters a test, the demo or the lab can read."""
+
+    __slots__ = ("connections", "errors", "flushes", "refused", "requests")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.refused = 0
+        self.requests = 0
+        self.flushes = 0
+        self.errors = 0
+
+
+class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
+    """One client connection: handshake, then transmission."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.disk = server.disk
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.handshake: Handshake | None = Handshake(server.export, tls=server.tls_mode)
+        self.tls = False  # the connection runs TLS (see cachemode.nbd.tls)
+        self.tx: Transmission | None = None
+        self.structured = False
+        self.in_flight = 0
+        self.ledger = server.budget.ledger(self._retry)  # the memory this connection makes the server hold
+        self._batch_cost = 0  # admitted in this batch, not in flight: released once the replies are handed on
+        self._out_cost = 0  # completed requests whose replies wait in _out
+        self._backlog: collections.deque[Any] = collections.deque()  # parsed, held back while congested
+        self._draining = False
+        self._retry_pending = False
+        self._out_size = 0  # bytes of read data in _out not yet handed to the transport
+        self.closing = False  # DISC, end of input or shutdown: close once nothing is left to answer
+        self.closed = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self._out: list[bytes | memoryview] = []
+        self._flush_scheduled = False
+        self._done = asyncio.Event()
+        self.peer = ""
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._sock_fd = -1
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if not self.server.register(self):  # --max-connections: closed before the greeting
+            self.closed = True
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # Room for a few large read replies in the kernel, so sendfile completes in one call.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        if sock is not None:
+            self._sock = sock
+            self._sock_fd = sock.fileno()
+        transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
+        self.server.stats.connections += 1
+        if self.server.shutting_down:
+            self._close()
+            return
+        assert self.handshake is not None
+        transport.write(self.handshake.data_to_send())
+        if self.server.handshake_limit:
+            # The core has no clock: the transport bounds how long a client may take to negotiate.
+            self._handshake_timer = self.loop.call_later(self.server.handshake_limit, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if self.tx is None and not self.closed:
+            log.info("%s: closing: handshake not finished within %s s", self.peer, self.server.handshake_limit)
+            self._abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.closed = True
+        self.closing = True
+        self._out.clear()
+        self._backlog.clear()
+        self.ledger.release(self._batch_cost + self._out_cost)
+        self._batch_cost = self._out_cost = 0
+        self.ledger.close()  # requests still in flight release their share as they complete
+        self.server.connection_closed(self)
+        self._done.set()
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._account_queued()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._account_queued()
+        self._retry()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # In transmission the parser hands out its own buffer: a WRITE payload is received in place. Anything
+        # else goes to one scratch buffer shared by all connections (the core copies out what it keeps), so
+        # an idle connection owns no buffer at all.
+        if self.tx is not None and not self.tx.closed:
+            return self.tx.get_buffer()
+        return self.server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        try:
+            if self.tx is None:
+                self._handshake_data(bytes(self.server.scratch[:nbytes]))
+            elif not self.tx.closed:
+                self._receive(self.tx.buffer_updated(nbytes))
+        except ProtocolError as err:
+            log.info("%s: closing: %s", self.peer, err)
+            self._abort()
+
+    def data_received(self, data: bytes) -> None:  # a transport without buffered reads
+        if self.closed:
+            return
+        try:
+            if self.tx is None:
+                self._handshake_data(data)
+            else:
+                self._transmission_data(data)
+        except ProtocolError as err:
+            log.info("%s: closing: %s", self.peer, err)
+            self._abort()
+
+    def eof_received(self) -> bool | None:
+        # The client closed its side: finish what is in flight, send the replies, then close. (TLS closes the
+        # connection after the client's close_notify whatever this returns.)
+        self.closing = True
+        self._maybe_close()
+        return None if self.tls else True
+
+    # -- handshake ----------------------------------------------------------------------------------------------
+    def _handshake_data(self, data: bytes) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        events = hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        for event in events:
+            if isinstance(event, Aborted):
+                self._close()
+                return
+            if isinstance(event, StartTLS):
+                self._sock_fd = -1  # from now on every byte goes through the TLS transport
+                assert self.server.tls is not None
+                start_tls(self, self.server.tls.context)
+                return
+            if isinstance(event, Ready):
+                negotiated = event.negotiated
+                self.handshake = None
+                self.tx = Transmission(negotiated, self._allocate_payload, self.server.scratch, allocate_alone=True)
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                self.structured = negotiated.structured
+                if event.trailing:
+                    self._transmission_data(event.trailing)
+                return
+
+    def tls_established(self, transport: Any) -> None:
+        """The TLS handshake succeeded (:mod:`cachemode.nbd.tls`): negotiation starts again over ``transport``."""
+        self.transport = transport
+        self.tls = True
+        assert self.handshake is not None
+        self.handshake.tls_started()
+
+    # -- transmission -------------------------------------------------------------------------------------------
+    def _transmission_data(self, data: bytes) -> None:
+        assert self.tx is not None
+        self._receive(self.tx.receive_data(data))
+
+    def _receive(self, events: list[Any]) -> None:
+        """Dispatch what one read brought, then retry whatever it left waiting for memory."""
+        self._draining = True  # no retry from inside the batch: requests run in the order they came
+        try:
+            self._dispatch(events)
+        finally:
+            self._draining = False
+        if self._backlog or self._retry_pending or (self.tx is not None and self.tx.waiting):
+            self._retry()
+
+    def _dispatch(self, events: list[Any]) -> None:
+        if not events:
+            return
+        server = self.server
+        server.stats.requests += len(events)
+        out = self._out
+        disk = self.disk
+        read_inline = server.read_inline
+        nowait_fd = server.nowait_fd
+        sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
+        aio = server.aio
+        aio_fd = server.aio_fd
+        aio_align = server.aio_align
+        inline_write = server.inline_writes
+        structured = self.structured
+        read_header = replies.read_header
+        read_header_into = replies.read_header_into
+        header_size = replies.read_header_size(structured)
+        ledger = self.ledger
+        for index, ev in enumerate(events):
+            if ev.__class__ is Request:
+                cmd = ev.command
+                amount = cost(cmd, ev.length)
+                # A WRITE whose payload buffer was allocated was charged then; anything else is admitted
+                # only while it fits in the connection's budget and the server's (see budget.py).
+                if self.in_flight >= MAX_IN_FLIGHT or (ev.buffer is None and not ledger.admit(amount)):
+                    # The client is not reading replies fast enough, or too much is in flight: keep the
+                    # rest for later (reading stays paused meanwhile), so memory stays bounded.
+                    self._backlog.extend(events[index:])
+                    self._update_reading()
+                    break
+                self._batch_cost += amount
+                if server.shutting_down:
+                    out.append(replies.error(structured, ev.cookie, cmd, c.ESHUTDOWN, "server shutting down"))
+                    continue
+                if cmd == c.CMD_READ and read_inline is not None:
+                    if ev.length >= SENDFILE_MIN and sendfile_fd is not None:
+                        if out:
+                            self._send()
+                        if self._sendfile(ev, sendfile_fd):
+                            continue
+                    if nowait_fd is not None:
+                        # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
+                        # cached range) goes to the pool, so a cold cache does not stall the event loop.
+                        # A small reply is read straight in behind its header: one buffer, no join.
+                        small = ev.length < LARGE_REPLY
+                        skip = header_size if small else 0
+                        data_out = bytearray(skip + ev.length)
+                        try:
+                            got = os.preadv(nowait_fd, [memoryview(data_out)[skip:]], ev.offset, os.RWF_NOWAIT)
+                        except OSError:
+                            got = -1
+                        if got != ev.length:
+                            self._submit(ev)
+                            continue
+                        if small:
+                            read_header_into(data_out, structured, ev.cookie, ev.offset, ev.length)
+                            out.append(data_out)
+                            continue
+                    else:
+                        try:
+                            data_out = read_inline(ev.length, ev.offset)
+                        except Exception as exc:
+                            server.stats.errors += 1
+                            out.append(replies.error(structured, ev.cookie, cmd, replies.error_of(exc, cmd), str(exc)))
+                            continue
+                    if len(data_out) < ev.length:
+                        data_out += bytes(ev.length - len(data_out))
+                    hdr = read_header(structured, ev.cookie, ev.offset, ev.length)
+                    if ev.length >= LARGE_REPLY:
+                        out.append(hdr)
+                        out.append(data_out)
+                        self._out_size += ev.length
+                        if self._out_size >= SEND_EARLY:
+                            self._send()  # lets the transport report back-pressure before the next read
+                    else:
+                        out.append(hdr + data_out)
+                elif (
+                    cmd == c.CMD_WRITE
+                    and inline_write
+                    and not ev.flags & c.CMD_FLAG_FUA
+                    and ev.length < INLINE_WRITE_MAX
+                ):
+                    try:
+                        disk.pwrite(ev.data, ev.offset)
+                    except Exception as exc:
+                        server.stats.errors += 1
+                        out.append(replies.simple(ev.cookie, replies.error_of(exc, cmd)))
+                        continue
+                    finally:
+                        if ev.buffer is not None:
+                            self._recycle(ev)
+                    out.append(replies.simple(ev.cookie))
+                elif aio is not None and cmd <= c.CMD_WRITE and not (ev.offset | ev.length) % aio_align:
+                    if not self._aio(ev, aio, aio_fd):
+                        self._submit(ev)
+                else:
+                    self._submit(ev)
+            elif ev.__class__ is Rejected:
+                server.stats.errors += 1
+                log.debug("%s: rejected: %r", self.peer, ev)
+                out.append(ev.reply)
+            elif ev.__class__ is Violation:
+                # A bad request magic: what came before it is answered, then the connection closes --
+                # however TCP cut the bytes.
+                log.info("%s: closing: %s", self.peer, ev.message)
+                self.closing = True
+            else:  # Disconnect
+                self.closing = True
+        if out or self._batch_cost or self._out_cost:
+            self._send()
+        if self.closing:
+            self._maybe_close()
+        else:
+            self._update_reading()
+
+    def _after_completion(self) -> None:
+        self._send()  # releases the charge of the reply just handed on, and retries what waited for it
+        if self.closing:
+            self._maybe_close()
+
+    def _start(self, req: Request) -> None:
+        """``req`` goes in flight (pool or AIO): its charge stays held until its reply is handed on."""
+        self.in_flight += 1
+        if self.closed:  # the rest of a short write, resubmitted after the client left: a fresh charge
+            self.ledger.charge(cost(req.command, req.length))
+        else:
+            self._batch_cost -= cost(req.command, req.length)
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+
+    def _finish(self, req: Request) -> None:
+        """``req`` completed: its charge is released once its reply is handed on (the next :meth:`_send`)."""
+        self.in_flight -= 1
+        if self.closed:
+            self.ledger.release(cost(req.command, req.length))
+        else:
+            self._out_cost += cost(req.command, req.length)
+
+    def _allocate_payload(self, length: int) -> Any:
+        """The parser's WRITE payload buffer, charged to the budget now; None (the parser waits) if it does
+        not fit yet."""
+        if not self.ledger.admit(cost(c.CMD_WRITE, length)):
+            return None
+        return self.server.allocate_payload(length)
+
+    def _retry(self) -> None:
+        """Try again what waited for memory: requests held back first, then a WRITE payload the parser holds."""
+        if self.closed:
+            return
+        if self._draining:  # called from inside a batch (a write made the transport resume): once it is over
+            self._retry_pending = True
+            return
+        self._retry_pending = False
+        self._draining = True
+        try:
+            if self._backlog:
+                events = list(self._backlog)
+                self._backlog.clear()
+                self._dispatch(events)
+            tx = self.tx
+            while tx is not None and tx.waiting and not self._backlog and not self.closed:
+                events = tx.resume()
+                if not events:
+                    break  # refused: the budget wakes this connection when memory frees
+                self._dispatch(events)
+        finally:
+            self._draining = False
+        if self.closing:
+            self._maybe_close()
+        self._update_reading()
+        if self._retry_pending and not self.closed:
+            self._retry_pending = False
+            self.loop.call_soon(self._retry)
+
+    def _account_queued(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.ledger.set_queued(self.transport.get_write_buffer_size())
+
+    def _submit(self, req: Request) -> None:
+        self._start(req)
+        self.server.pool.submit(self._execute, req, self._completed)
+
+    def _execute(self, req: Request) -> bytes | tuple[bytes, Any]:
+        """Run one request against the disk (in a pool thread); return the reply bytes."""
+        disk = self.disk
+        cmd = req.command
+        fua = bool(req.flags & c.CMD_FLAG_FUA)
+        cookie = req.cookie
+        structured = self.structured
+        try:
+            if cmd == c.CMD_READ:
+                data = disk.pread(req.length, req.offset)
+                return (replies.read_header(structured, cookie, req.offset, req.length), data)
+            if cmd == c.CMD_WRITE:
+                disk.pwrite(req.data, req.offset, fua=fua)
+            elif cmd == c.CMD_FLUSH:
+                disk.flush()
+                self.server.stats.flushes += 1
+            elif cmd == c.CMD_TRIM:
+                disk.trim(req.offset, req.length, fua=fua)
+            elif cmd == c.CMD_WRITE_ZEROES:
+                disk.zero(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & c.CMD_FLAG_NO_HOLE,
+                    fua=fua,
+                    fast=bool(req.flags & c.CMD_FLAG_FAST_ZERO),
+                )
+            elif cmd == c.CMD_CACHE:
+                disk.cache(req.offset, req.length)
+            elif cmd == c.CMD_BLOCK_STATUS:
+                extents = disk.block_status(req.offset, req.length)
+                descriptors = replies.clip_extents(
+                    extents, req.offset, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE)
+                )
+                ctx = self.tx.meta_context_id if self.tx is not None else None
+                return replies.block_status(cookie, ctx or 0, descriptors)
+            else:  # validation makes this unreachable
+                return replies.error(structured, cookie, cmd, c.EINVAL, "unknown command")
+        except Exception as exc:
+            self.server.stats.errors += 1
+            if not hasattr(exc, "errno"):
+                log.exception("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd))
+            return replies.error(structured, cookie, cmd, replies.error_of(exc, cmd), str(exc))
+        return replies.simple(cookie)
+
+    def _recycle(self, req: Request) -> None:
+        """Give a finished WRITE's payload buffer back to the pool."""
+        buf = req.buffer
+        req.buffer = None
+        if buf is None or not self.server.recycle or not isinstance(buf, mmap.mmap):
+            return
+        if isinstance(req.data, memoryview):
+            req.data.release()
+        self.server.buffers.release(buf)
+
+    def _completed(self, req: Request, result: Any) -> None:
+        self._finish(req)
+        if req.buffer is not None:
+            self._recycle(req)
+        if self.closed:
+            return
+        if isinstance(result, BaseException):
+            result = replies.error(self.structured, req.cookie, req.command, c.EIO, str(result))
+        if isinstance(result, tuple):
+            self._out.extend(result)
+        else:
+            self._out.append(result)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._send)
+        if self.closing:
+            self._maybe_close()
+
+    # -- output and lifetime ----------------------------------------------------------------------------------
+    def _send(self) -> None:
+        """Hand the replies in ``_out`` to the transport; their charge becomes the transport's queued bytes."""
+        self._flush_scheduled = False
+        self._out_size = 0
+        out = self._out
+        if out and not self.closed and self.transport is not None:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+        out.clear()
+        released = self._batch_cost + self._out_cost
+        self._batch_cost = self._out_cost = 0
+        self.ledger.release(released)
+        self._account_queued()
+        if self._backlog or (self.tx is not None and self.tx.waiting):
+            if not self._draining:
+                self._retry()
+            elif released:
+                self._retry_pending = True  # room freed inside a batch: retry once the batch is over
+        elif self._paused_reading:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        pause = (
+            bool(self._backlog)
+            or self.in_flight >= MAX_IN_FLIGHT
+            or self.ledger.full()
+            or (self.tx is not None and self.tx.waiting)
+        )
+        if pause and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        elif not pause and self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self.in_flight == 0 and not self._backlog and not self.closed:
+            if self.server.shutting_down and self._unread_requests():
+                self._update_reading()  # answer them (ESHUTDOWN) first; this is called again after that
+                return
+            self._send()
+            self._close()
+
+    def _unread_requests(self) -> bool:
+        """Whether the client sent more than has been parsed: a request half received, or bytes in the socket.
+
+        Closing a socket with unread bytes makes the kernel reset the connection, and the client then loses
+        replies already sent; so on shutdown such requests are read and answered first (bounded by the
+        shutdown timeout, after which the connection is dropped).
+        """
+        if self.tx is not None and self.tx.buffered:
+            return True
+        if self._sock_fd < 0:
+            return False
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(self._sock_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        return pending > 0
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # sends what is buffered, then closes
+
+    def _abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work (ESHUTDOWN), finish what is in flight, then close."""
+        self.closing = True
+        if self.tx is None:
+            self._close()
+        else:
+            self._maybe_close()
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
