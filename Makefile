@@ -51,6 +51,7 @@ lint: $(STAMP)
 bench: debs $(STAMP)
 	$(PY) bench/nbd_bench.py
 	$(PY) bench/cpu_bench.py
+	$(PY) bench/explore_bench.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache src/cachemode/cpu/_core.*.so

@@ -17,14 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def run_cli(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m cachemode ARGS`` for real and capture its text output."""
+def run_cli(
+    *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cachemode ARGS`` for real and capture its text output (``env``: added variables)."""
     return subprocess.run(
         [sys.executable, "-m", "cachemode", *args],
         input=input.decode() if input is not None else None,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **env} if env else None,
     )
 
 

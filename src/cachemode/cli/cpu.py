@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from cachemode.cli.options import execution_options
 from cachemode.cpu.config import ConfigError, hierarchy_from_specs, load_toml, parse_size
 from cachemode.cpu.trace import FORMATS
 
@@ -131,22 +132,32 @@ def _size_list(value: str, what: str) -> list[int]:
 @click.option("--format", "fmt", type=click.Choice(FORMATS))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE", help="Write the curves to a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the points as JSON.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N", help="Threads (default: every core).")
-def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, workers) -> None:
-    """Miss-rate curves over cache size and associativity, using every core."""
+@execution_options(
+    "Simulate N points at once here (with --scheduler local: N worker processes) [default: every core].",
+    jobs_alias="--workers",
+)
+def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, jobs, scheduler) -> None:
+    """Miss-rate curves over cache size and associativity, using every core (or a Dask cluster)."""
     import json
+    import os
 
     from rich.progress import Progress
 
     from cachemode.cpu.sweep import plot, sweep
+    from cachemode.execution import open_executor
 
     size_list = _size_list(sizes, "size")
     assoc_list = _size_list(assocs, "assoc")
-    with Progress(transient=True, console=_stderr_console()) as prog:
+    with (
+        open_executor(jobs or os.cpu_count() or 1, scheduler) as executor,
+        Progress(transient=True, console=_stderr_console()) as prog,
+    ):
         task = prog.add_task("simulating", total=None)
 
-        def tick(done: int, _total: int) -> None:
-            prog.update(task, completed=done, description=f"{done:,} references")
+        def tick(done: int, total: int) -> None:
+            # Here the trace streams through every cache (references so far); on a cluster, points are tasks.
+            what = f"{done:,} of {total:,} points" if total else f"{done:,} references"
+            prog.update(task, completed=done, total=total or None, description=what)
 
         points = sweep(
             trace_path,
@@ -154,7 +165,8 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
             assoc_list,
             parse_size(block, "block size"),
             fmt=fmt,
-            workers=workers,
+            workers=jobs,
+            executor=executor,
             progress=tick,
             repl=repl,
             walloc=walloc,

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from cachemode.cli.console import unclipped
-from cachemode.cli.options import SIZE, json_file_option, write_cache_option
+from cachemode.cli.options import SIZE, execution_options, json_file_option, write_cache_option
 from cachemode.modes import Failure, get_mode, mode_names
 from cachemode.units import format_size, plural
 
@@ -351,18 +351,28 @@ def matrix(
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
+@execution_options("Check states in N threads here (with --scheduler local: N worker processes) [default: 1].")
 @json_file_option("the report")
 def sqlite(
-    cache: str, synchronous: str, states: int, transfers: int, seed: int, sector: str, json_path: str | None
+    cache: str,
+    synchronous: str,
+    states: int,
+    transfers: int,
+    seed: int,
+    sector: str,
+    jobs: int | None,
+    scheduler: str | None,
+    json_path: str | None,
 ) -> None:
     """Run real SQLite (a bank-transfer workload) on the lab disk, then check every crash state.
 
     Checks PRAGMA integrity_check, that the total balance is constant, and that every transaction whose
     COMMIT returned is present. Exit status 1 when a violation was found.
     """
+    from cachemode.execution import open_executor
     from cachemode.lab.sqlite import sqlite_lab
 
-    with _progress(states, "checking crash states") as advance:
+    with open_executor(jobs, scheduler) as executor, _progress(states) as advance:
         work, report = sqlite_lab(
             cache,
             synchronous=synchronous,
@@ -371,6 +381,7 @@ def sqlite(
             transfers=transfers,
             sector=int(sector),
             progress=advance,
+            executor=executor,
         )
     data = {
         "workload": {
@@ -403,24 +414,42 @@ def crash() -> None:
 
 
 class _progress:
-    """A rich progress bar on a terminal; nothing otherwise."""
+    """A rich progress bar on a terminal, one line per phase (building, checking) with states/s; else nothing."""
 
-    def __init__(self, total: int, what: str) -> None:
+    def __init__(self, total: int, what: str = "crash states") -> None:
         self.total = total
         self.what = what
         self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Callable[[str, int, int], None]:
         if not sys.stderr.isatty():
-            return lambda done, total: None
-        from rich.progress import Progress
+            return lambda phase, done, total: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from cachemode.cli.console import console
 
-        self.bar = Progress(console=console(stderr=True), transient=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console(stderr=True),
+            transient=True,
+        )
         self.bar.start()
-        task = self.bar.add_task(self.what, total=self.total)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+        def advance(phase: str, done: int, total: int) -> None:
+            if phase not in self.tasks:
+                self.tasks[phase] = self.bar.add_task(f"{phase} {self.what}", total=total, rate="")
+            task = self.tasks[phase]
+            self.bar.update(task, completed=done, total=total)
+            speed = next(t.speed for t in self.bar.tasks if t.id == task)
+            if speed:
+                self.bar.update(task, rate=f"{speed:.1f} states/s")
+
+        return advance
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
@@ -447,6 +476,7 @@ def _print_report(report: Any, title: str) -> None:
         ("time per state (check)", f"{report.per_state_ms:.2f} ms"),
         ("time to build the states", f"{report.prepare_seconds:.2f} s"),
         ("materialised by", report.materialise),
+        ("checked on", report.where),
     ]
     for what, value in rows:
         table.add_row(what, value)
@@ -485,8 +515,14 @@ def _print_report(report: Any, title: str) -> None:
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
 @write_cache_option("The guest-visible write cache during the run; off: every write was durable (except in unsafe).")
-@click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
+@execution_options("Run N checkers at once here (with --scheduler local: N worker processes) [default: 1].")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds per checker run; a checker still running then is killed and the state fails as 'timeout'.",
+)
 @json_file_option("the report")
 def explore_cmd(
     log: str,
@@ -497,7 +533,8 @@ def explore_cmd(
     seed: int,
     sector: str,
     write_cache: str,
-    jobs: int,
+    jobs: int | None,
+    scheduler: str | None,
     timeout: float,
     json_path: str | None,
 ) -> None:
@@ -505,6 +542,7 @@ def explore_cmd(
 
     Exit status 1 when a state failed the check.
     """
+    from cachemode.execution import open_executor
     from cachemode.lab.checkers import resolve_checker
     from cachemode.lab.explore import explore
     from cachemode.lab.record import read_log
@@ -512,16 +550,16 @@ def explore_cmd(
     checker = resolve_checker(check, timeout=timeout)
     wlog = read_log(log)
     mode = get_mode(cache)
-    with _progress(states, "checking crash states") as advance:
+    with open_executor(jobs, scheduler) as executor, _progress(states) as advance:
         report = explore(
             wlog,
             mode,
             base=base,
-            command=checker,
+            checker=checker,
             states=states,
             seed=seed,
             sector=int(sector),
-            jobs=jobs,
+            executor=executor,
             write_cache=write_cache == "on",
             progress=advance,
         )

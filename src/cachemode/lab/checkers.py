@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from cachemode.lab.explore import CommandChecker, ExploreError, Outcome
+from cachemode.lab.explore import Checker, CommandChecker, CrashState, ExploreError, Outcome
 
 
 def ext4_replay_and_check(image: str, timeout: float = 60.0) -> Outcome:
@@ -33,18 +33,27 @@ def ext4_replay_and_check(image: str, timeout: float = 60.0) -> Outcome:
     return Outcome(False, f"e2fsck -fn: exit status {check.returncode}: {out[-2000:]}", ("fsck",))
 
 
-class Ext4Checker:
-    """``--check ext4``: journal replay, then a forced read-only e2fsck, on each state's scratch image."""
+class Ext4Checker(Checker):
+    """``--check ext4``: journal replay, then a forced read-only e2fsck, on each state's scratch image.
+
+    e2fsck must exist where the states are checked (here, or on every worker of a cluster): :meth:`verify`.
+    """
 
     name = "ext4"
 
     def __init__(self, timeout: float = 60.0) -> None:
-        if shutil.which("e2fsck") is None:
-            raise ExploreError("--check ext4 needs e2fsck: install e2fsprogs (apt-get install e2fsprogs)")
         self.timeout = timeout
 
-    def run(self, image: str) -> Outcome:
-        return ext4_replay_and_check(image, self.timeout)
+    def describe(self) -> str:
+        return "ext4 (journal replay, then e2fsck -fn)"
+
+    def verify(self) -> str | None:
+        if shutil.which("e2fsck") is None:
+            return "--check ext4 needs e2fsck: install e2fsprogs (apt-get install e2fsprogs)"
+        return None
+
+    def check_file(self, path: str, state: CrashState) -> Outcome:
+        return ext4_replay_and_check(path, self.timeout)
 
 
 BUILTIN_CHECKERS = {"ext4": Ext4Checker}

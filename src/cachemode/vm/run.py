@@ -252,7 +252,7 @@ def explore_log(record: Path, base: Path, mode: str, opts: RunOptions) -> dict[s
         read_log(record),
         get_mode(model),
         base=str(base),
-        command=Ext4Checker(),  # type: ignore[arg-type]
+        checker=Ext4Checker(),
         states=opts.explore_states,
         seed=opts.seed,
         write_cache=opts.write_cache,
