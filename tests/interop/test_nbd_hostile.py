@@ -18,18 +18,9 @@ from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
 from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, cost
 from cachemode.nbd.client import Client, ClientError
-from tests.nbd.serving import MIB, ServeProcess, ThreadServer, served
+from tests.nbd.serving import MIB, ServeProcess, ThreadServer, served, wait_for
 
 REQUEST = struct.Struct(">IHHQQI")
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def rss(pid: int, field: str = "VmRSS") -> int:

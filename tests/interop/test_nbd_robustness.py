@@ -15,22 +15,13 @@ from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
 from cachemode.nbd.budget import CONNECTION_BUDGET
 from cachemode.nbd.client import Client
-from tests.nbd.serving import MIB, ThreadServer, served
+from tests.nbd.serving import MIB, ThreadServer, served, wait_for
 
 SIZE = 16 * MIB
 
 
 def connect(srv) -> Client:  # type: ignore[no-untyped-def]
     return Client("127.0.0.1", srv.port)
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_vanishing_client_mid_write_harms_no_one(tmp_path: Path) -> None:

@@ -138,3 +138,14 @@ def nbdsh(uri: str, script: str, timeout: float = 120) -> subprocess.CompletedPr
     """Run a libnbd Python script with ``h`` connected to ``uri`` (system python, python3-libnbd)."""
     prologue = 'import nbd, sys\nh = nbd.NBD()\nh.add_meta_context("base:allocation")\nh.connect_uri(sys.argv[1])\n'
     return run(["/usr/bin/python3", "-c", prologue + script, uri], timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False): a bound for a loaded
+    machine, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
