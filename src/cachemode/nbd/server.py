@@ -7,11 +7,12 @@ is a :class:`~cachemode.nbd.connection.NBDConnection`, whose sendfile/AIO paths 
 Everything the protocol decides (handshake, parsing, validation, reply layout) lives in the core; this module
 only moves bytes and runs disk calls. The hot path is kept lean on purpose:
 
-* page-cache modes (``disk.blocking`` false): a plain READ is one ``preadv(RWF_NOWAIT)`` on the image's fd
-  (``disk.fast_read_fd``) run inline in the event loop -- a page-cache hit costs no thread hand-off, a miss
-  goes to the pool -- and
-  reads of 128 KiB or more go from the image to the socket with ``sendfile(2)``; a plain WRITE below 256 KiB
-  is one ``disk.pwrite`` inline, a larger one goes to the pool so the kernel's copy overlaps the next receive;
+* buffered images (every mode but none/directsync; O_DSYNC only makes writes durable): a plain READ is one
+  ``preadv(RWF_NOWAIT)`` on the image's fd (``disk.fast_read_fd``) run inline in the event loop -- a
+  page-cache hit costs no thread hand-off, a miss goes to the pool -- and reads of 128 KiB or more go from
+  the image to the socket with ``sendfile(2)``;
+* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline, a
+  larger one goes to the pool so the kernel's copy overlaps the next receive;
 * O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
   eventfd in the loop (:mod:`cachemode.nbd.aio`), no thread at all;
 * everything else that may wait on the device -- FLUSH, FUA, O_DSYNC I/O, unaligned O_DIRECT requests,
@@ -76,10 +77,11 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self.address: str = ""
         self.uri: str = ""
-        # Reads may bypass the stack only for a buffered image with nothing emulated in between; writes may
-        # run inline only when they cannot wait on the device (no O_DIRECT, no O_DSYNC, no per-write FUA).
+        # Reads may bypass the stack only for a buffered image with nothing emulated in between -- O_DSYNC
+        # included: it makes writes durable and leaves reads page-cache reads. Writes may run inline only
+        # when they cannot wait on the device (no O_DIRECT, no O_DSYNC, no per-write FUA).
         blocking = bool(getattr(disk, "blocking", True))
-        self.fast_read_fd: int | None = None if blocking else getattr(disk, "fast_read_fd", None)
+        self.fast_read_fd: int | None = getattr(disk, "fast_read_fd", None)
         self.inline_writes = not blocking and not disk.read_only
         # O_DIRECT with the plain stack: aligned reads and plain writes may use native AIO (see aio.py).
         self.aio: Any = None
@@ -98,9 +100,10 @@ class Server:
                 self.aio_fd = disk.image.fd
                 self.aio_align = max(disk.image.alignment, 512)
         self.read_inline: Callable[[int, int], bytes] | None = None
-        if not blocking:
-            fd = self.fast_read_fd
-            self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+        if self.fast_read_fd is not None:
+            self.read_inline = functools.partial(os.pread, self.fast_read_fd)
+        elif not blocking:
+            self.read_inline = disk.pread
         self.nowait_fd: int | None = self.fast_read_fd if nowait_works(self.fast_read_fd) else None
 
     def allocate_payload(self, length: int) -> Any:
