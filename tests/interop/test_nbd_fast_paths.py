@@ -3,13 +3,18 @@ checked on both sides (what the client reads back, what the image file holds).""
 
 from __future__ import annotations
 
+import random
 import re
 import signal
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from cachemode.nbd import constants as c
+from tests.interop.test_serve_cli import client_for
 from tests.nbd.serving import MIB, ServeProcess, nbdsh, need, need_libnbd_python
 
 pytestmark = pytest.mark.interop
@@ -62,3 +67,101 @@ def test_buffered_reads_are_served_inline_in_every_buffered_mode(tmp_path: Path,
     # The 1 MiB read: straight from the image to the socket.
     assert re.search(rf"sendfile\(\d+, \d+, \[{8 * MIB}\] => \[\d+\], {MIB}\)", text), text
     assert image.read_bytes()[4 * MIB : 4 * MIB + 4096] == bytes(range(256)) * 16
+
+
+def splice_calls(text: str) -> tuple[list[str], list[str]]:
+    """(socket -> pipe, pipe -> image) splice lines of a trace."""
+    into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = \d+", text)
+    into_image = re.findall(r"splice\(\d+, NULL, \d+, \[\d+\], \d+, 0\) = \d+", text)
+    return into_pipe, into_image
+
+
+def test_large_plain_writes_are_spliced_and_flushed(tmp_path: Path) -> None:
+    """libnbd writes 1 MiB and 300 KiB payloads: they reach the image by splice, read back intact, and the
+    FLUSH after them syncs (the mode layer was told of writes it did not see)."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice,fdatasync,pwritev2", "--cache", "writeback")
+    try:
+        script = (
+            "import random\n"
+            "a = random.Random(1).randbytes(1 << 20)\n"
+            "b = random.Random(2).randbytes(300 * 1024)\n"
+            f"h.pwrite(a, {MIB})\n"
+            f"h.pwrite(b, {3 * MIB} + 512)\n"
+            "h.flush()\n"
+            f"assert h.pread(len(a), {MIB}) == a\n"
+            f"assert h.pread(len(b), {3 * MIB} + 512) == b\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert data[MIB : 2 * MIB] == random.Random(1).randbytes(MIB)
+    assert data[3 * MIB + 512 : 3 * MIB + 512 + 300 * 1024] == random.Random(2).randbytes(300 * 1024)
+    text = trace.read_text()
+    into_pipe, into_image = splice_calls(text)
+    assert into_pipe and into_image, text
+    assert len(re.findall(r"\bfdatasync\(", text)) >= 1, text  # the FLUSH was not skipped
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [(["--cache", "writeback"], "FUA"), (["--cache", "writethrough"], "0"), (["--cache", "none"], "0")],
+    ids=["writeback-fua", "writethrough", "none"],
+)
+def test_writes_that_need_the_stack_are_not_spliced(tmp_path: Path, args: list[str], flags: str) -> None:
+    """A FUA write, an O_DSYNC mode and O_DIRECT keep their durability path: no splice into the image."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice", *args)
+    try:
+        fua = "nbd.CMD_FLAG_FUA" if flags == "FUA" else "0"
+        script = f"import os\na = os.urandom(1 << 20)\nh.pwrite(a, {MIB}, {fua})\nassert h.pread(len(a), {MIB}) == a\n"
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    assert splice_calls(trace.read_text()) == ([], []), trace.read_text()
+
+
+def test_a_payload_in_many_small_segments_that_pauses_midway(tmp_path: Path) -> None:
+    """A client that sends a 1 MiB payload in 1 KiB segments (more kernel fragments than the pipe has slots)
+    and stops halfway for a moment: the splice path waits for the socket, reads the full pipe out when it
+    must, and the image gets exactly the payload; the next request on the stream is parsed as usual."""
+    need_strace()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice,read", "--cache", "writeback")
+    payload = bytes(range(256)) * 4096
+    try:
+        with client_for(srv.uri) as cl:
+            header = struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 7, 2 * MIB, len(payload))
+            cl.sock.sendall(header)
+            for pos in range(0, len(payload), 1024):
+                cl.sock.sendall(payload[pos : pos + 1024])
+                if pos == len(payload) // 2:
+                    time.sleep(0.3)
+            reply = cl.read_reply()
+            assert (reply.error, reply.cookie) == (0, 7)
+            assert cl.pread(len(payload), 2 * MIB) == payload
+            cl.pwrite(b"after", 5)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert data[2 * MIB : 3 * MIB] == payload
+    assert data[5:10] == b"after"
+    text = trace.read_text()
+    into_pipe, into_image = splice_calls(text)
+    assert into_pipe and into_image, text
+    assert "EAGAIN" in text  # it did wait for the socket
+    pipe_fd = re.search(r"splice\(\d+, NULL, (\d+), NULL", text).group(1)  # type: ignore[union-attr]
+    read_end = re.search(r"splice\((\d+), NULL, \d+, \[", text).group(1)  # type: ignore[union-attr]
+    assert pipe_fd != read_end
+    assert re.search(rf"\bread\({read_end}, ", text), text  # the full pipe was read out into memory

@@ -17,7 +17,8 @@ from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
-from cachemode.nbd.requests import Rejected, Request, Transmission
+from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission
+from cachemode.nbd.splice import SPLICE_MIN
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -81,6 +82,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.peer = ""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sock_fd = -1
+        self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
+        self._splicing = False  # a payload is being spliced: the transport must not read meanwhile
         self._hs_buf = memoryview(bytearray(65536))
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
@@ -121,6 +124,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self._out.clear()
+        if self._splicer is not None:
+            self._splicer.close()
         self.server._connections.discard(self)
         self._done.set()
 
@@ -185,7 +190,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
-                self.tx = Transmission(negotiated, self.server.allocate_payload)
+                # Large plain WRITE payloads are spliced from the socket -- never behind a TLS layer.
+                stream_min = SPLICE_MIN if self.server.splice_fd is not None and self._sock_fd >= 0 else 0
+                self.tx = Transmission(negotiated, self.server.allocate_payload, stream_min)
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                 self.structured = negotiated.structured
@@ -291,6 +298,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         self._submit(ev)
                 else:
                     self._submit(ev)
+            elif ev.__class__ is PayloadFollows:
+                self._splice_write(ev)
             elif ev.__class__ is Rejected:
                 server.stats.errors += 1
                 log.debug("%s: rejected: %r", self.peer, ev)
@@ -431,7 +440,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
-        pause = self._congested() or bool(self._backlog)
+        pause = self._congested() or bool(self._backlog) or self._splicing
         if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()

@@ -1,5 +1,6 @@
-"""The paths that bypass the transport's buffer or the thread pool: sendfile(2) for buffered READs, Linux native
-AIO for O_DIRECT, and writev(2) of a large reply straight from its buffer.
+"""The paths that bypass the transport's buffer or the thread pool: sendfile(2) for buffered READs, splice(2) of
+large page-cache WRITE payloads from the socket, Linux native AIO for O_DIRECT, and writev(2) of a large reply
+straight from its buffer.
 
 They are a mixin of :class:`cachemode.nbd.connection.NBDConnection`, kept apart because each one writes to the
 socket, or to the device, behind asyncio's back and has rules of its own: a reply may go to the socket directly
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd.requests import Request
+from cachemode.nbd.requests import PayloadFollows, Request
+from cachemode.nbd.splice import PayloadSplicer
 
 if TYPE_CHECKING:
     import asyncio
@@ -43,6 +45,46 @@ class DirectPaths:
     peer: str
     _sock_fd: int
     _out: list[Any]
+    _splicer: PayloadSplicer | None
+    _splicing: bool
+    loop: Any
+    tx: Any
+
+    def _splice_write(self, ev: PayloadFollows) -> None:
+        """Take a large plain WRITE's payload straight from the socket into the image (splice.py); reading
+        from the transport stays paused until the payload is consumed. Only offered by the parser where the
+        server allows it and the connection's socket is its own (no TLS)."""
+        req = ev.request
+        if self._splicer is None and self._sock_fd >= 0:
+            try:
+                self._splicer = PayloadSplicer(self.loop, self._sock_fd, self.server.splice_fd)
+            except OSError as exc:  # no pipe to be had (fd limit): receive the ordinary way
+                log.info("%s: no splice: %s", self.peer, exc)
+        if self._splicer is None or self._sock_fd < 0 or not self._splicer.fits(req, ev.head):
+            self.tx.collect(ev)
+            return
+        error = None
+        if self.server.shutting_down:
+            error = OSError(errno.ESHUTDOWN, "server shutting down")
+        self._splicing = True
+        self._start(req)
+        self._update_reading()
+        self._splicer.start(req, ev.head, self._splice_done, error)
+
+    def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
+        self._splicing = False
+        if fatal:
+            log.info("%s: closing: WRITE payload: %s", self.peer, error)
+            self._finish(req)
+            self._abort()
+            return
+        if error is None:
+            self.server.note_write()
+            reply = replies.simple(req.cookie)
+        else:
+            self.server.stats.errors += 1
+            reply = replies.simple(req.cookie, replies.error_of(error, c.CMD_WRITE))
+        self._completed(req, reply)
 
     def _sendfile(self, req: Request, image_fd: int) -> bool:
         """Send a READ reply straight from the image with sendfile(2), bypassing the transport's buffer.

@@ -5,6 +5,7 @@
         match event:
             case Request(): ...        # valid: dispatch it to the disk, build the reply with ``replies``
             case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
+            case PayloadFollows(): ... # only with stream_min: a large WRITE whose rest the caller reads
             case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
 
 A bad request magic raises :class:`ProtocolError` (the stream cannot be resynchronised). The parser buffers at
@@ -62,6 +63,23 @@ class Rejected:
         return f"Rejected({c.ERROR_NAMES.get(self.error, self.error)}, cookie={self.cookie}, {self.message!r})"
 
 
+class PayloadFollows:
+    """A valid WRITE whose payload the parser leaves on the stream (see ``Transmission(stream_min=...)``).
+
+    ``head`` holds the payload bytes already received; the next ``length - len(head)`` bytes of the stream
+    are the rest. The caller must consume exactly those (e.g. splice them from the socket into the image)
+    before it feeds the parser again; the parser then expects the next request header."""
+
+    __slots__ = ("head", "request")
+
+    def __init__(self, request: Request, head: bytes | memoryview) -> None:
+        self.request = request
+        self.head = head
+
+    def __repr__(self) -> str:
+        return f"PayloadFollows({self.request!r}, {len(self.head)} received)"
+
+
 class Disconnect:
     """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
 
@@ -71,10 +89,13 @@ class Disconnect:
         return "Disconnect()"
 
 
-Event = Request | Rejected | Disconnect
+Event = Request | Rejected | PayloadFollows | Disconnect
 
 
 SCRATCH_SIZE = 256 * 1024
+FIRST_READ_AFTER_STREAM = 4096
+"""How much the read after a streamed payload may take: little more than the next header, so that when the
+next request is a large WRITE too its payload stays on the stream for the caller."""
 
 
 class Transmission:
@@ -86,8 +107,13 @@ class Transmission:
     (length -> writable buffer) chooses that buffer, e.g. page-aligned memory for O_DIRECT; default bytearray.
     """
 
-    def __init__(self, negotiated: Negotiated, allocate: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self, negotiated: Negotiated, allocate: Callable[[int], Any] | None = None, stream_min: int = 0
+    ) -> None:
         self.negotiated = negotiated
+        # Plain WRITEs (no flags) at least this long whose payload has not fully arrived are handed out as
+        # PayloadFollows, their payload left on the stream for the caller; 0: never.
+        self.stream_min = stream_min
         self.export = negotiated.export
         self.structured = negotiated.structured
         self.meta_context_id = negotiated.meta_context_id
@@ -102,6 +128,7 @@ class Transmission:
         self._need = 0
         self._filled = 0
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._short_read = False  # the next read follows a streamed payload: keep it short
         self._into_payload = False
 
     @property
@@ -116,6 +143,9 @@ class Transmission:
             self._into_payload = True
             return self._payload_view[self._filled :]
         self._into_payload = False
+        if self._short_read:
+            self._short_read = False
+            return self._scratch[:FIRST_READ_AFTER_STREAM]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
@@ -157,6 +187,14 @@ class Transmission:
             if pos < len(src):
                 self._buf = bytearray(memoryview(src)[pos:])
         return events
+
+    def collect(self, follows: PayloadFollows) -> None:
+        """Receive the rest of ``follows``'s payload the ordinary way after all: it is completed into a buffer
+        and comes out as a :class:`Request` once the stream has delivered it."""
+        req = follows.request
+        self._start_payload((req.command, req.flags, req.cookie, req.offset), req.length)
+        with memoryview(follows.head) as head:
+            self._fill(head, [])
 
     def _start_payload(self, pending: tuple[int, int, int, int], length: int) -> None:
         self._pending = pending
@@ -231,6 +269,12 @@ class Transmission:
                     events.append(Request(command, flags, cookie, offset, length, src[body : body + length]))
                     pos = body + length
                     continue
+                if self.stream_min and length >= self.stream_min and not flags:
+                    # payload incomplete and large: the caller takes the rest straight from the stream
+                    head = src[body:end] if isinstance(src, bytearray) else memoryview(src)[body:end]
+                    events.append(PayloadFollows(Request(command, flags, cookie, offset, length), head))
+                    self._short_read = True
+                    return end
                 # payload incomplete: collect it in its own buffer, exactly once
                 self._start_payload((command, flags, cookie, offset), length)
                 pos = body

@@ -46,6 +46,7 @@ from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
 from cachemode.nbd.direct import nowait_works
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.pool import IOPool
+from cachemode.nbd.splice import splice_available
 
 
 class Server:
@@ -91,6 +92,12 @@ class Server:
         # layer might keep a reference to the data it was handed.
         self.recycle = _plain_stack(disk)
         self.buffers = BufferPool()
+        # Plain page-cache writes may be spliced from the socket into the image (see splice.py); they bypass
+        # the mode layer, so they are reported to its write counter, as AIO writes are.
+        self.splice_fd: int | None = None
+        if self.recycle and self.inline_writes and splice_available():
+            self.splice_fd = disk.image.fd
+            self._note_write = disk.top.note_write
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
             self.aio = open_aio(self.loop, pool=self.buffers)
             # Writes done by AIO bypass the mode layer: they are reported to its write counter, so the next
