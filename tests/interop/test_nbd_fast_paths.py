@@ -3,6 +3,7 @@ checked on both sides (what the client reads back, what the image file holds).""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -131,9 +132,8 @@ def test_writes_that_need_the_stack_are_not_spliced(tmp_path: Path, args: list[s
 
 
 def test_a_payload_in_many_small_segments_that_pauses_midway(tmp_path: Path) -> None:
-    """A client that sends a 1 MiB payload in 1 KiB segments (more kernel fragments than the pipe has slots)
-    and stops halfway for a moment: the splice path waits for the socket, reads the full pipe out when it
-    must, and the image gets exactly the payload; the next request on the stream is parsed as usual."""
+    """A client that sends a 1 MiB payload in 1 KiB segments and stops halfway for a moment: the splice path
+    waits for the socket, and the image gets exactly the payload; the next request is parsed as usual."""
     need_strace()
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
@@ -161,7 +161,47 @@ def test_a_payload_in_many_small_segments_that_pauses_midway(tmp_path: Path) -> 
     into_pipe, into_image = splice_calls(text)
     assert into_pipe and into_image, text
     assert "EAGAIN" in text  # it did wait for the socket
-    pipe_fd = re.search(r"splice\(\d+, NULL, (\d+), NULL", text).group(1)  # type: ignore[union-attr]
-    read_end = re.search(r"splice\((\d+), NULL, \d+, \[", text).group(1)  # type: ignore[union-attr]
-    assert pipe_fd != read_end
-    assert re.search(rf"\bread\({read_end}, ", text), text  # the full pipe was read out into memory
+
+
+@pytest.mark.parametrize("uring", ["1", "0"], ids=["io_uring", "pool"])
+@pytest.mark.parametrize("mode", ["writeback", "writethrough"])
+def test_reads_that_miss_the_page_cache(tmp_path: Path, mode: str, uring: str) -> None:
+    """Data written, flushed and evicted from the page cache, then read by libnbd: the misses are read with
+    io_uring from the event loop (no pool thread's pread), or by the pool where io_uring is off; the bytes
+    are right either way."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    env = {**os.environ, "CACHEMODE_NBD_URING": uring}
+    srv = ServeProcess(
+        [str(image), "--create", "16M", "--cache", mode],
+        prefix=["strace", "-f", "-qq", "-e", "trace=io_uring_enter,pread64", "-o", str(trace)],
+        env=env,
+    )
+    try:
+        write = "import random\nh.pwrite(random.Random(3).randbytes(1 << 20), 4 << 20)\n"
+        nbdsh(srv.uri, write)
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        marker = len(trace.read_text())
+        read = (
+            "import random\ndata = random.Random(3).randbytes(1 << 20)\n"
+            "for off, n in ((0, 4096), (12288, 4096), (65536, 32768), (200000, 4096), (40960, 100000)):\n"
+            "    assert h.pread(n, (4 << 20) + off) == data[off : off + n], off\n"
+        )
+        nbdsh(srv.uri, read)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    text = trace.read_text()[marker:]
+    pool_reads = re.findall(r"pread64\(\d+, .*, \d+, (\d+)\)", text)
+    if uring == "1":
+        assert re.search(r"io_uring_enter\(\d+, [1-9]", text), text
+        assert not [off for off in pool_reads if int(off) >= 4 << 20], text
+    else:
+        assert [off for off in pool_reads if int(off) >= 4 << 20], text
