@@ -30,9 +30,9 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def kernel_threads_cpu() -> float:
-    """CPU seconds of every kernel thread alive now (kworkers doing writeback, ksoftirqd, ...)."""
-    total = 0
+def kernel_threads_cpu() -> dict[int, float]:
+    """CPU seconds of every kernel thread alive now (kworkers doing writeback, ksoftirqd, ...), by pid."""
+    threads = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -41,8 +41,8 @@ def kernel_threads_cpu() -> float:
         except (FileNotFoundError, ProcessLookupError, ValueError):
             continue
         if int(fields[6]) & PF_KTHREAD:
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
+            threads[int(name)] = (int(fields[11]) + int(fields[12])) / TICK
+    return threads
 
 
 def machine_busy() -> tuple[float, float]:
@@ -59,7 +59,7 @@ class Sample:
     """A reading of the three clocks at one moment."""
 
     server: float
-    kthreads: float
+    kthreads: dict[int, float]
     machine: float
     interrupts: float
 
@@ -67,13 +67,23 @@ class Sample:
     def take(cls, pid: int) -> Sample:
         return cls(process_cpu(pid), kernel_threads_cpu(), *machine_busy())
 
-    def since(self, before: Sample) -> Sample:
-        return Sample(
-            self.server - before.server,
-            self.kthreads - before.kthreads,
-            self.machine - before.machine,
-            self.interrupts - before.interrupts,
+    def since(self, before: Sample) -> Usage:
+        # Kernel threads alive at both moments (a worker that ended took its time with it; one that started
+        # meanwhile counts from zero).
+        kthreads = sum(max(cpu - before.kthreads.get(pid, 0.0), 0.0) for pid, cpu in self.kthreads.items())
+        return Usage(
+            self.server - before.server, kthreads, self.machine - before.machine, self.interrupts - before.interrupts
         )
+
+
+@dataclass
+class Usage:
+    """CPU seconds used between two samples."""
+
+    server: float
+    kthreads: float
+    machine: float
+    interrupts: float
 
     @property
     def server_and_kernel(self) -> float:

@@ -216,6 +216,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         nowait_fd = server.nowait_fd
         sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
         aio = server.aio
+        uring = server.uring
         aio_fd = server.aio_fd
         aio_align = server.aio_align
         inline_write = server.inline_writes
@@ -253,7 +254,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         except OSError:
                             got = -1
                         if got != ev.length:
-                            self._submit(ev)
+                            if uring is None or not self._uring_read(ev, uring, data_out, skip):
+                                self._submit(ev)
                             continue
                         if small:
                             read_header_into(data_out, structured, ev.cookie, ev.offset, ev.length)
@@ -306,6 +308,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 out.append(ev.reply)
             else:  # Disconnect
                 self.closing = True
+        if uring is not None:
+            uring.submit()
         if out:
             self._send()
         if self.closing:

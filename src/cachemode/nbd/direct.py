@@ -133,6 +133,42 @@ class DirectPaths:
             transport.write(rest)
         return True
 
+    def _uring_read(self, req: Request, uring: Any, buf: bytearray, skip: int) -> bool:
+        """Read a page-cache miss with io_uring into ``buf[skip:]`` (``skip`` bytes kept for a small reply's
+        header); False when the ring is full (the caller uses the pool)."""
+        fd = self.server.fast_read_fd
+
+        def done(res: int) -> None:
+            self._uring_done(req, buf, skip, res)
+
+        if not uring.read(fd, buf, skip, req.length, req.offset, done):
+            return False
+        self._start(req)
+        return True
+
+    def _uring_done(self, req: Request, buf: bytearray, skip: int, res: int) -> None:
+        length = req.length
+        structured = self.structured
+        if res < 0:
+            error = replies.error(structured, req.cookie, c.CMD_READ, c.wire_errno(-res), os.strerror(-res))
+            self._completed(req, error)
+            return
+        if res < length:  # short: read the rest here (only at the end of a file that shrank, in practice)
+            try:
+                rest = os.pread(self.server.fast_read_fd, length - res, req.offset + res)
+            except OSError as exc:
+                code = replies.error_of(exc, c.CMD_READ)
+                self._completed(req, replies.error(structured, req.cookie, c.CMD_READ, code, str(exc)))
+                return
+            buf[skip + res : skip + res + len(rest)] = rest
+            if res + len(rest) < length:
+                buf[skip + res + len(rest) : skip + length] = bytes(length - res - len(rest))
+        if skip:
+            replies.read_header_into(buf, structured, req.cookie, req.offset, length)
+            self._completed(req, buf)
+        else:
+            self._completed(req, (replies.read_header(structured, req.cookie, req.offset, length), buf))
+
     def _aio(self, req: Request, aio: Any, fd: int) -> bool:
         """Start an aligned READ, or a WRITE that needs no durability of its own, with native AIO.
 

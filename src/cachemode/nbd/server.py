@@ -47,6 +47,7 @@ from cachemode.nbd.direct import nowait_works
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.pool import IOPool
 from cachemode.nbd.splice import splice_available
+from cachemode.nbd.uring import open_uring
 
 
 class Server:
@@ -112,6 +113,8 @@ class Server:
         elif not blocking:
             self.read_inline = disk.pread
         self.nowait_fd: int | None = self.fast_read_fd if nowait_works(self.fast_read_fd) else None
+        # Reads that miss the page cache go to io_uring where the kernel offers it, else to the pool.
+        self.uring: Any = open_uring(self.loop) if self.nowait_fd is not None else None
 
     def allocate_payload(self, length: int) -> Any:
         """The buffer a WRITE payload spanning several reads is received into: pooled page-aligned memory
@@ -168,6 +171,8 @@ class Server:
         # The disk applies the mode: flush syncs in writeback/none, is a no-op in unsafe and O_DSYNC modes.
         if self.aio is not None:
             self.aio.close()
+        if self.uring is not None:
+            self.uring.close()
         await self.pool.run(self.disk.flush)
         self.pool.shutdown()
 
