@@ -93,9 +93,9 @@ Event = Request | Rejected | PayloadFollows | Disconnect
 
 
 SCRATCH_SIZE = 256 * 1024
-FIRST_READ_AFTER_STREAM = 4096
-"""How much the read after a streamed payload may take: little more than the next header, so that when the
-next request is a large WRITE too its payload stays on the stream for the caller."""
+FIRST_READ_AFTER_STREAM = REQUEST_SIZE
+"""How much the read after a streamed payload may take: the next header only, so that when the next request
+is a large WRITE too its whole payload stays on the stream for the caller (no head to write separately)."""
 
 
 class Transmission:
