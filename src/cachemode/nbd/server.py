@@ -9,10 +9,12 @@ only moves bytes and runs disk calls. The hot path is kept lean on purpose:
 
 * buffered images (every mode but none/directsync; O_DSYNC only makes writes durable): a plain READ is one
   ``preadv(RWF_NOWAIT)`` on the image's fd (``disk.fast_read_fd``) run inline in the event loop -- a
-  page-cache hit costs no thread hand-off, a miss goes to the pool -- and reads of 128 KiB or more go from
-  the image to the socket with ``sendfile(2)``;
-* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline, a
-  larger one goes to the pool so the kernel's copy overlaps the next receive;
+  page-cache hit costs no thread hand-off, a miss is read with io_uring (:mod:`cachemode.nbd.uring`; the
+  pool where that is unavailable) -- and reads of 128 KiB or more go from the image to the socket with
+  ``sendfile(2)``;
+* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline; a
+  larger one is spliced from the socket into the image (:mod:`cachemode.nbd.splice`), or, where it cannot
+  be (FUA, no splice), goes to the pool so the kernel's copy overlaps the next receive;
 * O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
   eventfd in the loop (:mod:`cachemode.nbd.aio`), no thread at all;
 * everything else that may wait on the device -- FLUSH, FUA, O_DSYNC I/O, unaligned O_DIRECT requests,
