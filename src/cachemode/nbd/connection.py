@@ -211,7 +211,6 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         server = self.server
         server.stats.requests += len(events)
         out = self._out
-        disk = self.disk
         read_inline = server.read_inline
         nowait_fd = server.nowait_fd
         sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
@@ -220,6 +219,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         aio_fd = server.aio_fd
         aio_align = server.aio_align
         inline_write = server.inline_writes
+        write_inline = server.write_inline
         structured = self.structured
         read_header = replies.read_header
         read_header_into = replies.read_header_into
@@ -286,7 +286,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     and ev.length < INLINE_WRITE_MAX
                 ):
                     try:
-                        disk.pwrite(ev.data, ev.offset)
+                        write_inline(ev.data, ev.offset)
                     except Exception as exc:
                         server.stats.errors += 1
                         out.append(replies.simple(ev.cookie, replies.error_of(exc, cmd)))

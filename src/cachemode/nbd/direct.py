@@ -296,6 +296,17 @@ class DirectPaths:
             transport.write(buf[sent - len(hdr) : length])
 
 
+def pwrite_all(fd: int, note_write: Callable[[], None], data: Any, offset: int) -> None:
+    """A plain page-cache write straight to the image's fd (what the plain stack would do, minus its layers),
+    then counted as a write by the mode layer (so the next FLUSH syncs)."""
+    done = os.pwrite(fd, data, offset)
+    if done < len(data):
+        with memoryview(data) as view:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+    note_write()
+
+
 def nowait_works(fd: int | None) -> bool:
     """Whether buffered reads on ``fd`` accept RWF_NOWAIT (Linux >= 5.9 on most filesystems)."""
     if fd is None or not hasattr(os, "RWF_NOWAIT"):

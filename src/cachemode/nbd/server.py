@@ -45,7 +45,7 @@ from typing import Any
 
 from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
-from cachemode.nbd.direct import nowait_works
+from cachemode.nbd.direct import nowait_works, pwrite_all
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.pool import IOPool
 from cachemode.nbd.splice import splice_available
@@ -98,9 +98,14 @@ class Server:
         # Plain page-cache writes may be spliced from the socket into the image (see splice.py); they bypass
         # the mode layer, so they are reported to its write counter, as AIO writes are.
         self.splice_fd: int | None = None
-        if self.recycle and self.inline_writes and splice_available():
-            self.splice_fd = disk.image.fd
+        # An inline write is one pwrite on the image's fd with the plain stack (the stack would only pass it
+        # down unchanged: no FUA, no O_DSYNC, nothing emulated), reported to the mode layer's write counter.
+        self.write_inline: Callable[[Any, int], None] = disk.pwrite
+        if self.recycle and self.inline_writes:
             self._note_write = disk.top.note_write
+            self.write_inline = functools.partial(pwrite_all, disk.image.fd, disk.top.note_write)
+            if splice_available():
+                self.splice_fd = disk.image.fd
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
             self.aio = open_aio(self.loop, pool=self.buffers)
             # Writes done by AIO bypass the mode layer: they are reported to its write counter, so the next
