@@ -224,6 +224,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         read_header = replies.read_header
         read_header_into = replies.read_header_into
         header_size = replies.read_header_size(structured)
+        preadv = os.preadv
+        nowait = getattr(os, "RWF_NOWAIT", 0)
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
                 if self._congested():
@@ -244,21 +246,24 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                             continue
                     if nowait_fd is not None:
                         # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
-                        # cached range) goes to the pool, so a cold cache does not stall the event loop.
-                        # A small reply is read straight in behind its header: one buffer, no join.
-                        small = ev.length < LARGE_REPLY
+                        # cached range) is read with io_uring (else on the pool), so a cold cache does not
+                        # stall the event loop. A small reply is read straight in behind its header: one
+                        # buffer, no join.
+                        length = ev.length
+                        offset = ev.offset
+                        small = length < LARGE_REPLY
                         skip = header_size if small else 0
-                        data_out = bytearray(skip + ev.length)
+                        data_out = bytearray(skip + length)
                         try:
-                            got = os.preadv(nowait_fd, [memoryview(data_out)[skip:]], ev.offset, os.RWF_NOWAIT)
+                            got = preadv(nowait_fd, [memoryview(data_out)[skip:]], offset, nowait)
                         except OSError:
                             got = -1
-                        if got != ev.length:
+                        if got != length:
                             if uring is None or not self._uring_read(ev, uring, data_out, skip):
                                 self._submit(ev)
                             continue
                         if small:
-                            read_header_into(data_out, structured, ev.cookie, ev.offset, ev.length)
+                            read_header_into(data_out, structured, ev.cookie, offset, length)
                             out.append(data_out)
                             continue
                     else:
