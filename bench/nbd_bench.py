@@ -20,6 +20,10 @@ mode: it is compared in writeback and unsafe (its writeback), and shown for refe
 
     .venv/bin/python bench/nbd_bench.py --runtime 3 --json out.json          # all five modes
     .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --servers cachemode --repeat 3
+    .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --cold     # cache misses
+
+A/B of one path: ``CACHEMODE_NBD_SPLICE=0`` (no splice of large WRITE payloads), ``CACHEMODE_NBD_URING=0``
+(page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO) in the environment.
 """
 
 from __future__ import annotations
@@ -143,8 +147,20 @@ def unit(job: str) -> str:
     return "us/req" if job.endswith("-4k") else "ms/GiB"
 
 
-def one_run(server: str, mode: str, image: str, size: int, runtime: int, job: tuple, tmp: str) -> dict:
-    """Start ``server`` afresh, sync, run one fio job against it, and measure the CPU it took."""
+def evict(image: str) -> None:
+    """Drop the image's pages from the page cache (it was synced), so reads start cold."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def one_run(
+    server: str, mode: str, image: str, size: int, runtime: int, job: tuple, tmp: str, cold: bool = False
+) -> dict:
+    """Start ``server`` afresh, sync (and with ``cold`` evict the image), run one fio job against it, and
+    measure the CPU it took."""
     name, rw, bs, depth = job
     port = free_port()
     command = server_command(server, mode, image, port)
@@ -152,6 +168,8 @@ def one_run(server: str, mode: str, image: str, size: int, runtime: int, job: tu
     try:
         wait_port(port, proc)
         os.sync()
+        if cold:
+            evict(image)
         before = Sample.take(proc.pid)
         run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp)
         used = Sample.take(proc.pid).since(before)
@@ -181,7 +199,15 @@ def one_run(server: str, mode: str, image: str, size: int, runtime: int, job: tu
 
 
 def bench_mode(
-    mode: str, image: str, size: int, runtime: int, servers: list[str], jobs: list[tuple], repeat: int, tmp: str
+    mode: str,
+    image: str,
+    size: int,
+    runtime: int,
+    servers: list[str],
+    jobs: list[tuple],
+    repeat: int,
+    tmp: str,
+    cold: bool = False,
 ) -> list[dict]:
     """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
     and the server order rotates from job to job, so no server always inherits the page-cache state another
@@ -191,7 +217,7 @@ def bench_mode(
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for _ in range(repeat):
             for server in order:
-                r = one_run(server, mode, image, size, runtime, job, tmp)
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold)
                 runs.append(r)
                 load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
@@ -300,6 +326,7 @@ def main() -> int:
     ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS), help="comma-separated subset of the jobs")
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--repeat", type=int, default=1, help="runs per job and server (the report shows medians)")
+    ap.add_argument("--cold", action="store_true", help="evict the image from the page cache before every run")
     ap.add_argument("--size-mib", type=int, default=1024, help="image size in MiB")
     ap.add_argument("--dir", default="/var/tmp", help="where to put the image (O_DIRECT needs a real filesystem)")
     ap.add_argument("--json", dest="json_out", help="write the machine, every run and the medians as JSON here")
@@ -324,7 +351,7 @@ def main() -> int:
         print(f"filling {args.size_mib} MiB image {image} ...", flush=True)
         fill_image(image, size)
         for mode in [m for m in args.modes.split(",") if m]:
-            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp)
+            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold)
     summary = summarise(runs)
     report(summary, servers)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
