@@ -5,8 +5,9 @@ per request, which on a small machine costs more than the device itself; native 
 ``aio=native`` -- submits from the event loop and reaps completions in batches, with no thread at all.
 
 Only the plain data path uses it: aligned READs, and aligned WRITEs that need no durability of their own
-(no FUA, write cache on). Everything else -- FUA, FLUSH, unaligned requests (read-modify-write), TRIM, zeroes --
-goes through the disk stack on the thread pool, which keeps every durability decision in the stack.
+(no FUA, write cache on) or whose durability the image's own O_DSYNC provides (directsync). Everything else
+-- FUA elsewhere, FLUSH, unaligned requests (read-modify-write), TRIM, zeroes -- goes through the disk stack
+on the thread pool, which keeps every durability decision in the stack.
 Unavailable (no libc syscall, io_setup refused, another architecture): :func:`open_aio` returns None and the
 server uses the pool for everything.
 """

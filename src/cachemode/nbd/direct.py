@@ -170,7 +170,8 @@ class DirectPaths:
             self._completed(req, (replies.read_header(structured, req.cookie, req.offset, length), buf))
 
     def _aio(self, req: Request, aio: Any, fd: int) -> bool:
-        """Start an aligned READ, or a WRITE that needs no durability of its own, with native AIO.
+        """Start an aligned READ, or a WRITE that needs no durability of its own or whose durability the
+        image's O_DSYNC provides, with native AIO.
 
         Returns False (nothing started) for anything else, or when the AIO context is full.
         """
@@ -179,8 +180,10 @@ class DirectPaths:
         length = req.length
         if req.command == c.CMD_WRITE:
             disk = self.disk
-            # FUA, the guest cache off, or O_DSYNC: the stack decides how the write is made durable.
-            if req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache):
+            # FUA or the guest cache off: the stack decides how the write is made durable. On an image the
+            # stack opened O_DSYNC (directsync) the fd itself makes every write, FUA or not, durable before
+            # it completes -- an AIO write as much as the stack's own pwrite -- so AIO may take those.
+            if not disk.image.dsync and (req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache)):
                 return False
             if isinstance(req.buffer, mmap.mmap):
                 buf = req.buffer  # the payload was received straight into aligned memory
