@@ -238,3 +238,37 @@ def test_directsync_writes_go_through_native_aio_on_the_dsync_fd(tmp_path: Path)
     data = image.read_bytes()
     assert data[MIB : MIB + 8192] == random.Random(4).randbytes(8192)
     assert data[2 * MIB : 2 * MIB + 65536] == random.Random(5).randbytes(65536)
+
+
+def test_native_aio_submits_a_burst_in_one_call(tmp_path: Path) -> None:
+    """libnbd sends 64 writes then 64 reads in bursts of 16 (cache=none): the server hands each burst it
+    receives to the kernel in one io_submit (fewer calls than requests), and every byte reads back."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "io_submit", "--cache", "none")
+    try:
+        script = (
+            "import random\n"
+            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+            "def burst(make):\n"
+            "    for first in range(0, 64, 16):\n"
+            "        for i in range(first, first + 16):\n"
+            "            make(i)\n"
+            "        while h.aio_in_flight() > 0:\n"
+            "            h.poll(-1)\n"
+            "burst(lambda i: h.aio_pwrite(blocks[i], i * 65536))\n"
+            "bufs = [nbd.Buffer(4096) for _ in range(64)]\n"
+            "burst(lambda i: h.aio_pread(bufs[i], i * 65536))\n"
+            "assert [b.to_bytearray() for b in bufs] == blocks\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    counts = [int(n) for n in re.findall(r"io_submit\(0x[0-9a-f]+, (\d+),", trace.read_text())]
+    assert sum(counts) == 128, counts
+    assert len(counts) < 128 and max(counts) > 1, counts
+    data = image.read_bytes()
+    assert all(data[i * 65536 : i * 65536 + 4096] == random.Random(i).randbytes(4096) for i in range(64))

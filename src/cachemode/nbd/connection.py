@@ -315,6 +315,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self.closing = True
         if uring is not None:
             uring.submit()
+        if aio is not None:
+            aio.flush()
         if out:
             self._send()
         if self.closing:

@@ -238,6 +238,12 @@ class DirectPaths:
     def _aio_done(self, req: Request, res: int, buf: Any, aio: Any) -> None:
         length = req.length
         cookie = req.cookie
+        if res == -errno.EAGAIN:  # the kernel refused the batch it was in (never ran): the pool does it
+            if buf is not req.buffer:
+                aio.release(buf)
+            self._finish(req)
+            self._submit(req)
+            return
         if req.command == c.CMD_READ:
             if res < 0:
                 result: Any = replies.error(self.structured, cookie, c.CMD_READ, c.wire_errno(-res), os.strerror(-res))
