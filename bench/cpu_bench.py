@@ -1,20 +1,24 @@
-"""CPU cache simulator benchmark: cachemode against pycachesim on the same hierarchy and the same trace.
+"""CPU cache simulator benchmark: cachemode beside pycachesim and Dinero IV, in one run, ratios printed.
 
-Hierarchy (both simulators): L1 32 KiB 8-way 64 B, L2 1 MiB 16-way 64 B, LRU, write-back, write-allocate.
-Workloads of --refs references (default 10M) of 8 bytes each:
+Hierarchy (every simulator): L1 32 KiB 8-way 64 B, L2 1 MiB 16-way 64 B, LRU, write-back, write-allocate
+(split into 32 KiB instruction and data caches for Dinero-format traces with instruction fetches).
 
-- ``mm32``: Dinero IV's mm.32 trace (../shared/traces/mm32.din) repeated to length, if present;
-- ``synthetic``: bursts (mean 32 references) drawn from a sequential sweep over 8 MiB, a 16 KiB hot region
-  and uniform accesses over 4 MiB (40/30/30), with 25% stores in the mixed case.
+Workloads of --refs references (default 10M):
+- ``mm32``: Dinero IV's mm.32 trace (../shared/traces/mm32.din) repeated to length;
+- ``miss-heavy``: bursts (mean 32 references) from a sequential sweep over 8 MiB, a 16 KiB hot region and
+  uniform accesses over 4 MiB (40/30/30), 8-byte references; 44% of them miss L1 and 65% of those miss L2.
 
-For each: loads only (pycachesim's batch ``load``) and mixed loads/stores (its ``loadstore``, consecutive
-loads and stores grouped into its (loads, stores) tuples). Timings are best of --repeat runs, interleaved;
-pycachesim's time excludes building its Python lists. cachemode is timed on one core and on all cores
-(set-partitioned, exact). Miss counts are printed next to each other as a sanity check (loads-only runs must
-agree; with stores they differ slightly because pycachesim does not update LRU order on store hits).
-
-Also: one level alone (L1), and ``cachemode dinero`` end to end on the synthetic mixed trace as extended din
-(parse included, compiled kernels cached). Set DINEROIV=/path/to/dineroIV to time Dinero IV on the same file.
+Measured, each with CPU time (``time.process_time`` in process; ``wait4`` rusage for programs) beside wall
+time, since the machine may be shared (the load average is printed before and after):
+1. throughput on one core, loads only (pycachesim's batch ``load``) and loads+stores (its ``loadstore``), on both
+   workloads, against pycachesim 0.3.1 in the same process; cachemode on every core beside, by wall time;
+2. one level (L1 alone) and 3C classification (split L1 with ccc on the data cache, unified L2 with ccc, on
+   mm32 with its instruction fetches);
+3. ``cachemode dinero`` end to end against ``dineroIV`` (DINEROIV=/path/to/dineroIV; built from its public
+   source, never part of this repository) on mm32 x 40 as din (10.6M references) and on the miss-heavy trace as
+   extended din, warm; reports compared from "Simulation complete" on;
+4. the fixed cost of a 1,000-reference run, and a first run with every module compiled afresh (an empty
+   ``PYTHONPYCACHEPREFIX``, as after installing), on mm32.
 
 Usage: python bench/cpu_bench.py [--refs N] [--repeat R] [--json FILE]
 """
@@ -22,46 +26,83 @@ Usage: python bench/cpu_bench.py [--refs N] [--repeat R] [--json FILE]
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy: its BLAS threads would spin beside the runs
+
 import numpy as np
 
 from cachemode.cpu import CacheConfig, Hierarchy, Level, Trace, simulate
 from cachemode.cpu.trace import parse_bytes
+from cachemode.cpu.writer import TraceWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 MM32 = ROOT.parent / "shared" / "traces" / "mm32.din"
+CM = [sys.executable, "-m", "cachemode"]
+L2 = ["-l2-usize", "1m", "-l2-ubsize", "64", "-l2-uassoc", "16"]
+DINERO_SPLIT = ["-l1-isize", "32k", "-l1-ibsize", "64", "-l1-iassoc", "8", "-l1-dsize", "32k", "-l1-dbsize", "64",
+                "-l1-dassoc", "8", *L2]  # fmt: skip
+DINERO_UNIFIED = ["-l1-usize", "32k", "-l1-ubsize", "64", "-l1-uassoc", "8", *L2]
 
 
-def synthetic(n: int, seed: int = 1) -> np.ndarray:
+def machine() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "pycachesim": importlib.metadata.version("pycachesim"),
+        "cachemode": importlib.metadata.version("cachemode"),
+    }
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def miss_heavy(n: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     nb = n // 16 + 64  # bursts: twice as many as needed on average, then cut to n references
-    lens = rng.geometric(1 / 32, nb)
-    kinds = rng.choice(3, nb, p=[0.4, 0.3, 0.3])
-    kind = np.repeat(kinds, lens)[:n]
+    kind = np.repeat(rng.choice(3, nb, p=[0.4, 0.3, 0.3]), rng.geometric(1 / 32, nb))[:n]
     seq = (np.cumsum(kind == 0) * 8) % (8 << 20)
     hot = rng.integers(0, 2048, n) * 8
     far = rng.integers(0, 1 << 19, n) * 8
-    return np.where(kind == 0, 0x10000000 + seq, np.where(kind == 1, 0x7FF00000 + hot, 0x20000000 + far)).astype(
-        np.uint64
-    )
+    addrs = np.where(kind == 0, 0x10000000 + seq, np.where(kind == 1, 0x7FF00000 + hot, 0x20000000 + far))
+    return addrs.astype(np.uint64)
 
 
-def mm32(n: int) -> np.ndarray | None:
-    if not MM32.exists():
-        return None
-    addrs = parse_bytes(MM32.read_bytes(), "din").addrs
-    return np.tile(addrs, -(-n // len(addrs)))[:n]
+def mm32_trace() -> Trace:
+    return parse_bytes(MM32.read_bytes(), "din", str(MM32))
 
 
-def hierarchy() -> Hierarchy:
-    return Hierarchy([Level(unified=CacheConfig("32k", 64, 8)), Level(unified=CacheConfig("1m", 64, 16))])
+def repeat_to(trace: Trace, n: int) -> Trace:
+    reps = -(-n // len(trace))
+    return Trace(*(np.tile(getattr(trace, f), reps)[:n] for f in ("types", "addrs", "sizes")))
+
+
+def two_level(ccc: bool = False, split: bool = False) -> Hierarchy:
+    l1 = CacheConfig("32k", 64, 8)
+    l1d = CacheConfig("32k", 64, 8, ccc=ccc)
+    first = Level(icache=l1, dcache=l1d) if split else Level(unified=l1d)
+    return Hierarchy([first, Level(unified=CacheConfig("1m", 64, 16, ccc=ccc))])
 
 
 def pcs_hierarchy():
@@ -78,37 +119,36 @@ def pcs_hierarchy():
 def group_loadstore(addrs: np.ndarray, is_store: np.ndarray) -> list:
     """[(loads, stores), ...] preserving order: a run of loads then the run of stores after it."""
     out = []
-    a = addrs.tolist()
-    s = is_store.tolist()
+    a, s = addrs.tolist(), is_store.tolist()
     i, n = 0, len(a)
     while i < n:
-        loads = []
-        while i < n and not s[i]:
-            loads.append(a[i])
-            i += 1
-        stores = []
-        while i < n and s[i]:
-            stores.append(a[i])
-            i += 1
-        out.append((loads, stores))
+        j = i
+        while j < n and not s[j]:
+            j += 1
+        k = j
+        while k < n and s[k]:
+            k += 1
+        out.append((a[i:j], a[j:k]))
+        i = k
     return out
 
 
-def best(fn, repeat: int):
-    times, last = [], None
+def timed(fn, repeat: int):
+    """(best CPU seconds, best wall seconds, last result)."""
+    cpu, wall, out = [], [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        last = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), last
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return min(cpu), min(wall), out
 
 
-def bench_workload(name: str, addrs: np.ndarray, stores: np.ndarray | None, repeat: int, threads: int) -> dict:
+def throughput(name: str, addrs: np.ndarray, stores: np.ndarray | None, repeat: int) -> dict:
     n = len(addrs)
     types = np.zeros(n, np.int8) if stores is None else stores.astype(np.int8)
     trace = Trace(types, addrs, np.full(n, 8, np.uint16))
-    h = hierarchy()
-    simulate(h, trace.slice(0, 2000), threads=1)  # load compiled kernels
+    h = two_level()
     if stores is None:
         lst = addrs.tolist()
 
@@ -124,119 +164,172 @@ def bench_workload(name: str, addrs: np.ndarray, stores: np.ndarray | None, repe
             cs.loadstore(groups, length=8)
             return l1.stats()["MISS_count"], l2.stats()["MISS_count"]
 
-    res = {}
-    for _ in range(repeat):  # interleave the simulators so machine noise hits both alike
-        for label, fn in (
-            ("cachemode_1core", lambda: simulate(h, trace, threads=1)),
-            ("cachemode_all", lambda: simulate(h, trace, threads=threads)),
-            ("pycachesim", run_pcs),
-        ):
-            t, out = best(fn, 1)
-            if label not in res or t < res[label][0]:
-                res[label] = (t, out)
-    cm = res["cachemode_1core"][1]
-    row = {
+    cm_cpu, cm_wall, res = timed(lambda: simulate(h, trace, threads=1), repeat)
+    _, all_wall, _ = timed(lambda: simulate(h, trace), repeat)
+    pcs_cpu, pcs_wall, pcs = timed(run_pcs, repeat)
+    return {
         "workload": name,
         "mode": "loads" if stores is None else "loads+stores",
         "refs": n,
-        "cachemode_1core_Mrefs_s": n / res["cachemode_1core"][0] / 1e6,
-        "cachemode_all_cores_Mrefs_s": n / res["cachemode_all"][0] / 1e6,
-        "pycachesim_Mrefs_s": n / res["pycachesim"][0] / 1e6,
-        "cachemode_misses": [cm.caches[0].total_misses, cm.caches[1].total_misses],
-        "pycachesim_misses": list(res["pycachesim"][1]),
+        "cachemode_1core_Mrefs_per_cpu_s": n / cm_cpu / 1e6,
+        "cachemode_1core_Mrefs_per_wall_s": n / cm_wall / 1e6,
+        "cachemode_all_cores_Mrefs_per_wall_s": n / all_wall / 1e6,
+        "pycachesim_Mrefs_per_cpu_s": n / pcs_cpu / 1e6,
+        "pycachesim_Mrefs_per_wall_s": n / pcs_wall / 1e6,
+        "ratio_cpu": pcs_cpu / cm_cpu,
+        "cachemode_misses": [res.caches[0].total_misses, res.caches[1].total_misses],
+        "pycachesim_misses": list(pcs),
     }
-    row["ratio_1core"] = row["cachemode_1core_Mrefs_s"] / row["pycachesim_Mrefs_s"]
-    row["ratio_all_cores"] = row["cachemode_all_cores_Mrefs_s"] / row["pycachesim_Mrefs_s"]
+
+
+TIME = "/usr/bin/time"  # GNU time: a small parent, so the peak RSS is the program's own (Debian package time)
+
+
+def run_program(cmd: list[str], stdin_path: Path | None, env: dict | None = None) -> tuple[bytes, float, float, int]:
+    """(stdout, wall s, CPU s, peak RSS KiB or 0) of one run of a program.
+
+    The peak comes from GNU time when it is installed: a child forked from this (large) process would report
+    this process's resident size as its own peak."""
+    with open(stdin_path or os.devnull, "rb") as f, tempfile.NamedTemporaryFile() as out, \
+            tempfile.NamedTemporaryFile("r") as rss:  # fmt: skip
+        wrapped = [TIME, "-f", "%M", "-o", rss.name, *cmd] if os.path.exists(TIME) else cmd
+        w0 = time.perf_counter()
+        p = subprocess.Popen(wrapped, stdin=f, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - w0
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{cmd[0]} exited with {os.waitstatus_to_exitcode(status)}")
+        peak = int(rss.read().split()[-1]) if wrapped is not cmd else 0
+        out.seek(0)
+        return out.read(), wall, ru.ru_utime + ru.ru_stime, peak
+
+
+def best_program(cmd, path, repeat, env=None) -> dict:
+    runs = [run_program(cmd, path, env) for _ in range(repeat)]
+    return {
+        "wall_s": min(r[1] for r in runs),
+        "cpu_s": min(r[2] for r in runs),
+        "peak_rss_mib": max(r[3] for r in runs) / 1024,
+        "report": runs[-1][0],
+    }
+
+
+def report_part(text: bytes) -> bytes:
+    return text[text.find(b"---Simulation complete") :]
+
+
+def end_to_end(label: str, path: Path, opts: list[str], refs: int, repeat: int, dinero: str | None) -> dict:
+    cm = best_program([*CM, "dinero", *opts], path, repeat)
+    row = {"trace": label, "refs": refs, "bytes": path.stat().st_size, "cachemode": cm}
+    if dinero:
+        d4 = best_program([dinero, *opts], path, repeat)
+        row["dineroIV"] = d4
+        row["reports_identical"] = report_part(cm["report"]) == report_part(d4["report"])
+        row["speedup_wall"] = d4["wall_s"] / cm["wall_s"]
+        row["speedup_cpu"] = d4["cpu_s"] / cm["cpu_s"]
+    for side in ("cachemode", "dineroIV"):
+        if side in row:
+            del row[side]["report"]
     return row
 
 
-def one_level(addrs: np.ndarray, repeat: int, threads: int) -> dict:
-    n = len(addrs)
-    trace = Trace(np.zeros(n, np.int8), addrs, np.full(n, 8, np.uint16))
-    cfg = CacheConfig("32k", 64, 8)
-    simulate(cfg, trace.slice(0, 2000), threads=1)
-    t1, _ = best(lambda: simulate(cfg, trace, threads=1), repeat)
-    ta, _ = best(lambda: simulate(cfg, trace, threads=threads), repeat)
-    return {"refs": n, "one_level_1core_Mrefs_s": n / t1 / 1e6, "one_level_all_cores_Mrefs_s": n / ta / 1e6}
-
-
-DINERO_OPTS = "-l1-usize 32k -l1-ubsize 64 -l1-uassoc 8 -l2-usize 1m -l2-ubsize 64 -l2-uassoc 16 -informat D"
-
-
-def dinero_end_to_end(addrs: np.ndarray, stores: np.ndarray, repeat: int) -> dict:
-    letters = np.where(stores, "w", "r")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.xdin"
-        with path.open("w") as f:
-            step = 1 << 20
-            for lo in range(0, len(addrs), step):
-                chunk = zip(letters[lo : lo + step].tolist(), addrs[lo : lo + step].tolist(), strict=True)
-                f.write("".join(f"{c} {a:x} 8\n" for c, a in chunk))
-        opts = DINERO_OPTS.split()
-        cmd = [sys.executable, "-m", "cachemode", "dinero", *opts]
-        subprocess.run(cmd, input=b"r 0 8\n", capture_output=True, check=True)  # compiled kernels cached
-
-        def run(c):
-            with path.open("rb") as f:
-                p = subprocess.run(c, stdin=f, capture_output=True, check=True)
-            return p.stdout
-
-        t, out = best(lambda: run(cmd), repeat)
-        row = {"refs": len(addrs), "trace_bytes": path.stat().st_size, "cachemode_dinero_wall_s": t}
-        if os.environ.get("DINEROIV"):
-            td, ref = best(lambda: run([os.environ["DINEROIV"], *opts]), 1)
-            row["dineroIV_wall_s"] = td
-            row["reports_identical"] = out == ref
-    return row
+def dinero_version(dinero: str) -> str:
+    p = subprocess.run([dinero, *DINERO_UNIFIED, "-informat", "d"], input=b"0 0\n", capture_output=True)
+    m = re.search(rb"Dinero IV cache simulator, version (\S+)", p.stdout)
+    return f"Dinero IV version {m.group(1).decode()}" if m else "Dinero IV (version unknown)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--refs", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "cpu_bench.json"))
-    ap.add_argument("--no-dinero", action="store_true", help="skip the cachemode dinero end-to-end run")
     args = ap.parse_args()
+    if not MM32.exists():
+        sys.exit(f"cpu_bench: {MM32} not found (the shared traces sit beside the repository)")
+    dinero = os.environ.get("DINEROIV")
+    info = machine()
+    info["dineroIV"] = dinero_version(dinero) if dinero else "not given (set DINEROIV=/path/to/dineroIV)"
+    print(f"cpu_bench: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable), Python {info['python']}")
+    print(f"peers: pycachesim {info['pycachesim']}; {info['dineroIV']}")
+    print(f"start: {load()}; {args.refs:,} refs, best of {args.repeat}, rates per CPU second unless marked wall")
+    out: dict = {"machine": info, "load_start": os.getloadavg()}
+
     n = args.refs
-    rng = np.random.default_rng(2)
-    stores = rng.random(n) < 0.25
-    workloads = [("synthetic", synthetic(n))]
-    mm = mm32(n)
-    if mm is not None:
-        workloads.insert(0, ("mm32", mm))
-    else:
-        print(f"note: {MM32} not found; synthetic workload only", file=sys.stderr)
-    print(f"cpu_bench: {n:,} refs, {os.cpu_count()} cores, best of {args.repeat}; L1 32K/8-way/64B + L2 1M/16-way/64B")
+    mm = mm32_trace()
+    stores = np.random.default_rng(2).random(n) < 0.25
+    workloads = [("mm32", repeat_to(mm, n).addrs), ("miss-heavy", miss_heavy(n))]
+    simulate(two_level(), mm.slice(0, 1000), threads=1)  # warm up
     rows = []
+    print("\n1. two levels, one core: cachemode against pycachesim (same process)")
     for name, addrs in workloads:
         for st in (None, stores):
-            row = bench_workload(name, addrs, st, args.repeat, args.threads)
-            rows.append(row)
+            r = throughput(name, addrs, st, args.repeat)
+            rows.append(r)
             print(
-                f"{name:9s} {row['mode']:12s} cachemode {row['cachemode_1core_Mrefs_s']:7.1f} M/s (1 core) "
-                f"{row['cachemode_all_cores_Mrefs_s']:7.1f} M/s (all)  "
-                f"pycachesim {row['pycachesim_Mrefs_s']:6.1f} M/s  "
-                f"ratio {row['ratio_1core']:.2f}x / {row['ratio_all_cores']:.2f}x  "
-                f"misses L1/L2 {row['cachemode_misses']} vs {row['pycachesim_misses']}"
+                f"  {name:10s} {r['mode']:12s} cachemode {r['cachemode_1core_Mrefs_per_cpu_s']:6.1f} M/s  "
+                f"pycachesim {r['pycachesim_Mrefs_per_cpu_s']:6.1f} M/s  ratio {r['ratio_cpu']:.2f}x   "
+                f"(wall: {r['cachemode_1core_Mrefs_per_wall_s']:.1f} / {r['pycachesim_Mrefs_per_wall_s']:.1f}; "
+                f"cachemode on all cores {r['cachemode_all_cores_Mrefs_per_wall_s']:.1f})  "
+                f"misses L1/L2 {r['cachemode_misses']} vs {r['pycachesim_misses']}"
             )
-    one = one_level(workloads[0][1], args.repeat, args.threads)
+    out["throughput"] = rows
+
+    loads = Trace(np.zeros(n, np.int8), workloads[0][1], np.full(n, 8, np.uint16))
+    cpu, wall, _ = timed(lambda: simulate(CacheConfig("32k", 64, 8), loads, threads=1), args.repeat)
+    out["one_level_Mrefs_per_cpu_s"] = n / cpu / 1e6
+    long_mm = repeat_to(mm, n)
+    ccpu, cwall, _ = timed(lambda: simulate(two_level(ccc=True, split=True), long_mm, threads=1), args.repeat)
+    out["ccc_Mrefs_per_cpu_s"] = n / ccpu / 1e6
+    print("\n2. one core")
+    print(f"  one level (L1 alone, mm32 loads): {n / cpu / 1e6:.1f} M/s (wall {n / wall / 1e6:.1f})")
     print(
-        f"one level (L1 only, {workloads[0][0]} loads): {one['one_level_1core_Mrefs_s']:.1f} M/s (1 core), "
-        f"{one['one_level_all_cores_Mrefs_s']:.1f} M/s (all cores)"
+        f"  3C classification (split L1, ccc on L1d and L2, mm32 with its fetches): {n / ccpu / 1e6:.1f} M/s "
+        f"(wall {n / cwall / 1e6:.1f})"
     )
-    out = {"rows": rows, "one_level": one, "cores": os.cpu_count()}
-    if not args.no_dinero:
-        d = dinero_end_to_end(workloads[-1][1], stores, min(args.repeat, 2))
-        out["dinero"] = d
-        extra = (
-            f", dineroIV {d['dineroIV_wall_s']:.2f} s (identical: {d['reports_identical']})"
-            if "dineroIV_wall_s" in d
-            else ""
-        )
-        mb = d["trace_bytes"] / 1e6
-        wall = d["cachemode_dinero_wall_s"]
-        print(f"cachemode dinero end to end ({d['refs']:,} refs, {mb:.0f} MB xdin): {wall:.2f} s{extra}")
+
+    print("\n3. end to end, `cachemode dinero` against dineroIV (wall and CPU seconds, peak RSS)")
+    with tempfile.TemporaryDirectory() as tmp:
+        mm40 = Path(tmp) / "mm32x40.din"
+        mm40.write_bytes(MM32.read_bytes() * 40)
+        heavy = Path(tmp) / "miss-heavy.xdin"
+        with TraceWriter(heavy) as w:
+            w.write(Trace(stores.astype(np.int8), workloads[1][1], np.full(n, 8, np.uint16)))
+        subprocess.run([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], input=b"0 0\n", capture_output=True)
+        e2e = [
+            end_to_end("mm32 x 40 (din)", mm40, [*DINERO_SPLIT, "-informat", "d"], len(mm) * 40, args.repeat, dinero),
+            end_to_end("miss-heavy (xdin)", heavy, [*DINERO_UNIFIED, "-informat", "D"], n, args.repeat, dinero),
+        ]
+        for r in e2e:
+            c = r["cachemode"]
+            line = (
+                f"  {r['trace']:18s} {r['refs'] / 1e6:5.1f}M refs, {r['bytes'] / 1e6:4.0f} MB: cachemode "
+                f"{c['wall_s']:.2f} s wall {c['cpu_s']:.2f} s CPU {c['peak_rss_mib']:.0f} MiB"
+            )
+            if "dineroIV" in r:
+                d = r["dineroIV"]
+                line += (
+                    f" | dineroIV {d['wall_s']:.2f} s wall {d['cpu_s']:.2f} s CPU {d['peak_rss_mib']:.0f} MiB"
+                    f" | {r['speedup_wall']:.2f}x wall, {r['speedup_cpu']:.2f}x CPU; "
+                    f"reports identical: {r['reports_identical']}"
+                )
+            print(line)
+        out["end_to_end"] = e2e
+
+        small = Path(tmp) / "k1.din"
+        small.write_bytes(b"".join(MM32.read_bytes().splitlines(keepends=True)[:1000]))
+        k1 = best_program([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], small, max(args.repeat, 5))
+        fresh = Path(tmp) / "pycache"
+        env = dict(os.environ, PYTHONPYCACHEPREFIX=str(fresh))
+        first = run_program([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], MM32, env)
+        out["small_run"] = {k: v for k, v in k1.items() if k != "report"}
+        out["first_run_mm32"] = {"wall_s": first[1], "cpu_s": first[2]}
+        print("\n4. start-up")
+        mib = k1["peak_rss_mib"]
+        print(f"  1,000-reference run: {k1['wall_s']:.3f} s wall, {k1['cpu_s']:.3f} s CPU, {mib:.0f} MiB")
+        print(f"  first run on mm32, every module compiled afresh: {first[1]:.2f} s wall, {first[2]:.2f} s CPU")
+    out["load_end"] = os.getloadavg()
+    print(f"\nend: {load()}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"results: {args.json}")

@@ -22,8 +22,14 @@ mode: it is compared in writeback and unsafe (its writeback), and shown for refe
     .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --servers cachemode --repeat 3
     .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --cold     # cache misses
 
+    .venv/bin/python bench/nbd_bench.py --tls --servers cachemode,nbdkit --modes writeback
+
 A/B of one path: ``CACHEMODE_NBD_SPLICE=0`` (no splice of large WRITE payloads), ``CACHEMODE_NBD_URING=0``
 (page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO) in the environment.
+
+With ``--tls`` every server requires TLS (cachemode and nbdkit ``--tls=require``, qemu-nbd ``--tls-creds``) with
+certificates made for the run, and fio connects with ``nbds://``. Each run also records ``cpu_us``: the
+server's CPU per request in microseconds, for every job (the 1 MiB jobs' cost is otherwise shown per GiB).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from proc_cpu import Sample, child_cpu
 
@@ -76,30 +83,41 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     raise RuntimeError(f"server did not listen on port {port}")
 
 
-def server_command(server: str, mode: str, image: str, port: int) -> list[str]:
+def server_command(server: str, mode: str, image: str, port: int, certs: Path | None = None) -> list[str]:
+    """The server's command line; with ``certs`` (a directory of server certificates) it requires TLS."""
     if server == "cachemode":
         exe = ROOT / ".venv" / "bin" / "cachemode"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cachemode"]
-        return [*cmd, "serve", image, "--cache", mode, "--port", str(port)]
+        tls = ["--tls", "require", "--tls-certificates", str(certs)] if certs else []
+        return [*cmd, "serve", image, "--cache", mode, "--port", str(port), *tls]
     if server == "qemu-nbd":
-        return ["qemu-nbd", "-f", "raw", f"--cache={mode}", "-b", "127.0.0.1", "-p", str(port), "-t", "-e", "0", image]
+        creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off"  # as the other two
+        tls = ["--object", creds, "--tls-creds", "tls0"] if certs else []
+        listen = ["-b", "127.0.0.1", "-p", str(port)]
+        return ["qemu-nbd", "-f", "raw", f"--cache={mode}", *listen, "-t", "-e", "0", *tls, image]
     if server == "nbdkit":
         extra = ["cache=none"] if mode in ("none", "directsync") else []
-        return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", image, *extra]
+        tls = ["--tls=require", f"--tls-certificates={certs}"] if certs else []
+        return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *tls, "file", image, *extra]
     raise ValueError(server)
 
 
-def run_fio(port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, tmp: str) -> dict[str, float]:
+def run_fio(
+    port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, tmp: str, tls: bool = False
+) -> dict[str, float]:
     """Run one fio job; return its throughput, request and byte counts, and fio's own CPU seconds.
 
     No ramp time: fio then counts every request of the run, so the server's CPU over the whole run divides
     by the right number. fio's CPU comes from ``wait4`` (its job processes included)."""
     out_path = os.path.join(tmp, "fio.json")
+    # fio's libnbd may not read local files named in a URI (tls-certificates=), and as root its default
+    # certificate directory is /etc/pki/libnbd: the client encrypts without checking the server's certificate.
+    uri = f"nbds://127.0.0.1:{port}/?tls-verify-peer=false" if tls else f"nbd://127.0.0.1:{port}/"
     cmd = [
         "fio",
         "--name=bench",
         "--ioengine=nbd",
-        f"--uri=nbd://127.0.0.1:{port}/",
+        f"--uri={uri}",
         f"--rw={rw}",
         f"--bs={bs}",
         f"--iodepth={iodepth}",
@@ -157,13 +175,21 @@ def evict(image: str) -> None:
 
 
 def one_run(
-    server: str, mode: str, image: str, size: int, runtime: int, job: tuple, tmp: str, cold: bool = False
+    server: str,
+    mode: str,
+    image: str,
+    size: int,
+    runtime: int,
+    job: tuple,
+    tmp: str,
+    cold: bool = False,
+    certs: Any = None,
 ) -> dict:
-    """Start ``server`` afresh, sync (and with ``cold`` evict the image), run one fio job against it, and
-    measure the CPU it took."""
+    """Start ``server`` afresh (requiring TLS with ``certs``), sync (and with ``cold`` evict the image), run
+    one fio job against it, and measure the CPU it took."""
     name, rw, bs, depth = job
     port = free_port()
-    command = server_command(server, mode, image, port)
+    command = server_command(server, mode, image, port, certs.server if certs else None)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port, proc)
@@ -171,7 +197,7 @@ def one_run(
         if cold:
             evict(image)
         before = Sample.take(proc.pid)
-        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp)
+        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None)
         used = Sample.take(proc.pid).since(before)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -190,6 +216,7 @@ def one_run(
         interrupts_cpu_s=used.interrupts,
         machine_cpu_s=used.machine,
         server_cost=cost(name, used.server, run),
+        cpu_us=used.server * 1e6 / max(run["requests"], 1),
         kernel_cost=cost(name, used.server_and_kernel, run),
         system_cost=cost(name, system_cpu, run),
         unit=unit(name),
@@ -208,6 +235,7 @@ def bench_mode(
     repeat: int,
     tmp: str,
     cold: bool = False,
+    certs: Any = None,
 ) -> list[dict]:
     """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
     and the server order rotates from job to job, so no server always inherits the page-cache state another
@@ -217,13 +245,13 @@ def bench_mode(
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for _ in range(repeat):
             for server in order:
-                r = one_run(server, mode, image, size, runtime, job, tmp, cold)
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs)
                 runs.append(r)
                 load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
                     f"  {mode:<12} {job[0]:<13} {server:<10} {r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s"
                     f"  cpu {r['server_cost']:>7.1f} {r['unit']} (+kernel {r['kernel_cost']:>7.1f},"
-                    f" system-fio {r['system_cost']:>7.1f})  load {load}",
+                    f" system-fio {r['system_cost']:>7.1f}; {r['cpu_us']:>7.1f} us/req)  load {load}",
                     flush=True,
                 )
     return runs
@@ -236,7 +264,7 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float
         grouped.setdefault((r["mode"], r["job"], r["server"]), []).append(r)
     out: dict = {}
     for (mode, job, server), rs in grouped.items():
-        keys = ("iops", "mib_s", "server_cost", "kernel_cost", "system_cost")
+        keys = ("iops", "mib_s", "server_cost", "kernel_cost", "system_cost", "cpu_us")
         out.setdefault(mode, {}).setdefault(job, {})[server] = {k: statistics.median(r[k] for r in rs) for k in keys}
     return out
 
@@ -330,6 +358,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="image size in MiB")
     ap.add_argument("--dir", default="/var/tmp", help="where to put the image (O_DIRECT needs a real filesystem)")
     ap.add_argument("--json", dest="json_out", help="write the machine, every run and the medians as JSON here")
+    ap.add_argument("--tls", action="store_true", help="every server requires TLS (certificates made for the run)")
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     known = {j[0]: j for j in JOBS}
@@ -350,8 +379,14 @@ def main() -> int:
         image = os.path.join(tmp, "bench.img")
         print(f"filling {args.size_mib} MiB image {image} ...", flush=True)
         fill_image(image, size)
+        certs = None
+        if args.tls:
+            sys.path.insert(0, str(ROOT))
+            from tests.tls_certs import make_certificates
+
+            certs = make_certificates(Path(tmp) / "certs")
         for mode in [m for m in args.modes.split(",") if m]:
-            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold)
+            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs)
     summary = summarise(runs)
     report(summary, servers)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -11,18 +11,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls_certs import Certificates, make_certificates
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def run_cli(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m cachemode ARGS`` for real and capture its text output."""
+def run_cli(
+    *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cachemode ARGS`` for real and capture its text output (``env``: added variables)."""
     return subprocess.run(
         [sys.executable, "-m", "cachemode", *args],
         input=input.decode() if input is not None else None,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -67,3 +72,38 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         yield device
     finally:
         subprocess.run(["losetup", "--detach", device], check=False)
+
+
+# -- the real guest (tests/vm, the kernel NBD client) ----------------------------------------------------------
+BOOT_TIMEOUT = 150.0  # seconds a test lets one guest boot run before it is killed
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> object:
+    """The guest kernel (``cachemode vm setup``; ``make test`` runs it), fetched here if it is missing.
+
+    Skips, naming what is missing, where QEMU or static busybox is not installed or no kernel can be fetched.
+    """
+    from cachemode.vm import VmError
+    from cachemode.vm.kernel import find_kernel, setup
+
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (Debian: {package})")
+    try:
+        return find_kernel()
+    except VmError:
+        pass
+    try:
+        return setup()
+    except VmError as exc:
+        pytest.skip(f"no guest kernel and 'cachemode vm setup' failed: {exc}")
+
+
+# -- TLS (tests/interop/test_nbd_tls.py, test_serve_security.py) -------------------------------------------------
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA, a server certificate, a client certificate and one from another CA (see tests/tls_certs.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (Debian: openssl)")
+    return make_certificates(tmp_path_factory.mktemp("tls"))

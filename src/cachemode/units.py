@@ -36,3 +36,8 @@ def format_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 write``, ``2 writes``: a count with its noun agreeing."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .test_dinero import lcg_trace, report_rows
@@ -74,7 +75,7 @@ def test_sim_errors(tmp_path, xdin):
     bad.write_text("0 10\n0 10\n9 10\n")
     for args, fragment in [
         (["sim", str(bad), "--level", "u:1k:16:1"], "bad.din: line 3: din format error: label 9"),
-        (["sim", str(xdin), "--level", "u:1k:16:3"], "power-of-2 number of sets"),
+        (["sim", str(xdin), "--level", "u:1k:16:0"], "associativity '0' is not a number of ways (1 or more) or 'full'"),
         (["sim", str(xdin)], "no caches"),
         (["sim", str(tmp_path / "missing.din"), "--level", "u:1k:16:1"], "cannot read trace"),
     ]:
@@ -121,3 +122,79 @@ def test_trace_convert_round_trip(xdin, tmp_path):
     outs = [json.loads(cm("sim", str(p), "--level", "u:1k:16:2", "--json").stdout) for p in (xdin, npz, binary)]
     assert outs[0] == outs[1] == outs[2]
     assert outs[0]["caches"][0]["misses"]["total"] == 4627  # Dinero IV's figure (test_dinero)
+
+
+def test_sim_without_arguments_or_with_help_shows_how_it_is_typed():
+    for args in ([], ["--help"], ["-h"]):
+        p = cm("sim", *args)
+        out = p.stdout.decode()
+        assert p.returncode == 0, p.stderr
+        assert "Usage: cachemode sim TRACE (--level SPEC ... | --config FILE)" in out
+        assert "cachemode sim sweep TRACE" in out and "run" not in out.split("Options:")[0].split()
+
+
+def test_a_side_without_any_cache_is_named_in_one_warning(tmp_path):
+    din = tmp_path / "t.din"
+    din.write_text("2 100\n0 200\n2 104\n1 300\n")
+    p = cm("sim", str(din), "--level", "d:1k:16:2", "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.decode().splitlines() == [
+        "cachemode sim: warning: 2 instruction fetches reach no cache (the hierarchy has no i or u cache): they go "
+        "straight to memory, uncounted, as in Dinero IV"
+    ]
+    assert json.loads(p.stdout)["caches"][0]["fetches"]["total"] == 2
+    p = cm("sim", str(din), "--level", "d:1k:16:2", "--level", "u:4k:32:5")  # fetches reach L2: no warning
+    assert p.returncode == 0 and p.stderr == b""
+
+
+def test_synth_blocking_lowers_the_miss_rate(tmp_path):
+    rates = {}
+    for kind in ("mm-naive", "mm-transposed", "mm-blocked"):
+        out = tmp_path / f"{kind}.xdin.gz"
+        p = cm("trace", "synth", kind, "-n", "48", "--tile", "8", "-o", str(out))
+        assert p.returncode == 0, p.stderr
+        p = cm("sim", str(out), "--level", "d:4k:64:4", "--json")
+        rates[kind] = json.loads(p.stdout)["caches"][0]["miss_rate"]["total"]
+    assert rates["mm-naive"] > 2 * rates["mm-blocked"] and rates["mm-naive"] > 2 * rates["mm-transposed"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "opts", "refs"),
+    [
+        ("mm-naive", ["-n", "8"], 8 * 8 * 17),
+        ("mm-blocked", ["-n", "8", "--tile", "4"], 8 * 8 * 2 * (4 + 1) * 2),
+        ("stream", ["-n", "100"], 300),
+        ("strided", ["--size", "4k", "--stride", "256", "--passes", "2"], 32),
+        ("random", ["--size", "1m", "--count", "500"], 500),
+        ("chase", ["--size", "64k", "--count", "2048"], 2048),
+        ("stencil", ["-n", "10"], 6 * 64),
+    ],
+)
+def test_synth_kinds_write_the_references_they_describe(tmp_path, kind, opts, refs):
+    out = tmp_path / "t.bin"
+    p = cm("trace", "synth", kind, *opts, "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.stat().st_size == 8 * refs
+    p = cm("trace", "synth", "mm-blocked", "-n", "10", "--tile", "4", "-o", str(out))
+    assert p.returncode == 2 and "tile 4 must divide the matrix size 10" in p.stderr.decode()
+
+
+def test_chase_visits_every_node_once_per_lap(tmp_path):
+    from cachemode.cpu.synth import chase
+
+    t = chase(64 * 1024, 2 * 1024, node=64)
+    lap = t.addrs[:1024]
+    assert len(np.unique(lap)) == 1024 and np.array_equal(t.addrs[1024:], lap)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_trace_record_shows_the_program_and_exits_with_its_status(tmp_path):
+    out = tmp_path / "sh.xdin.zst"
+    p = cm("trace", "record", "-o", str(out), "--", "sh", "-c", "echo visible output; exit 3", timeout=300)
+    assert p.returncode == 3
+    assert p.stdout.decode() == "visible output\n"
+    assert "sh exited with status 3" in p.stderr.decode()
+    q = cm("sim", str(out), "--level", "i:32k:64:8", "--level", "d:32k:64:8", "--json")
+    assert json.loads(q.stdout)["caches"][0]["fetches"]["ifetch"] > 1000
+    p = cm("trace", "record", "-o", str(out), "--", "no-such-program-here")
+    assert p.returncode == 2 and "no-such-program-here: command not found" in p.stderr.decode()

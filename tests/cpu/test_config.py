@@ -37,7 +37,7 @@ def test_sizes_and_defaults():
         ({"size": 1024, "block_size": 24}, "block size 24 is not a power of 2"),
         ({"size": 16, "block_size": 32}, "larger than the cache"),
         ({"size": 1024, "block_size": 16, "assoc": 128}, "exceeds the 64 blocks"),
-        ({"size": 1024, "block_size": 16, "assoc": 3}, "power-of-2 number of sets"),
+        ({"size": 1024, "block_size": 16, "assoc": 3, "repl": "plru"}, "power-of-2 associativity"),
         ({"size": 1024, "block_size": 16, "assoc": 2, "repl": "mru"}, "replacement policy 'mru'"),
         ({"size": 1024, "block_size": 16, "walloc": "x"}, "write-allocate policy 'x'"),
         ({"size": "8q", "block_size": 16}, "is not a number"),
@@ -46,6 +46,11 @@ def test_sizes_and_defaults():
 def test_validation_errors(kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
         CacheConfig(**kw)
+
+
+def test_associativity_that_does_not_divide_the_blocks_rounds_the_sets_down_as_dinero_does():
+    cfg = CacheConfig("8k", 16, 3)  # Dinero IV: -l1-uassoc 3 gives 8192 / (16 * 3) = 170 sets
+    assert (cfg.nsets, cfg.nblocks) == (170, 510)
 
 
 def test_level_specs():

@@ -67,12 +67,13 @@ def test_filesystem_without_odirect(no_odirect_dir: Path, mode: str) -> None:
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
-    with pytest.raises(ImageOpenError, match="no such file"):
+    with pytest.raises(ImageOpenError, match="no such image"):
         open_disk(tmp_path / "missing.img")
     with pytest.raises(ImageOpenError, match="is a directory"):
         open_disk(tmp_path)
     result = run_cli("disk", "info", str(tmp_path / "missing.img"))
-    assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no such image (use --create SIZE to create it)" in result.stderr
 
 
 def test_immutable_file_cannot_be_opened_for_write(image: Path) -> None:

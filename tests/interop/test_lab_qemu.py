@@ -155,7 +155,7 @@ def test_guest_and_process_crash_match_the_safety_table(tmp_path, mode, failure)
 
 def test_serve_lab_bad_options(tmp_path):
     proc = run_cli("serve", str(tmp_path / "x.img"), "--disk-cache", "0", timeout=60)
-    assert proc.returncode == 2 and "--disk-cache need --lab" in proc.stderr
+    assert proc.returncode == 2 and "--disk-cache needs --lab" in proc.stderr
     proc = run_cli("serve", "--lab", timeout=60)
     assert proc.returncode == 2 and "--lab needs an IMAGE" in proc.stderr
 

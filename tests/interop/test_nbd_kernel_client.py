@@ -2,7 +2,9 @@
 
 The kernel maps the flags to its queue's write-cache setting: SEND_FLUSH means "write back", and then an
 fsync makes it send NBD_CMD_FLUSH; without it the device is "write through" and no FLUSH is ever sent.
-This needs root and the nbd module (``modprobe nbd``); where the kernel has none, the test says so and skips.
+On the host this needs root and the nbd module (``modprobe nbd``); where the host kernel has none, that test
+skips, and the same checks run in a guest instead: the guest kernel's own nbd module and Debian's nbd-client,
+reaching the server through QEMU user networking (``cachemode vm nbd-client``, see docs/vm.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cachemode.vm.kernel import GuestKernel
+from cachemode.vm.nbdclient import kernel_client_run
+from tests.conftest import BOOT_TIMEOUT
 from tests.nbd.serving import MIB, need, run, served
 
 pytestmark = pytest.mark.interop
@@ -30,10 +35,23 @@ def _need_kernel_client() -> None:
         pytest.skip(f"/dev/{DEVICE} is already connected to another server")
 
 
-@pytest.mark.parametrize(
-    ("mode", "write_cache", "expected"),
-    [("writeback", True, "write back"), ("writethrough", True, "write through"), ("none", False, "write through")],
-)
+CASES = [("writeback", True, "write back"), ("writethrough", True, "write through"), ("none", False, "write through")]
+
+
+@pytest.mark.parametrize(("mode", "write_cache", "expected"), CASES)
+def test_guest_kernel_client_write_cache_and_flush(
+    guest_kernel: GuestKernel, mode: str, write_cache: bool, expected: str
+) -> None:
+    """The same checks with a guest's kernel as the client: one boot per case, under a hard deadline."""
+    need("nbd-client")
+    result = kernel_client_run(mode, write_cache, kernel=guest_kernel, timeout=BOOT_TIMEOUT)
+    assert result["guest_write_cache"] == expected
+    assert result["send_flush_advertised"] == (expected == "write back")
+    assert (result["flushes_received"] > 0) == (expected == "write back")  # FLUSH only to a write-back device
+    assert result["data_round_trip"]
+
+
+@pytest.mark.parametrize(("mode", "write_cache", "expected"), CASES)
 def test_kernel_client_write_cache_and_flush(tmp_path: Path, mode: str, write_cache: bool, expected: str) -> None:
     _need_kernel_client()
     image = tmp_path / "disk.img"

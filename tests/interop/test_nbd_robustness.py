@@ -13,8 +13,8 @@ import pytest
 
 from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
+from cachemode.nbd.budget import CONNECTION_BUDGET
 from cachemode.nbd.client import Client
-from cachemode.nbd.connection import MAX_IN_FLIGHT_BYTES, WRITE_HIGH_WATER
 from tests.nbd.serving import MIB, ThreadServer, served
 
 SIZE = 16 * MIB
@@ -133,7 +133,7 @@ def test_client_that_does_not_read_is_paused_not_buffered(tmp_path: Path, mode: 
         assert wait_for(lambda: conn._paused_reading)
         time.sleep(0.5)
         peak = conn.transport.get_write_buffer_size()
-        assert peak <= WRITE_HIGH_WATER + 2 * MAX_IN_FLIGHT_BYTES, peak
+        assert peak <= CONNECTION_BUDGET + MIB, peak
         seen = set()
         for _ in range(count):
             reply = cl.read_reply(MIB)

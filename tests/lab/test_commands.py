@@ -53,7 +53,7 @@ def test_bad_input_is_one_line_exit_2(args, message):
 
 
 def test_lab_options_need_lab():
-    with pytest.raises(click.UsageError, match="--disk-cache need --lab"):
+    with pytest.raises(click.UsageError, match="--disk-cache needs --lab"):
         lab_config_from_options(lab=False, lab_disk_cache=0)
     assert lab_config_from_options(lab=False) is None
     cfg = lab_config_from_options(lab=True, lab_disk_cache=0, lab_record="x.log")

@@ -210,8 +210,9 @@ def test_bad_options_in_the_api(log_path):
     sector=st.sampled_from([512, 4096]),
 )
 def test_overlay_equals_applying_the_writes_in_order(writes, choose, sector):
-    from cachemode.lab.explore import CrashState, build_overlay
+    from cachemode.lab.explore import CrashState
     from cachemode.lab.record import WRITE, ZERO, LogEntry, WriteLog
+    from cachemode.lab.states import StateBuilder
 
     size = 6000
     base = bytes((i * 7) & 0xFF for i in range(size))
@@ -232,9 +233,10 @@ def test_overlay_equals_applying_the_writes_in_order(writes, choose, sector):
         if i % 3 == 0
     }
     state = CrashState(len(entries), "torn", (), kept, tuple((i, tuple(sorted(v))) for i, v in torn.items()))
-    ov = build_overlay(state, log, lambda n, o: base[o : o + n], sector)
+    builder = StateBuilder(log, sector, lambda n, o: base[o : o + n])
+    ov = builder.build(state.durable, state.kept, state.torn)
     got = bytearray(base)
-    for s_, buf in ov.sectors.items():
+    for s_, buf in ov.sectors(builder.pool, size).items():
         got[s_ * sector : s_ * sector + len(buf)] = buf
     want = bytearray(base)
     for i in chosen:

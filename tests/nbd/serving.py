@@ -89,7 +89,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         assert self.proc.stdout is not None
         self.ready = self.proc.stdout.readline()
-        match = re.search(r"(nbd://\S+)", self.ready)
+        match = re.search(r"(nbds?://\S+)", self.ready)
         if not match:
             self.proc.kill()
             _, err = self.proc.communicate()

@@ -21,7 +21,15 @@ from cachemode.nbd.handshake import (
     State,
     greeting,
 )
-from cachemode.nbd.requests import FIRST_READ_AFTER_STREAM, Disconnect, PayloadFollows, Rejected, Request, Transmission
+from cachemode.nbd.requests import (
+    FIRST_READ_AFTER_STREAM,
+    Disconnect,
+    PayloadFollows,
+    Rejected,
+    Request,
+    Transmission,
+    Violation,
+)
 
 SIZE = 1 << 20
 EXPORT = ExportInfo(name="disk", size=SIZE, description="test export")
@@ -248,8 +256,66 @@ def test_write_payload_split_byte_by_byte() -> None:
 
 
 def test_bad_magic_is_fatal() -> None:
-    with pytest.raises(ProtocolError):
-        tx().receive_data(b"\x00" * 28)
+    t = tx()
+    events = t.receive_data(b"\x00" * 28)
+    assert [type(e) for e in events] == [Violation] and t.closed
+    assert t.receive_data(req(c.CMD_READ, 0, 1)) == []  # nothing after it is parsed
+
+
+@pytest.mark.parametrize("cut", [None, 1, 28, 30, 33, 56, 60])
+def test_requests_before_a_bad_magic_come_out_however_the_bytes_were_cut(cut: int | None) -> None:
+    """Valid requests then a bad header: the same events whether they came in one read or two."""
+    stream = req(c.CMD_WRITE, 0, 5, data=b"hello", cookie=1) + req(c.CMD_READ, 0, 512, cookie=2)
+    stream += b"\xde\xad\xbe\xef" + bytes(24) + req(c.CMD_READ, 0, 1, cookie=3)
+    t = tx()
+    parts = [stream] if cut is None else [stream[:cut], stream[cut:]]
+    events = [e for part in parts for e in t.receive_data(part)]
+    assert [type(e) for e in events] == [Request, Request, Violation]
+    assert [e.cookie for e in events[:2]] == [1, 2] and bytes(events[0].data) == b"hello"
+
+
+def test_read_fast_path_applies_the_minimum_block_size() -> None:
+    """A plain in-bounds READ takes the parser's fast path; it must still be refused when misaligned."""
+    export = ExportInfo(name="disk", size=SIZE, min_block=512)
+    t = tx(export=export)
+    events = t.receive_data(req(c.CMD_READ, 100, 512, cookie=1) + req(c.CMD_READ, 512, 100, cookie=2))
+    events += t.receive_data(req(c.CMD_WRITE, 1, 512, data=bytes(512), cookie=3) + req(c.CMD_READ, 512, 512, cookie=4))
+    assert [(type(e), e.cookie) for e in events] == [(Rejected, 1), (Rejected, 2), (Rejected, 3), (Request, 4)]
+    assert all(e.error == c.EINVAL for e in events[:3])
+
+
+def test_fatal_export_name_leaves_the_handshake_closed() -> None:
+    for name in (b"\xff\xfe", b"x" * (c.MAX_STRING + 1), b"unknown"):
+        hs = started()
+        with pytest.raises(ProtocolError):
+            hs.receive_data(opt(c.OPT_EXPORT_NAME, name))
+        assert hs.state is State.CLOSED
+        with pytest.raises(ProtocolError):
+            hs.receive_data(opt(c.OPT_GO, go_data()))
+
+
+def test_payload_allocation_may_wait() -> None:
+    """An ``allocate`` that refuses makes the parser hold the WRITE (header and partial payload) until
+    :meth:`resume`; with ``allocate_alone`` it is asked only once the events before it were returned."""
+    grant = {"ok": False}
+    asked: list[int] = []
+
+    def allocate(n: int) -> bytearray | None:
+        asked.append(n)
+        return bytearray(n) if grant["ok"] else None
+
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, allocate, allocate_alone=True)
+    payload = bytes(range(256)) * 256
+    stream = req(c.CMD_READ, 0, 512, cookie=1) + req(c.CMD_WRITE, 0, len(payload), cookie=2, data=payload)
+    first = t.receive_data(stream[:1000])
+    assert [e.cookie for e in first] == [1] and t.waiting and asked == []  # not asked while READ was pending
+    assert t.resume() == [] and t.waiting and asked == [len(payload)]  # refused: still waiting
+    assert t.receive_data(stream[1000:30000]) == []  # held while waiting
+    grant["ok"] = True
+    assert t.resume() == [] and not t.waiting
+    rest = t.receive_data(stream[30000:] + req(c.CMD_FLUSH, cookie=3))
+    assert [e.cookie for e in rest] == [2, 3] and bytes(rest[0].data) == payload
 
 
 def test_disc() -> None:
@@ -447,10 +513,35 @@ def test_collect_takes_a_streamed_payload_back() -> None:
     payload = bytes(range(256)) * 1024
     (follows,) = t.receive_data(req(c.CMD_WRITE, 0, len(payload), cookie=5, data=payload[:3000]))
     assert isinstance(follows, PayloadFollows)
-    t.collect(follows)
+    buffer = bytearray(len(payload))  # the caller's, paid for by the caller
+    t.collect(follows, buffer)
+    assert len(t.get_buffer()) == len(payload) - 3000  # the rest is received in place, not a short read
     events = feed_buffered(t, payload[3000:] + req(c.CMD_FLUSH, cookie=6), 70000)
     assert [(type(e), e.cookie) for e in events] == [(Request, 5), (Request, 6)]
-    assert bytes(events[0].data) == payload
+    assert bytes(events[0].data) == payload and events[0].buffer is buffer
+
+
+def test_a_streamed_write_needs_no_allocation_so_it_never_waits() -> None:
+    # With allocate_alone the parser stops before a WRITE that needs a buffer; one it streams needs none, so
+    # it comes out after the requests before it, and the allocator is never asked.
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    asked: list[int] = []
+
+    def allocate(length: int) -> bytearray:
+        asked.append(length)
+        return bytearray(length)
+
+    t = Transmission(negotiated, allocate, allocate_alone=True, stream_min=64 * 1024)
+    stream = req(c.CMD_READ, 0, 512, cookie=1) + req(c.CMD_WRITE, 0, 128 * 1024, cookie=2, data=b"x" * 100)
+    events = t.receive_data(stream)
+    assert [type(e) for e in events] == [Request, PayloadFollows] and not t.waiting and asked == []
+
+
+def test_a_write_longer_than_stream_max_gets_a_buffer() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, lambda n: None, allocate_alone=True, stream_min=64 * 1024, stream_max=128 * 1024)
+    assert t.receive_data(req(c.CMD_WRITE, 0, 256 * 1024, cookie=1, data=b"x" * 100)) == []
+    assert t.waiting  # asked for a buffer (refused here), not streamed
 
 
 @settings(max_examples=100, deadline=None)
@@ -468,3 +559,16 @@ def test_buffer_interface_matches_bytes_interface(reqs: list[tuple[int, int]], c
     for x, y in zip(a, b, strict=True):
         if isinstance(x, Request) and x.data is not None:
             assert bytes(x.data) == bytes(y.data)
+
+
+def test_block_status_reply_is_capped_and_charged_its_largest_size() -> None:
+    """A range with more extents than one reply may carry gets the first MAX_EXTENTS of them (the client asks
+    again for the rest), so one BLOCK_STATUS reply never exceeds what the budget charges for it."""
+    from cachemode.nbd.budget import cost
+
+    count = c.MAX_EXTENTS + 10
+    extents = [Extent(i * 512, 512, i % 2) for i in range(count)]
+    out = replies.clip_extents(extents, 0, count * 512, req_one=False)
+    assert len(out) == c.MAX_EXTENTS and all(length == 512 for length, _ in out)
+    reply = replies.block_status(1, 1, out)
+    assert len(reply) <= cost(c.CMD_BLOCK_STATUS, count * 512)

@@ -2,14 +2,18 @@
 
 ``disk``, ``nbd``, ``lab`` and ``cpu`` are libraries that import only downward (``lab`` uses ``disk``; ``nbd``
 knows nothing of ``lab``); this package is where they meet the user. Each subcommand lives in a module here and
-is imported only when invoked, so ``cachemode modes`` does not pay for numba or asyncio start-up. Every user
+is imported only when invoked, so ``cachemode modes`` does not pay for NumPy or asyncio start-up. Every user
 error ends as one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# NumPy's BLAS threads would spin beside the simulator's own; no command here does linear algebra
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
 
@@ -26,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sim": "cachemode.cli.cpu:sim",
     "dinero": "cachemode.cli.cpu:dinero",
     "trace": "cachemode.cli.cpu:trace",
+    "vm": "cachemode.cli.vm:vm",
 }
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
+from cachemode.cli.options import execution_options
 from cachemode.cpu.config import ConfigError, hierarchy_from_specs, load_toml, parse_size
 from cachemode.cpu.trace import FORMATS
 
@@ -16,12 +19,23 @@ LEVEL_HELP = (
 
 
 class _DefaultGroup(click.Group):
-    """``sim TRACE ...`` runs the default subcommand; ``sim sweep ...`` the sweep."""
+    """``sim TRACE ...`` runs the simulation; ``sim sweep ...`` the sweep. ``sim``, ``sim -h`` and ``sim --help``
+    show the simulation's help (which names the sweep), since that is the form users type."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+        if not args or args[0] in ("-h", "--help"):
+            args[:] = ["run", "--help"]
+        elif args[0] not in self.commands:
             args.insert(0, "run")
         return super().parse_args(ctx, args)
+
+
+class _SimCommand(click.Command):
+    """The default ``sim`` command: its usage line reads as users type it, without the hidden ``run``."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage("cachemode sim", "TRACE (--level SPEC ... | --config FILE) [OPTIONS]")
+        formatter.write_usage("cachemode sim", "sweep TRACE [OPTIONS]   (see cachemode sim sweep --help)")
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,17 +43,20 @@ def sim() -> None:
     """Trace-driven CPU cache simulation: `sim TRACE --level ...` or `sim sweep TRACE ...`."""
 
 
-@sim.command("run")
+@sim.command("run", cls=_SimCommand)
 @click.argument("trace_path", metavar="TRACE")
-@click.option("--level", "levels", multiple=True, help=LEVEL_HELP)
-@click.option("--config", "config", type=click.Path(dir_okay=False), help="Hierarchy in TOML ([[level]] tables).")
+@click.option("--level", "levels", multiple=True, metavar="SPEC", help=LEVEL_HELP)
+@click.option("--config", "config", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Hierarchy in TOML ([[level]] tables).")  # fmt: skip
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Trace format (default: by suffix/content).")
-@click.option("--flushcount", type=int, default=0, help="Copy back and invalidate every N references.")
+@click.option("--flushcount", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Copy back and invalidate every N references.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
+    metavar="N",
     help="Cores to use (default: CACHEMODE_THREADS or every core); counts do not depend on it.",
 )
 def run(
@@ -51,9 +68,18 @@ def run(
     as_json: bool,
     threads: int | None,
 ) -> None:
-    """Simulate TRACE on a cache hierarchy and print a per-level table."""
+    """Simulate TRACE on a cache hierarchy and print a table per cache.
+
+    TRACE is din, extended din, valgrind lackey, Dinero binary or .npz (by suffix, else by its first line),
+    plain or compressed (gzip, xz, zstd), or - for stdin; it is read in chunks, so any length fits in memory.
+
+    \b
+    Examples:
+      cachemode sim mm.xdin --level u:8k:64:4
+      cachemode sim mm.xdin --level i:32k:64:8 --level d:32k:64:8:ccc --level u:1m:64:16 --json
+      cachemode sim sweep mm.xdin --sizes 4k,8k,16k --assoc 1,2,full
+    """
     from cachemode.cpu.simulate import simulate
-    from cachemode.cpu.trace import read_trace
 
     if config and levels:
         raise click.UsageError("give either --config or --level, not both")
@@ -63,16 +89,15 @@ def run(
         hierarchy = hierarchy_from_specs(list(levels))
     else:
         raise click.UsageError("no caches: give --level SPEC (e.g. --level u:32k:64:8) or --config FILE")
-    if flushcount < 0:
-        raise click.UsageError("--flushcount must be >= 0")
-    trace = read_trace(trace_path, fmt)
-    result = simulate(hierarchy, trace, flushcount=flushcount, threads=threads)
+    result = simulate(hierarchy, trace_path, fmt=fmt, flushcount=flushcount, threads=threads)
+    for line in result.warnings():
+        click.echo(f"cachemode sim: warning: {line}", err=True)
     if as_json:
         click.echo(result.to_json(indent=2))
         return
-    from rich.console import Console
+    from cachemode.cli.console import print_table
 
-    Console().print(result.table())
+    print_table(result.table())
 
 
 def _size_list(value: str, what: str) -> list[int]:
@@ -105,40 +130,51 @@ def _size_list(value: str, what: str) -> list[int]:
 @click.option("--walloc", default="a", show_default=True)
 @click.option("--wback", default="a", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(FORMATS))
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the curves to a PNG.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--workers", type=int, default=None, help="Threads (default: every core).")
-def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, workers) -> None:
-    """Miss-rate curves over cache size and associativity, using every core."""
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE", help="Write the curves to a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the points as JSON.")
+@execution_options(
+    "Simulate N points at once here (with --scheduler local: N worker processes) [default: every core].",
+    jobs_alias="--workers",
+)
+def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_path, as_json, jobs, scheduler) -> None:
+    """Miss-rate curves over cache size and associativity, using every core (or a Dask cluster)."""
     import json
+    import os
 
     from rich.progress import Progress
 
     from cachemode.cpu.sweep import plot, sweep
-    from cachemode.cpu.trace import read_trace
+    from cachemode.execution import open_executor
 
     size_list = _size_list(sizes, "size")
     assoc_list = _size_list(assocs, "assoc")
-    trace = read_trace(trace_path, fmt)
-    with Progress(transient=True, console=_stderr_console()) as prog:
-        task = prog.add_task("simulating", total=len(size_list) * len(assoc_list))
+    with (
+        open_executor(jobs or os.cpu_count() or 1, scheduler) as executor,
+        Progress(transient=True, console=_stderr_console()) as prog,
+    ):
+        task = prog.add_task("simulating", total=None)
 
         def tick(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
+            # Here the trace streams through every cache (references so far); on a cluster, points are tasks.
+            what = f"{done:,} of {total:,} points" if total else f"{done:,} references"
+            prog.update(task, completed=done, total=total or None, description=what)
 
         points = sweep(
-            trace,
+            trace_path,
             size_list,
             assoc_list,
             parse_size(block, "block size"),
-            workers=workers,
+            fmt=fmt,
+            workers=jobs,
+            executor=executor,
             progress=tick,
             repl=repl,
             walloc=walloc,
             wback=wback,
         )
+    refs = points[0].stats.total_fetches if points else 0
     if plot_path:
-        plot(points, plot_path, title=f"{trace_path}: {len(trace):,} references, {block}-byte blocks")
+        plot(points, plot_path, title=f"{trace_path}: {refs:,} references, {block}-byte blocks")
     if as_json:
         click.echo(
             json.dumps(
@@ -156,10 +192,11 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
             )
         )
         return
-    from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"miss rate, {len(trace):,} references")
+    from cachemode.cli.console import print_table
+
+    t = Table(title=f"miss rate, {refs:,} references")
     t.add_column("size", justify="right")
     cols = sorted({p.assoc for p in points}, key=lambda a: a or 1 << 62)
     for a in cols:
@@ -167,15 +204,15 @@ def sweep_cmd(trace_path, sizes, assocs, block, repl, walloc, wback, fmt, plot_p
     grid = {(p.size, p.assoc): p.miss_rate for p in points}
     for s in sorted({p.size for p in points}):
         t.add_row(str(s), *[f"{grid[(s, a)]:.4f}" if (s, a) in grid else "-" for a in cols])
-    Console().print(t)
+    print_table(t)
     if plot_path:
         click.echo(f"plot written to {plot_path}")
 
 
 def _stderr_console():
-    from rich.console import Console
+    from cachemode.cli.console import console
 
-    return Console(stderr=True)
+    return console(stderr=True)
 
 
 @click.command(
@@ -202,16 +239,21 @@ def trace() -> None:
     "--output",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Output file: .lackey (raw), .npz (compact), .bin (Dinero binary), else extended din.",
+    metavar="FILE",
+    help="Output file: .lackey (raw), .npz (compact, held whole), .bin (Dinero binary), .din, else extended din; "
+    "add .gz, .xz or .zst to compress.",
 )
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def record_cmd(output: str, cmd: tuple[str, ...]) -> None:
-    """Record CMD's memory references through valgrind lackey: trace record -o FILE -- CMD ..."""
-    from cachemode.cpu.record import record, write_trace
+    """Record CMD's memory references through valgrind lackey: trace record -o FILE -- CMD ...
 
-    tr, status, raw = record(list(cmd))
-    kind = write_trace(tr, raw, output)
-    click.echo(f"{output}: {len(tr):,} references ({kind}); {cmd[0]} exited with status {status}", err=True)
+    CMD keeps its terminal (its output shows); the trace streams into FILE. Exits with CMD's status."""
+    from cachemode.cpu.record import record
+
+    refs, status, kind = record(list(cmd), output)
+    what = "lines" if kind == "lackey" else "references"
+    click.echo(f"{output}: {refs:,} {what} ({kind}); {cmd[0]} exited with status {status}", err=True)
+    sys.exit(status if status >= 0 else 128 - status)
 
 
 @trace.command("convert")
@@ -219,12 +261,55 @@ def record_cmd(output: str, cmd: tuple[str, ...]) -> None:
 @click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (default: by suffix/content).")
 def convert_cmd(src: str, dst: str, fmt: str | None) -> None:
-    """Convert a trace; the output format follows DST's suffix (.npz, .bin, .lackey not allowed, else xdin)."""
-    from cachemode.cpu.record import write_trace
-    from cachemode.cpu.trace import read_trace
+    """Convert a trace, streaming; the output format follows DST's suffix (.npz, .bin, .din, else extended
+    din; .gz, .xz or .zst compresses). SRC may be compressed, or - for stdin."""
+    from cachemode.cpu.trace import TraceReader
+    from cachemode.cpu.writer import TraceWriter, output_kind
 
-    if dst.lower().endswith(".lackey"):
-        raise click.UsageError("cannot write lackey format; use .npz, .bin or .xdin")
-    tr = read_trace(src, fmt)
-    kind = write_trace(tr, b"", dst)
-    click.echo(f"{dst}: {len(tr):,} references ({kind})", err=True)
+    if output_kind(dst) == "lackey":
+        raise click.UsageError("cannot write lackey format; use .npz, .bin, .din or .xdin")
+    with TraceReader(src, fmt) as reader, TraceWriter(dst) as out:
+        for chunk in reader:
+            out.write(chunk)
+    click.echo(f"{dst}: {out.count:,} references ({out.kind})", err=True)
+
+
+@trace.command("synth")
+@click.argument("kind", type=click.Choice(["mm-naive", "mm-transposed", "mm-blocked", "stream", "strided", "random",
+                                           "chase", "stencil"]))  # fmt: skip
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Output file (format by suffix, as for record).")  # fmt: skip
+@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Matrix or grid side (mm-*, stencil), or elements (stream).")  # fmt: skip
+@click.option("--elem", type=click.IntRange(1, 65535), default=8, show_default=True, help="Element size in bytes.")
+@click.option("--tile", type=click.IntRange(min=1), default=16, show_default=True, help="mm-blocked: tile side.")
+@click.option("--size", default="1m", show_default=True, help="Array or pool size (strided, random, chase).")
+@click.option("--stride", default="64", show_default=True, help="strided: bytes between loads.")
+@click.option("--count", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="random, chase: references.")  # fmt: skip
+@click.option("--node", default="64", show_default=True, help="chase: node size in bytes.")
+@click.option("--passes", type=click.IntRange(min=1), default=None,
+              help="strided: sweeps (default 4); stencil: sweeps (default 1).")  # fmt: skip
+@click.option("--seed", type=int, default=1, show_default=True, help="random, chase: generator seed.")
+def synth_cmd(kind: str, output: str, **opts) -> None:
+    """Write a classic workload's data references as a trace.
+
+    \b
+    mm-naive       matrix multiply, i-j-k order: B is walked down its columns
+    mm-transposed  the same with B stored transposed: both operands walked along rows
+    mm-blocked     the same in --tile x --tile blocks that stay in the cache
+    stream         STREAM triad a[i] = b[i] + s*c[i] over -n elements
+    strided        loads every --stride bytes over --size bytes, --passes times
+    random         --count uniform random loads within --size bytes
+    chase          --count dependent loads around a random cycle of --node-byte nodes in --size bytes
+    stencil        5-point Jacobi sweeps over an -n x -n grid
+    """
+    from cachemode.cpu.synth import KINDS
+    from cachemode.cpu.writer import TraceWriter
+
+    for key in ("size", "stride", "node"):
+        opts[key] = parse_size(opts[key], key)
+    trace = KINDS[kind](opts)
+    with TraceWriter(output) as out:
+        out.write(trace)
+    click.echo(f"{output}: {len(trace):,} references ({out.kind})", err=True)

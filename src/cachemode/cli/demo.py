@@ -14,6 +14,8 @@ from typing import Any
 import click
 from rich.console import Console
 
+from cachemode.cli.console import console as make_console
+from cachemode.cli.console import unclipped
 from cachemode.cli.options import disk_options, on_off
 
 
@@ -70,11 +72,11 @@ def demo(cache: str, write_cache: str, read_only: bool, bind: str, port: int | N
     from cachemode.cli.serving import check_address, open_served_disk, run_server
 
     port = check_address(port, None)
-    console = Console()
+    console = make_console()
     disk = open_served_disk(None, cache, write_cache, read_only, None)
 
     def ready(server: Any) -> None:
-        console.print(mode_table(on_off(write_cache)))
+        console.print(unclipped(mode_table(on_off(write_cache))))
         threading.Thread(target=client_session, args=(server, console), daemon=True).start()
 
     try:

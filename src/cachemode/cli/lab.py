@@ -9,17 +9,26 @@ from typing import Any, TypeVar
 
 import click
 
-from cachemode.cli.options import SIZE, write_cache_option
+from cachemode.cli.console import unclipped
+from cachemode.cli.options import SIZE, execution_options, json_file_option, write_cache_option
 from cachemode.modes import Failure, get_mode, mode_names
-from cachemode.units import format_size
+from cachemode.units import format_size, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 # -- the options cachemode serve takes ------------------------------------------------------------------------
 def lab_options(func: F) -> F:
-    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record."""
+    """``--lab`` and its knobs: --host-cache, --disk-cache, --writeback-after, --control, --record, --disk-flush."""
     opts = [
+        click.option(
+            "--disk-flush",
+            "lab_disk_flush",
+            type=click.Choice(["honour", "ignore"]),
+            default=None,
+            help="Lab: ignore = a device that acknowledges FLUSH and FUA without writing back (it lies) "
+            "[default: honour].",
+        ),
         click.option(
             "--record",
             "lab_record",
@@ -75,6 +84,7 @@ def lab_config_from_options(
     lab_writeback_after: float | None = None,
     lab_control: str | None = None,
     lab_record: str | None = None,
+    lab_disk_flush: str | None = None,
 ) -> Any:
     """The LabConfig the options ask for, or None without ``--lab`` (then no lab option may be given)."""
     from cachemode.lab.disk import LabConfig
@@ -85,11 +95,12 @@ def lab_config_from_options(
         "--writeback-after": lab_writeback_after,
         "--control": lab_control,
         "--record": lab_record,
+        "--disk-flush": lab_disk_flush,
     }
     if not lab:
         extra = [name for name, value in given.items() if value is not None]
         if extra:
-            raise click.UsageError(f"{', '.join(extra)} need --lab")
+            raise click.UsageError(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --lab")
         return None
     defaults = LabConfig()
     return LabConfig(
@@ -97,6 +108,7 @@ def lab_config_from_options(
         disk_cache=defaults.disk_cache if lab_disk_cache is None else lab_disk_cache,
         writeback_after=lab_writeback_after,
         record=lab_record,
+        disk_flush=lab_disk_flush or defaults.disk_flush,
     )
 
 
@@ -140,9 +152,9 @@ def drop_connections(server: Any) -> None:
 
 # -- output helpers -----------------------------------------------------------------------------------------
 def _console() -> Any:
-    from rich.console import Console
+    from cachemode.cli.console import console
 
-    return Console(highlight=False)
+    return console()
 
 
 def _write_json(data: Any, path: str | None) -> None:
@@ -229,7 +241,7 @@ def power_cut(control: str, survivors: str, seed: int | None, as_json: bool) -> 
         return
     lost = reply.get("lost_now", {})
     click.echo(
-        f"power cut ({survivors}): {lost.get('writes', 0)} writes, {lost.get('bytes', 0)} bytes "
+        f"power cut ({survivors}): {plural(lost.get('writes', 0), 'write')}, {plural(lost.get('bytes', 0), 'byte')} "
         "were only in volatile caches and are gone"
     )
 
@@ -266,7 +278,7 @@ def status(control: str, as_json: bool) -> None:
 @click.option("--survivors", type=click.Choice(["worst", "random"]), default="worst", show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for --survivors random.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG heat map here.")
-@click.option("--json", "json_path", default=None, help="Write the cells as JSON to FILE ('-': stdout).")
+@json_file_option("the cells")
 def matrix(
     host_cache: int,
     disk_cache: int,
@@ -307,7 +319,7 @@ def matrix(
             row += [f"{c.acked_unflushed_lost}/{c.acked_unflushed}", f"{c.flushed_lost}/{c.flushed}"]
         table.add_row(*row)
     if json_path != "-":
-        _console().print(table)
+        _console().print(unclipped(table))
     _write_json([c.as_dict() for c in cells], json_path)
     if plot:
         try:
@@ -339,18 +351,28 @@ def matrix(
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@execution_options("Check states in N threads here (with --scheduler local: N worker processes) [default: 1].")
+@json_file_option("the report")
 def sqlite(
-    cache: str, synchronous: str, states: int, transfers: int, seed: int, sector: str, json_path: str | None
+    cache: str,
+    synchronous: str,
+    states: int,
+    transfers: int,
+    seed: int,
+    sector: str,
+    jobs: int | None,
+    scheduler: str | None,
+    json_path: str | None,
 ) -> None:
     """Run real SQLite (a bank-transfer workload) on the lab disk, then check every crash state.
 
     Checks PRAGMA integrity_check, that the total balance is constant, and that every transaction whose
     COMMIT returned is present. Exit status 1 when a violation was found.
     """
+    from cachemode.execution import open_executor
     from cachemode.lab.sqlite import sqlite_lab
 
-    with _progress(states, "checking crash states") as advance:
+    with open_executor(jobs, scheduler) as executor, _progress(states) as advance:
         work, report = sqlite_lab(
             cache,
             synchronous=synchronous,
@@ -359,6 +381,7 @@ def sqlite(
             transfers=transfers,
             sector=int(sector),
             progress=advance,
+            executor=executor,
         )
     data = {
         "workload": {
@@ -391,23 +414,42 @@ def crash() -> None:
 
 
 class _progress:
-    """A rich progress bar on a terminal; nothing otherwise."""
+    """A rich progress bar on a terminal, one line per phase (building, checking) with states/s; else nothing."""
 
-    def __init__(self, total: int, what: str) -> None:
+    def __init__(self, total: int, what: str = "crash states") -> None:
         self.total = total
         self.what = what
         self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Callable[[str, int, int], None]:
         if not sys.stderr.isatty():
-            return lambda done, total: None
-        from rich.console import Console
-        from rich.progress import Progress
+            return lambda phase, done, total: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(console=Console(stderr=True), transient=True)
+        from cachemode.cli.console import console
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console(stderr=True),
+            transient=True,
+        )
         self.bar.start()
-        task = self.bar.add_task(self.what, total=self.total)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+        def advance(phase: str, done: int, total: int) -> None:
+            if phase not in self.tasks:
+                self.tasks[phase] = self.bar.add_task(f"{phase} {self.what}", total=total, rate="")
+            task = self.tasks[phase]
+            self.bar.update(task, completed=done, total=total)
+            speed = next(t.speed for t in self.bar.tasks if t.id == task)
+            if speed:
+                self.bar.update(task, rate=f"{speed:.1f} states/s")
+
+        return advance
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
@@ -434,10 +476,11 @@ def _print_report(report: Any, title: str) -> None:
         ("time per state (check)", f"{report.per_state_ms:.2f} ms"),
         ("time to build the states", f"{report.prepare_seconds:.2f} s"),
         ("materialised by", report.materialise),
+        ("checked on", report.where),
     ]
     for what, value in rows:
         table.add_row(what, value)
-    _console().print(table)
+    _console().print(unclipped(table))
     for failure in report.failures[:5]:
         state = failure["state"]
         click.echo(
@@ -460,16 +503,27 @@ def _print_report(report: Any, title: str) -> None:
     help="The mode whose crash states to build (writethrough/directsync: every write is a barrier; "
     "unsafe: no flush is).",
 )
-@click.option("--check", "check", required=True, help="Checker command; {image} is the crash state's image.")
+@click.option(
+    "--check",
+    "check",
+    required=True,
+    help="A built-in checker (ext4: journal replay, then e2fsck -fn) or a command; {image} is the crash state's image.",
+)
 @click.option("--states", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--sector", type=click.Choice(["512", "4096"]), default="512", show_default=True, help="Tear granularity."
 )
 @write_cache_option("The guest-visible write cache during the run; off: every write was durable (except in unsafe).")
-@click.option("--jobs", type=click.IntRange(min=1, max=256), default=1, show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per checker run.")
-@click.option("--json", "json_path", default=None, help="Write the report as JSON to FILE ('-': stdout).")
+@execution_options("Run N checkers at once here (with --scheduler local: N worker processes) [default: 1].")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds per checker run; a checker still running then is killed and the state fails as 'timeout'.",
+)
+@json_file_option("the report")
 def explore_cmd(
     log: str,
     base: str,
@@ -479,7 +533,8 @@ def explore_cmd(
     seed: int,
     sector: str,
     write_cache: str,
-    jobs: int,
+    jobs: int | None,
+    scheduler: str | None,
     timeout: float,
     json_path: str | None,
 ) -> None:
@@ -487,22 +542,24 @@ def explore_cmd(
 
     Exit status 1 when a state failed the check.
     """
-    from cachemode.lab.explore import CommandChecker, explore
+    from cachemode.execution import open_executor
+    from cachemode.lab.checkers import resolve_checker
+    from cachemode.lab.explore import explore
     from cachemode.lab.record import read_log
 
-    checker = CommandChecker(check, timeout=timeout)
+    checker = resolve_checker(check, timeout=timeout)
     wlog = read_log(log)
     mode = get_mode(cache)
-    with _progress(states, "checking crash states") as advance:
+    with open_executor(jobs, scheduler) as executor, _progress(states) as advance:
         report = explore(
             wlog,
             mode,
             base=base,
-            command=checker,
+            checker=checker,
             states=states,
             seed=seed,
             sector=int(sector),
-            jobs=jobs,
+            executor=executor,
             write_cache=write_cache == "on",
             progress=advance,
         )
@@ -524,14 +581,10 @@ def serve_lab(
     **listen: Any,
 ) -> None:
     """``cachemode serve IMAGE --lab ...``: serve a lab disk, with its control socket, until stopped."""
-    import os
-
-    from cachemode.cli.serving import ServeError, run_server
+    from cachemode.cli.serving import run_server
 
     if image is None:
         raise click.UsageError("--lab needs an IMAGE")
-    if create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     disk = open_lab_from_options(image, cache, write_cache, config, create_size, read_only)
     ctl = None
     try:

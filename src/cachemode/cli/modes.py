@@ -6,9 +6,10 @@ import json
 
 import click
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from cachemode.cli.console import console as make_console
+from cachemode.cli.console import print_table
 from cachemode.cli.options import SIZE, disk_options, on_off, write_cache_option
 from cachemode.modes import MODES, Failure
 from cachemode.units import format_size
@@ -53,7 +54,7 @@ def mode_table(write_cache: bool = True) -> Table:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per mode instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per mode, instead of a table.")
 @write_cache_option("Show the table as it is with the guest's write cache switched on or off.")
 def modes(as_json: bool, write_cache: str) -> None:
     """Print the cache-mode table: flags, what the guest is told, what each failure can lose."""
@@ -61,7 +62,7 @@ def modes(as_json: bool, write_cache: str) -> None:
     if as_json:
         click.echo(json.dumps([m.as_dict(enabled) for m in MODES], indent=2))
         return
-    Console().print(mode_table(enabled))
+    print_table(mode_table(enabled))
 
 
 @click.group()
@@ -95,7 +96,7 @@ def info(image: str, cache: str, write_cache: str, read_only: bool, create_size:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(
         f"[bold]{image}[/]: {format_size(report['size'])}, cache={report['mode']}, "
         f"open flags {' '.join(report['open_flags']) or '(none)'}, alignment {report['alignment']}"

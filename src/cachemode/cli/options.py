@@ -56,3 +56,29 @@ def disk_options(func: F) -> F:
         help="Cache mode, as QEMU's -drive cache=.",
     )(func)
     return func
+
+
+def execution_options(jobs_help: str, *, jobs_alias: str | None = None) -> Callable[[F], F]:
+    """``--jobs N`` (local parallelism) and ``--scheduler ADDRESS`` (Dask; ``$CACHEMODE_SCHEDULER``), alike for
+    every command whose work can run on a cluster (open them with :func:`cachemode.execution.open_executor`)."""
+
+    def decorate(func: F) -> F:
+        func = click.option(
+            "--scheduler",
+            envvar="CACHEMODE_SCHEDULER",
+            default=None,
+            metavar="ADDRESS",
+            help="Run the work on the Dask cluster at ADDRESS (tcp://HOST:8786), or 'local' for a LocalCluster of "
+            "--jobs processes here [env CACHEMODE_SCHEDULER; needs the 'dask' extra].",
+        )(func)
+        names = ["--jobs", *([jobs_alias] if jobs_alias else []), "jobs"]
+        return click.option(*names, type=click.IntRange(min=1, max=1024), default=None, help=jobs_help)(func)
+
+    return decorate
+
+
+def json_file_option(what: str) -> Callable[[F], F]:
+    """``--json FILE`` ('-' for stdout), stored as ``json_path``: where a command writes ``what`` as JSON."""
+    return click.option(
+        "--json", "json_path", default=None, metavar="FILE", help=f"Write {what} as JSON to FILE ('-': stdout)."
+    )

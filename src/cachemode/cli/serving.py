@@ -3,7 +3,6 @@ address checks, the ready line, and running the server with start-up failures tu
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,11 @@ def ready_line(server: Any) -> str:
     disk = server.disk
     told = "SEND_FLUSH+SEND_FUA" if disk.guest_write_cache else "no write cache (no SEND_FLUSH/SEND_FUA)"
     flags = server.export.transmission_flags(True)
+    tls = f" tls={server.tls.mode.value}({server.tls.kind})" if server.tls is not None else ""
     return (
         f"cachemode serve: {server.uri} cache={disk.mode.name} "
         f"write-cache={'on' if disk.write_cache else 'off'} size={disk.size} "
-        f"told={told} flags={'|'.join(describe_flags(flags))}"
+        f"told={told} flags={'|'.join(describe_flags(flags))}{tls}"
     )
 
 
@@ -72,8 +72,6 @@ def open_served_disk(image: str | None, cache: str, write_cache: str, read_only:
         if create_size is not None:
             raise click.UsageError("--create needs an IMAGE")
         image = str(ensure_demo_image())
-    elif create_size is None and not os.path.exists(image):
-        raise ServeError(f"{image}: no such image (use --create SIZE to create it)")
     if create_size is not None and create_size <= 0:
         raise click.UsageError("--create SIZE must be positive")
     return open_disk(image, cache, write_cache=on_off(write_cache), read_only=read_only, create_size=create_size)
@@ -87,9 +85,20 @@ def run_server(
     socket_path: str | None,
     export_name: str,
     on_ready: Any = None,
+    tls: Any = None,
+    **limits: Any,
 ) -> Any:
-    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError."""
+    """Serve ``disk`` until SIGINT/SIGTERM; print the ready line; turn start-up failures into ServeError.
+
+    ``tls`` is a :class:`cachemode.nbd.tls.TLSConfig` (see :mod:`cachemode.cli.tls`) or None; ``limits`` go to
+    :func:`cachemode.nbd.server.serve` (max_connections, shutdown_timeout, budgets).
+    """
+    from cachemode.cli.tls import exposure_warning
     from cachemode.nbd.server import serve
+
+    warning = exposure_warning(bind, socket_path, tls)
+    if warning:
+        click.echo(warning, err=True)
 
     def ready(server: Any) -> None:
         click.echo(ready_line(server))
@@ -106,6 +115,8 @@ def run_server(
             export_name=export_name,
             description=f"cachemode {disk.mode.name} export of {getattr(disk.image, 'path', '?')}",
             on_ready=ready,
+            tls=tls,
+            **limits,
         )
     except OSError as exc:
         where = socket_path or f"{bind}:{port}"

@@ -2,9 +2,12 @@
 
 The pieces, each in its own module:
 
-- :mod:`~cachemode.cpu.trace`: readers for din, extended din, Valgrind lackey and binary traces -> NumPy arrays.
+- :mod:`~cachemode.cpu.trace`: readers for din, extended din, Valgrind lackey and binary traces -> NumPy arrays,
+  in chunks, from files (plain or compressed) or stdin.
+- :mod:`~cachemode.cpu.writer`: writing traces chunk by chunk, in the format a file name asks for.
+- :mod:`~cachemode.cpu.synth`: classic workloads (matrix multiply, stream, strides, pointer chasing...) as traces.
 - :mod:`~cachemode.cpu.config`: cache and hierarchy descriptions, validation, TOML loading.
-- :mod:`~cachemode.cpu.kernels`: the numba kernels that run one cache level over an event stream.
+- :mod:`~cachemode.cpu.kernels`: one cache level over an event stream, on the compiled core (``_core.c``).
 - :mod:`~cachemode.cpu.simulate`: wires levels together (routing, merging, end-of-run copy-back).
 - :mod:`~cachemode.cpu.stats`: per-cache counters, as objects, dicts and JSON.
 - :mod:`~cachemode.cpu.dinero`: Dinero IV option parsing and report layout.

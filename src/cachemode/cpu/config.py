@@ -109,20 +109,19 @@ class CacheConfig:
                 f"associativity {self.assoc} exceeds the {nblocks} blocks of a {self.size}-byte cache "
                 f"with {self.block_size}-byte blocks"
             )
-        if nblocks % self.assoc or not _pow2(nblocks // self.assoc):
-            raise ConfigError(
-                f"{nblocks} blocks / associativity {self.assoc} does not give a power-of-2 number of sets"
-            )
         if self.repl == "plru" and not _pow2(self.assoc):
             raise ConfigError(f"tree pseudo-LRU needs a power-of-2 associativity, not {self.assoc}")
 
     @property
     def nsets(self) -> int:
+        """size / (block size x assoc), rounded down as in Dinero IV: with an associativity that does not divide the
+        number of blocks (``assoc=3``) the cache holds ``nsets * assoc`` blocks, a few less than ``size`` says."""
         return self.size // self.block_size // self.assoc
 
     @property
     def nblocks(self) -> int:
-        return self.size // self.block_size
+        """The blocks the cache holds."""
+        return self.nsets * self.assoc
 
     def params(self) -> tuple[int, ...]:
         """The integers a kernel takes: lg2 block, sets, ways, repl, walloc, wback, ralloc, ccc, seed."""
@@ -234,8 +233,11 @@ def parse_level_spec(spec: str) -> tuple[int | None, str, CacheConfig]:
                 raise ConfigError(f"level spec {spec!r}: seed {val!r} is not an integer") from None
         else:
             kw[key] = val.strip()
+    assoc = parts[3].strip()
+    if not (assoc.isdigit() and int(assoc) > 0) and assoc.lower() != "full":
+        raise ConfigError(f"level spec {spec!r}: associativity {assoc!r} is not a number of ways (1 or more) or 'full'")
     try:
-        cfg = CacheConfig(parts[1], parts[2], parts[3], **kw)
+        cfg = CacheConfig(parts[1], parts[2], assoc, **kw)
     except ConfigError as exc:
         raise ConfigError(f"level spec {spec!r}: {exc}") from None
     return level, kind, cfg

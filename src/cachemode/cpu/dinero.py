@@ -4,16 +4,18 @@
 ``-lN-Twalloc``, ``-lN-Twback``, ``-lN-Tccc``, ``-informat``, ``-skipcount``, ``-maxcount``,
 ``-flushcount``, ``-stat-interval``, ``-on-trigger``/``-off-trigger``, ``-stat-idcombine``...) and gives a
 one-line error for anything malformed or not supported (prefetching, sub-blocks, ``-custom``, pixie input).
-:func:`format_report` prints the same sections, row names and numbers as Dinero IV's ``dostats``, so
+:func:`run` prints the same sections, row names and numbers as Dinero IV's ``dostats``, so
 scripts that parse Dinero output keep working. This is an independent implementation written from the
 documented behaviour and output format; no Dinero IV code is included.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -261,47 +263,63 @@ def _verify(a: DineroArgs) -> None:
     a.hierarchy()  # size/assoc consistency
 
 
-def apply_stream_options(a: DineroArgs, trace: Trace) -> tuple[Trace, bool, list[str]]:
-    """Apply -skipcount, -on/-off-trigger and -maxcount. Returns (trace, maxcount exceeded, warnings)."""
-    warnings = []
-    if a.skipcount:
-        if len(trace) < a.skipcount:
-            warnings.append("input ended before -skipcount satisfied")
-        trace = trace.slice(min(a.skipcount, len(trace)))
-    if a.on_trigger or a.off_trigger:
-        trace, w = _triggers(trace, a.on_trigger, a.off_trigger)
-        warnings += w
-    exceeded = False
-    if a.maxcount and len(trace) > a.maxcount:
-        trace = trace.slice(0, a.maxcount)
-        exceeded = True
-    return trace, exceeded, warnings
+class InputWindow:
+    """-skipcount, -on-trigger/-off-trigger and -maxcount, applied chunk by chunk as Dinero's ``next_trace_item``
+    does: skip the first records, then drop records outside the trigger window (the triggers themselves too),
+    then stop after ``maxcount`` records; ``exceeded`` once a record beyond them was read."""
 
+    def __init__(self, a: DineroArgs):
+        self.skip = a.skipcount
+        self.on, self.off = a.on_trigger, a.off_trigger
+        self.discard = a.on_trigger != 0
+        self.toggled = False
+        self.maxcount = a.maxcount
+        self.taken = 0
+        self.exceeded = False
 
-def _triggers(trace: Trace, on: int, off: int) -> tuple[Trace, list[str]]:
-    addrs = trace.addrs
-    cand = np.flatnonzero((addrs != 0) & ((addrs == np.uint64(on)) | (addrs == np.uint64(off))))
-    keep = np.zeros(len(trace), bool)
-    discard = on != 0
-    toggled = False
-    start = 0
-    for p in cand.tolist():
-        ad = int(addrs[p])
-        if (discard and ad == on) or (not discard and ad == off):
-            if not discard:
-                keep[start:p] = True
-            discard = not discard
-            toggled = True
-            start = p + 1
-    if not discard:
-        keep[start:] = True
-    warnings = []
-    if (on or off) and not toggled:
-        warnings.append("trace discard trigger addresses were not matched")
-    elif not discard and off:
-        warnings.append("tail end of trace not discarded")
-    idx = np.flatnonzero(keep)
-    return Trace(trace.types[idx], trace.addrs[idx], trace.sizes[idx]), warnings
+    def apply(self, trace: Trace) -> Trace:
+        if self.skip:
+            k = min(self.skip, len(trace))
+            self.skip -= k
+            trace = trace.slice(k)
+        if self.on or self.off:
+            trace = self._triggers(trace)
+        if self.maxcount and self.taken + len(trace) > self.maxcount:
+            trace = trace.slice(0, self.maxcount - self.taken)
+            self.exceeded = True
+        self.taken += len(trace)
+        return trace
+
+    def _triggers(self, trace: Trace) -> Trace:
+        addrs = trace.addrs
+        on, off = np.uint64(self.on), np.uint64(self.off)
+        cand = np.flatnonzero((addrs != 0) & ((addrs == on) | (addrs == off)))
+        keep = np.zeros(len(trace), bool)
+        start = 0
+        for p in cand.tolist():
+            ad = int(addrs[p])
+            if (self.discard and ad == self.on) or (not self.discard and ad == self.off):
+                if not self.discard:
+                    keep[start:p] = True
+                self.discard = not self.discard
+                self.toggled = True
+                start = p + 1
+        if not self.discard:
+            keep[start:] = True
+        idx = np.flatnonzero(keep)
+        return Trace(trace.types[idx], trace.addrs[idx], trace.sizes[idx])
+
+    def warnings(self) -> list[str]:
+        """Dinero's warnings at the end of the input (none when -maxcount stopped the run first)."""
+        if self.skip:
+            return ["input ended before -skipcount satisfied"]
+        if self.exceeded:
+            return []
+        if (self.on or self.off) and not self.toggled:
+            return ["trace discard trigger addresses were not matched"]
+        if not self.discard and self.off:
+            return ["tail end of trace not discarded"]
+        return []
 
 
 HEADER = (
@@ -484,20 +502,6 @@ def format_stats(a: DineroArgs, caches: list[CacheStats]) -> str:
     return "".join(out)
 
 
-def format_report(a: DineroArgs, caches: list[CacheStats], exceeded: bool = False, periodic: str = "") -> str:
-    """The whole of Dinero IV's standard output for a run (``periodic``: the -stat-interval tables)."""
-    return (
-        HEADER
-        + format_summary(a)
-        + "\n---Simulation begins.\n"
-        + periodic
-        + ("---Maximum address count exceeded.\n" if exceeded else "")
-        + "---Simulation complete.\n"
-        + format_stats(a, caches)
-        + "---Execution complete.\n"
-    )
-
-
 USAGE = """\
 Usage: cachemode dinero [options] < trace
 Dinero IV compatible options (demand fetch, no sub-blocks):
@@ -520,29 +524,51 @@ Dinero IV compatible options (demand fetch, no sub-blocks):
 """
 
 
-def main_text(argv: list[str], data: bytes) -> tuple[str, list[str]]:
-    """Run ``cachemode dinero`` on trace bytes; returns (stdout text, warnings)."""
+def run(argv: list[str], source: BinaryIO | str, out: TextIO) -> list[str]:
+    """Run ``cachemode dinero`` on a trace read in chunks from ``source`` (a binary file, or a name; ``-`` is stdin),
+    writing the report to ``out`` as Dinero does (the statistics of ``-stat-interval`` as the run goes).
+    Returns the warnings for stderr."""
     from cachemode.cpu.simulate import Simulation
-    from cachemode.cpu.trace import parse_bytes
+    from cachemode.cpu.trace import TraceReader, read_ahead
 
     a = parse_args(argv)
     if a.help:
-        return USAGE, []
-    hier = a.hierarchy()
-    trace = parse_bytes(data, INFORMATS[a.informat], "<stdin>")
-    trace, exceeded, warnings = apply_stream_options(a, trace)
-    sim = Simulation(hier, trace, flushcount=a.flushcount)
-    periodic = []
-    if a.stat_interval:  # statistics after every N records, before a flush due at the same record
-        for m in range(a.stat_interval, len(trace) + 1, a.stat_interval):
-            sim.run_to(sim.position_after(m))
-            periodic.append(format_stats(a, sim.stats().caches))
+        out.write(USAGE)
+        return []
+    sim = Simulation(a.hierarchy(), flushcount=a.flushcount)
+    window = InputWindow(a)
+    out.write(HEADER + format_summary(a) + "\n---Simulation begins.\n")
+    every = a.stat_interval
+    with TraceReader(source, INFORMATS[a.informat], name="<stdin>") as reader:
+        for chunk in read_ahead(reader):
+            chunk = window.apply(chunk)
+            while every and len(chunk) >= every - sim.references % every:
+                # statistics after every N records, before a flush due at the same record
+                cut = every - sim.references % every
+                sim.feed(chunk.slice(0, cut))
+                out.write(format_stats(a, sim.stats().caches))
+                chunk = chunk.slice(cut)
+            sim.feed(chunk)
+            if window.exceeded:
+                break
     result = sim.finish()
-    return format_report(a, result.caches, exceeded, "".join(periodic)), warnings
+    out.write(
+        ("---Maximum address count exceeded.\n" if window.exceeded else "")
+        + "---Simulation complete.\n"
+        + format_stats(a, result.caches)
+        + "---Execution complete.\n"
+    )
+    return window.warnings()
+
+
+def main_text(argv: list[str], data: bytes) -> tuple[str, list[str]]:
+    """Run ``cachemode dinero`` on trace bytes held in memory; returns (stdout text, warnings)."""
+    out = io.StringIO()
+    warnings = run(argv, io.BytesIO(data), out)
+    return out.getvalue(), warnings
 
 
 def run_cli(argv: list[str]) -> None:
-    text, warnings = main_text(argv, sys.stdin.buffer.read())
+    warnings = run(argv, "-", sys.stdout)
     for w in warnings:
         print(f"cachemode dinero: warning: {w}", file=sys.stderr)
-    sys.stdout.write(text)

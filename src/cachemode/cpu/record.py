@@ -1,14 +1,18 @@
-"""Record a real program's memory trace with ``valgrind --tool=lackey --trace-mem=yes``."""
+"""Record a real program's memory trace with ``valgrind --tool=lackey --trace-mem=yes``, streaming.
+
+Valgrind writes lackey's lines to a pipe that is parsed and written out chunk by chunk, so a long recording
+needs no more memory than a short one (except into ``.npz``, which is written whole). The program keeps its
+own standard input, output and error, as under ``time`` or ``strace``.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
-from cachemode.cpu.trace import Trace, parse_text
+from cachemode.cpu.trace import TraceReader
+from cachemode.cpu.writer import TraceWriter
 from cachemode.errors import CachemodeError
 
 
@@ -16,49 +20,42 @@ class RecordError(CachemodeError):
     """Recording could not start or produced no trace."""
 
 
-def record(cmd: list[str], valgrind: str = "valgrind") -> tuple[Trace, int, bytes]:
-    """Run ``cmd`` under lackey; returns (trace, the program's exit status, raw lackey text)."""
+def record(cmd: list[str], output: str, valgrind: str = "valgrind") -> tuple[int, int, str]:
+    """Run ``cmd`` under lackey, writing its references to ``output`` (format by suffix, see
+    :mod:`cachemode.cpu.writer`). Returns (references written, or lines for ``.lackey``; the program's exit
+    status; the format written)."""
     if not cmd:
         raise RecordError("no command given to record (use: cachemode trace record -o FILE -- CMD ...)")
     exe = shutil.which(valgrind)
     if exe is None:
         raise RecordError(f"{valgrind} not found; install valgrind to record traces")
-    with tempfile.TemporaryDirectory(prefix="cachemode-lackey-") as tmp:
-        log = Path(tmp) / "trace.lackey"
-        try:
-            proc = subprocess.run(
-                [exe, "--tool=lackey", "--trace-mem=yes", f"--log-file={log}", *cmd],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                check=False,
-            )
-        except OSError as exc:
-            raise RecordError(f"cannot run valgrind: {exc}") from None
-        if not log.exists() or log.stat().st_size == 0:
-            err = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise RecordError(f"valgrind produced no trace for {cmd[0]!r}: {err[-1] if err else 'no output'}")
-        raw = log.read_bytes()
-    if b"--trace-mem" not in raw[:4096] and b"Lackey" not in raw[:4096] and proc.returncode == 1:
-        raise RecordError(f"valgrind failed to run {cmd[0]!r}")
-    trace = parse_text(raw, "lackey", os.fspath(log.name))
-    return trace, proc.returncode, raw
-
-
-def write_trace(trace: Trace, raw: bytes, path: str) -> str:
-    """Write by suffix: ``.lackey`` raw lackey text, ``.npz`` compact, ``.bin`` Dinero binary, else extended din."""
-    suffix = Path(path).suffix.lower()
+    if shutil.which(cmd[0]) is None:
+        raise RecordError(f"{cmd[0]}: command not found")
+    rfd, wfd = os.pipe()
     try:
-        if suffix == ".lackey":
-            Path(path).write_bytes(raw)
-            return "lackey"
-        if suffix == ".npz":
-            trace.save(path)
-            return "npz"
-        if suffix == ".bin":
-            Path(path).write_bytes(trace.to_binary())
-            return "bin"
-        Path(path).write_text(trace.to_xdin())
-        return "xdin"
+        proc = subprocess.Popen([exe, "--tool=lackey", "--trace-mem=yes", f"--log-fd={wfd}", *cmd], pass_fds=(wfd,))
     except OSError as exc:
-        raise RecordError(f"{path}: cannot write trace: {exc.strerror or exc}") from None
+        os.close(rfd)
+        raise RecordError(f"cannot run valgrind: {exc}") from None
+    finally:
+        os.close(wfd)
+    refs = 0
+    try:
+        with os.fdopen(rfd, "rb") as pipe, TraceWriter(output) as out:
+            if out.kind == "lackey":
+                while block := pipe.read(1 << 20):
+                    out.write_raw(block)
+                    refs += block.count(b"\n")
+            else:
+                for chunk in TraceReader(pipe, "lackey", name=f"valgrind output for {cmd[0]}"):
+                    out.write(chunk)
+                    refs += len(chunk)
+            kind = out.kind
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    status = proc.wait()
+    if refs == 0:
+        raise RecordError(f"valgrind produced no trace for {cmd[0]!r} (exit status {status})")
+    return refs, status, kind

@@ -6,8 +6,10 @@ instruction and data streams leaving split levels are merged in trace order (eac
 of the trace record that caused it) before the first unified level. At the end of the run a whole-cache
 copy-back goes to the data side and travels down the hierarchy; its bytes count as bytes to memory.
 
-Levels are processed one after another over whole streams. That gives the same result as Dinero's
-depth-first processing because a cache's behaviour depends only on the order of the events it receives.
+The trace arrives in chunks (:class:`Simulation`); each chunk goes through the levels one after another. That
+gives the same result as Dinero's depth-first processing because a cache's behaviour depends only on the order
+of the events it receives. A first split level reads the trace itself, each side's cache taking its references
+(no copy); a side with no cache at a level passes its references on to the next level, as in Dinero.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 
 import numpy as np
 
+from cachemode.cpu import kernels as K
 from cachemode.cpu.config import CacheConfig, Hierarchy
 from cachemode.cpu.kernels import CacheState, run_cache
 from cachemode.cpu.stats import CacheStats, SimResult
-from cachemode.cpu.trace import Trace, read_trace
+from cachemode.cpu.trace import Trace, TraceReader, read_ahead
 
 _EMPTY_ORIGIN = np.empty(0, np.int64)
 
@@ -71,31 +74,18 @@ def run_one(cfg: CacheConfig, stream: Stream, emit: bool) -> tuple[np.ndarray, S
     return cnt, Stream(t, a, s, o if stream.origin is not None else None)
 
 
-def top_stream(trace: Trace, *, flushcount: int = 0, copyback: bool = True) -> Stream:
-    """The trace as an event stream, with flushes every ``flushcount`` records and the final copy-back."""
-    types, addrs = trace.types, trace.addrs
-    sizes = trace.sizes.astype(np.uint32)
-    n = len(types)
-    if flushcount and flushcount > 0 and n >= flushcount:
-        # after every flushcount records: copy-back (data side) then invalidate (both sides)
-        nflush = n // flushcount
-        pos = np.arange(1, nflush + 1) * flushcount  # insert before record index pos
-        ins = np.repeat(pos, 2)
-        types = np.insert(types, ins, np.tile(np.array([4, 5], np.int8), nflush))
-        addrs = np.insert(addrs, ins, np.zeros(2 * nflush, np.uint64))
-        sizes = np.insert(sizes, ins, np.zeros(2 * nflush, np.uint32))
+def top_stream(trace: Trace, *, copyback: bool = True) -> Stream:
+    """The trace as one event stream, with (by default) the end-of-run copy-back: for :func:`run_one`."""
+    types, addrs, sizes = trace.types, trace.addrs, trace.sizes
     if copyback:
         types = np.append(types, np.int8(4))
         addrs = np.append(addrs, np.uint64(0))
-        sizes = np.append(sizes, np.uint32(0))
-    return Stream(
-        np.ascontiguousarray(types, np.int8),
-        np.ascontiguousarray(addrs, np.uint64),
-        np.ascontiguousarray(sizes, np.uint32),
-    )
+        sizes = np.append(sizes, np.uint16(0))
+    return Stream(types, addrs, sizes)
 
 
-CHUNK = 1 << 20  # top-level events per pass through the hierarchy: buffers stay small and are reused
+ISIDE, DSIDE = 1, 2  # a cache given the whole trace takes instruction fetches and invalidates, or all but fetches
+CHUNK = 1 << 18  # top-level events per pass through the hierarchy: buffers stay small and are reused
 
 
 class _Runner:
@@ -105,10 +95,10 @@ class _Runner:
         self.levels = hierarchy.levels
         self.states = {name: CacheState(*cfg.params()) for name, cfg in hierarchy.caches()}
 
-    def _run(self, name: str, stream: Stream, emit: bool, offset: int) -> Stream:
+    def _run(self, name: str, stream: Stream, emit: bool, offset: int, side: int = 0) -> Stream:
         origin = _EMPTY_ORIGIN if stream.origin is None else stream.origin
-        t, a, s, o = self.states[name].run(stream.types, stream.addrs, stream.sizes, origin, emit, offset)
-        return Stream(t, a, s, o if stream.origin is not None else None)
+        t, a, s, o = self.states[name].run(stream.types, stream.addrs, stream.sizes, origin, emit, offset, side)
+        return Stream(t, a, s, o if stream.origin is not None or side else None)
 
     def feed(self, stream: Stream, offset: int) -> None:
         """Send top-level events (trace indexes ``offset``...) through every level."""
@@ -118,11 +108,18 @@ class _Runner:
         for n, lev in enumerate(self.levels, 1):
             emit = n < nlev
             if lev.split:
-                if unified is not None:  # first split level: route by type
+                if unified is not None:  # first split level: each cache takes its side of the trace
                     ty = unified.types
-                    istream = unified.select((ty == 2) | (ty == 5), offset)
-                    dstream = unified.select(ty != 2, offset)
+                    if lev.icache is not None:
+                        istream = self._run(f"l{n}-icache", unified, emit, offset, ISIDE)
+                    else:  # no cache on this side: its references go on to the next level
+                        istream = unified.select((ty == 2) | (ty == 5), offset)
+                    if lev.dcache is not None:
+                        dstream = self._run(f"l{n}-dcache", unified, emit, offset, DSIDE)
+                    else:
+                        dstream = unified.select(ty != 2, offset)
                     unified = None
+                    continue
                 if lev.icache is not None:
                     istream = self._run(f"l{n}-icache", istream, emit, offset)
                 if lev.dcache is not None:
@@ -138,10 +135,11 @@ def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
 
     Blocks whose address bits ``[shift, shift + log2(parts))`` are equal land in the same slice of sets at
     every level (those bits are set-index bits everywhere), so each slice can run on its own core with the
-    exact result of a serial run. Needs per-set replacement (LRU, FIFO, PLRU) and no 3C shadow cache.
+    exact result of a serial run. Needs per-set replacement (LRU, FIFO, PLRU), no 3C shadow cache and a
+    power-of-2 number of sets everywhere.
     """
     caches = [cfg for _, cfg in hierarchy.caches()]
-    if threads < 2 or any(c.ccc or c.repl == "random" for c in caches):
+    if threads < 2 or any(c.ccc or c.repl == "random" or c.nsets & (c.nsets - 1) for c in caches):
         return 0, 1
     shift = max(c.block_size.bit_length() - 1 for c in caches)
     room = min(c.block_size.bit_length() - 1 + c.nsets.bit_length() - 1 - shift for c in caches)
@@ -166,95 +164,138 @@ def default_threads() -> int:
 
 
 class Simulation:
-    """A run that can be advanced step by step (for periodic statistics) and then finished.
+    """A run fed a trace chunk by chunk (any length, bounded memory), then finished.
 
-    ``simulate()`` is the one-call form. Positions count top-level events: trace records plus, with
-    ``flushcount``, the inserted copy-back/invalidate pairs (see :meth:`position_after`).
+    :meth:`feed` takes trace records; with ``flushcount`` a copy-back and invalidate of every cache follows each
+    N-th record (the one due after the last record fed so far waits, so that statistics taken now exclude it, as
+    Dinero IV prints them). :meth:`stats` can be called between feeds; :meth:`finish` ends the run.
+    ``simulate()`` is the one-call form.
     """
 
-    def __init__(self, hierarchy: Hierarchy, trace: Trace, *, flushcount: int = 0, threads: int | None = None):
+    def __init__(self, hierarchy: Hierarchy, *, flushcount: int = 0, threads: int | None = None):
         self.hierarchy = hierarchy
-        self.references = len(trace)
         self.flushcount = flushcount if flushcount and flushcount > 0 else 0
-        if self.flushcount:
-            top = top_stream(trace, flushcount=self.flushcount, copyback=False)
-            self.types, self.addrs, self.sizes = top.types, top.addrs, top.sizes
-        else:  # sizes stay uint16 and are widened chunk by chunk
-            self.types, self.addrs, self.sizes = trace.types, trace.addrs, trace.sizes
-        self.n = len(self.types)
+        self.threads = threads
+        self.references = 0  # trace records fed
+        self.unrouted_counts = {"ifetch": 0, "data": 0}  # references of a side without any cache
+        levels = hierarchy.levels
+        self._no_icache = not any(lev.icache is not None or not lev.split for lev in levels)
+        self._no_dcache = not any(lev.dcache is not None or not lev.split for lev in levels)
+        self.pos = 0  # top-level events sent down (records plus inserted flushes)
+        self.flush_due = False
+        self.runners: list[_Runner] = []
+        self.parts = 1
+
+    def _start(self, first_chunk: int) -> None:
+        threads = self.threads
         if threads is None:
-            threads = default_threads() if self.n >= PARALLEL_MIN_EVENTS else 1
-        self.shift, self.parts = partitioning(hierarchy, threads)
-        self.runners = [_Runner(hierarchy) for _ in range(self.parts)]
+            threads = default_threads() if first_chunk >= PARALLEL_MIN_EVENTS else 1
+        shift, self.parts = partitioning(self.hierarchy, threads)
+        self.runners = [_Runner(self.hierarchy) for _ in range(self.parts)]
         if self.parts > 1:
             for pid, runner in enumerate(self.runners):
                 for state in runner.states.values():
-                    state.partition(self.shift, self.parts - 1, pid)
-        self.pos = 0
-        self._wide = [np.empty(min(self.n, CHUNK), np.uint32) for _ in range(self.parts)]
-
-    def position_after(self, records: int) -> int:
-        """The stream position just after ``records`` trace records (before a flush that follows them)."""
-        if not self.flushcount or records == 0:
-            return records
-        return records + 2 * ((records - 1) // self.flushcount)
+                    state.partition(shift, self.parts - 1, pid)
 
     def _each(self, fn) -> None:
         if self.parts == 1:
             fn(0)
             return
-        from concurrent.futures import ThreadPoolExecutor
+        list(self._pool().map(fn, range(self.parts)))
 
-        with ThreadPoolExecutor(max_workers=self.parts) as pool:
-            list(pool.map(fn, range(self.parts)))
+    def _pool(self):
+        if not hasattr(self, "_executor"):
+            from concurrent.futures import ThreadPoolExecutor
 
-    def run_to(self, pos: int) -> None:
-        """Send stream events up to ``pos`` (exclusive) through the hierarchy."""
-        pos = min(pos, self.n)
+            self._executor = ThreadPoolExecutor(max_workers=self.parts)
+        return self._executor
+
+    def _send(self, types: np.ndarray, addrs: np.ndarray, sizes: np.ndarray) -> None:
+        """Send top-level events through the hierarchy, CHUNK at a time."""
+        n = len(types)
         start = self.pos
-        if pos <= start:
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            stream = Stream(types[lo:hi], addrs[lo:hi], sizes[lo:hi])
+            self._each(lambda pid, s=stream, off=start + lo: self.runners[pid].feed(s, off))
+        self.pos += n
+
+    def _flush(self) -> None:
+        self._send(_FLUSH_TYPES, _FLUSH_ZEROS, _FLUSH_SIZES)
+        self.flush_due = False
+
+    def feed(self, trace: Trace) -> None:
+        """Run trace records through the hierarchy (state carries over between calls)."""
+        n = len(trace)
+        if n == 0:
             return
-        types, addrs, sizes = self.types, self.addrs, self.sizes
-
-        def work(pid: int) -> None:
-            runner, wide = self.runners[pid], self._wide[pid]
-            for lo in range(start, pos, CHUNK):
-                hi = min(pos, lo + CHUNK)
-                chunk = sizes[lo:hi]
-                if chunk.dtype != np.uint32:
-                    np.copyto(wide[: hi - lo], chunk)
-                    chunk = wide[: hi - lo]
-                runner.feed(Stream(types[lo:hi], addrs[lo:hi], chunk), lo)
-
-        self._each(work)
-        self.pos = pos
+        if not self.runners:
+            self._start(n)
+        if self._no_icache or self._no_dcache:
+            fetches = int(np.count_nonzero(trace.types == 2))
+            self.unrouted_counts["ifetch"] += fetches
+            self.unrouted_counts["data"] += n - fetches - int(np.count_nonzero(trace.types >= 4))
+        if self.flush_due:
+            self._flush()
+        types, addrs, sizes = trace.types, trace.addrs, trace.sizes
+        fc = self.flushcount
+        if fc:
+            first = fc - self.references % fc  # records until the next flush (1-based within this chunk)
+            after = np.arange(first, n + 1, fc)  # flush after these many records of the chunk
+            self.flush_due = len(after) > 0 and after[-1] == n
+            inner = after[:-1] if self.flush_due else after
+            if len(inner):
+                ins = np.repeat(inner, 2)
+                types = np.insert(types, ins, np.tile(_FLUSH_TYPES, len(inner)))
+                addrs = np.insert(addrs, ins, np.zeros(2 * len(inner), np.uint64))
+                sizes = np.insert(sizes, ins, np.zeros(2 * len(inner), sizes.dtype))
+        self._send(types, addrs, sizes)
+        self.references += n
 
     def finish(self, copyback: bool = True) -> SimResult:
-        """Run the rest of the trace, then (by default) the end-of-run copy-back; return the statistics."""
-        self.run_to(self.n)
+        """End the run: a due flush, then (by default) the end-of-run copy-back; return the statistics."""
+        if not self.runners:
+            self._start(0)
+        if self.flush_due:
+            self._flush()
         if copyback:
-            final = Stream(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint32))
-            self._each(lambda pid: self.runners[pid].feed(final, self.n))
+            self._send(np.array([4], np.int8), np.zeros(1, np.uint64), np.zeros(1, np.uint16))
+        if hasattr(self, "_executor"):
+            self._executor.shutdown()
+            del self._executor
         return self.stats()
 
+    def unrouted(self) -> dict[str, int]:
+        """References of a side of the hierarchy that has no cache at all (as Dinero IV, they go to memory
+        uncounted): ``{"ifetch": N}`` without an i or u cache, ``{"data": N}`` without a d or u cache."""
+        sides = (("ifetch", self._no_icache), ("data", self._no_dcache))
+        return {k: self.unrouted_counts[k] for k, missing in sides if missing and self.unrouted_counts[k]}
+
     def stats(self) -> SimResult:
-        result = SimResult(references=self.references)
+        result = SimResult(references=self.references, unrouted=self.unrouted())
         for name, cfg in self.hierarchy.caches():
-            cnt = sum(r.states[name].cnt for r in self.runners)
+            cnt = sum(r.states[name].cnt for r in self.runners) if self.runners else np.zeros(K.NCOUNTERS, np.int64)
             result.caches.append(CacheStats.from_counters(name, cfg, cnt))
         return result
+
+
+_FLUSH_TYPES = np.array([4, 5], np.int8)  # copy back (data side), then invalidate (both sides)
+_FLUSH_ZEROS = np.zeros(2, np.uint64)
+_FLUSH_SIZES = np.zeros(2, np.uint16)
 
 
 def simulate(
     hierarchy: Hierarchy | CacheConfig,
     trace: Trace | str | os.PathLike,
     *,
+    fmt: str | None = None,
     flushcount: int = 0,
     copyback: bool = True,
     threads: int | None = None,
 ) -> SimResult:
-    """Simulate ``trace`` (a :class:`Trace` or a file path) on ``hierarchy`` and return the statistics.
+    """Simulate ``trace`` (a :class:`Trace`, or a file name read in chunks, ``-`` for stdin) on ``hierarchy``.
 
+    ``fmt``: the file's format (default: from its name and first line).
     ``flushcount``: copy back and invalidate every cache after every N records (Dinero's ``-flushcount``).
     ``copyback``: write every dirty block back at the end of the run (Dinero always does).
     ``threads``: cores to use (default: ``CACHEMODE_THREADS`` or every core, for traces long enough to gain;
@@ -263,6 +304,11 @@ def simulate(
     """
     if isinstance(hierarchy, CacheConfig):
         hierarchy = Hierarchy.single(hierarchy)
-    if not isinstance(trace, Trace):
-        trace = read_trace(trace)
-    return Simulation(hierarchy, trace, flushcount=flushcount, threads=threads).finish(copyback)
+    sim = Simulation(hierarchy, flushcount=flushcount, threads=threads)
+    if isinstance(trace, Trace):
+        sim.feed(trace)
+    else:
+        with TraceReader(trace, fmt) as reader:
+            for chunk in read_ahead(reader):
+                sim.feed(chunk)
+    return sim.finish(copyback)

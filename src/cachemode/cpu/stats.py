@@ -112,6 +112,7 @@ class SimResult:
 
     caches: list[CacheStats] = field(default_factory=list)
     references: int = 0
+    unrouted: dict[str, int] = field(default_factory=dict)  # see Simulation.unrouted
 
     def __getitem__(self, name: str) -> CacheStats:
         for c in self.caches:
@@ -120,7 +121,19 @@ class SimResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {"references": self.references, "caches": [c.to_dict() for c in self.caches]}
+        d = {"references": self.references, "caches": [c.to_dict() for c in self.caches]}
+        if self.unrouted:
+            d["references_to_no_cache"] = dict(self.unrouted)
+        return d
+
+    def warnings(self) -> list[str]:
+        """One line per kind of reference that no cache received."""
+        what = {"ifetch": ("instruction fetches", "i or u"), "data": ("data references", "d or u")}
+        return [
+            f"{n:,} {what[k][0]} reach no cache (the hierarchy has no {what[k][1]} cache): they go straight to "
+            "memory, uncounted, as in Dinero IV"
+            for k, n in self.unrouted.items()
+        ]
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)

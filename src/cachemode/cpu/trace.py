@@ -1,9 +1,10 @@
-"""Trace readers: din, extended din, Valgrind lackey and binary traces, parsed once into NumPy arrays.
+"""Trace readers: din, extended din, Valgrind lackey and binary traces, parsed in chunks into NumPy arrays.
 
 A trace is three parallel arrays: ``types`` (int8, Dinero's access types: 0 read, 1 write, 2 instruction
 fetch, 3 misc, 4 copy-back, 5 invalidate), ``addrs`` (uint64) and ``sizes`` (uint16). Text formats are parsed
-by a numba kernel over the raw bytes; a malformed line stops the parse with a :class:`TraceError` naming the
-file, the line number and what is wrong with it.
+by the compiled core over the raw bytes; a malformed line stops the parse with a :class:`TraceError` naming the
+file, the line number and what is wrong with it. :class:`TraceReader` reads any length in chunks (memory stays
+bounded), from a file or stdin, decompressing gzip, xz, zstd and bzip2 by magic number.
 
 Formats (``fmt``):
 
@@ -18,15 +19,22 @@ Formats (``fmt``):
 
 from __future__ import annotations
 
+import io
 import os
+import queue
+import sys
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
-import numba
 import numpy as np
 
+from cachemode.cpu import _core
 from cachemode.errors import CachemodeError
 
+T = TypeVar("T")
 READ, WRITE, IFETCH, MISC, COPYBACK, INVALIDATE = 0, 1, 2, 3, 4, 5
 TYPE_NAMES = ("read", "write", "ifetch", "misc", "copyback", "invalidate")
 FORMATS = ("din", "xdin", "lackey", "bin", "npz")
@@ -89,11 +97,7 @@ class Trace:
 
     def to_xdin(self) -> str:
         """Extended din text (one ``<letter> <hexaddr> <hexsize>`` line per record)."""
-        letters = "rwimcv"
-        return "".join(
-            f"{letters[t]} {a:x} {s:x}\n"
-            for t, a, s in zip(self.types.tolist(), self.addrs.tolist(), self.sizes.tolist(), strict=True)
-        )
+        return _core.format_text(self.types, self.addrs, self.sizes, False).decode()
 
 
 _ERRORS = {
@@ -110,211 +114,86 @@ _ERRORS = {
     11: "missing ',' between address and size",
     12: "non decimal digit {ch} in size",
     13: "empty line",
-    14: "more records than lines (internal error)",
 }
 
 
-_HEX = np.full(256, -1, np.int8)  # hex digit value by byte, -1 if not a hex digit
-for _i, _ch in enumerate(b"0123456789abcdef"):
-    _HEX[_ch] = _i
-for _i, _ch in enumerate(b"ABCDEF"):
-    _HEX[_ch] = 10 + _i
+TEXT_BLOCK = 4 << 20  # bytes read at a time from a text trace
+MAX_LINE = 16 << 20  # a "line" longer than this is not a trace line: stop instead of buffering it
+CHUNK_RECORDS = 1 << 18  # records per chunk when streaming: memory stays bounded whatever the trace length
 
 
-@numba.njit(cache=True, inline="always")
-def _blank(c):
-    return c == 32 or c == 9 or c == 13
+def _text_error(name: str, fmt: str, err: int, line: int, ch: int, val: int) -> TraceError:
+    chs = repr(chr(ch)) if 32 <= ch < 127 else f"(code 0x{ch:x})"
+    return TraceError(f"{name}: line {line}: {fmt} format error: {_ERRORS[err].format(ch=chs, val=val)}")
 
 
-@numba.njit(cache=True)
-def _parse_text(buf, fmt, cap):
-    """Parse ``buf`` (uint8) into arrays of ``cap`` records (enough for every line; nothing is reallocated in
-    the loop, which keeps it free of reference counting).
+def _parse_lines(body, fmt: str, name: str, lines: list[int], chunk: int) -> Iterator[Trace]:
+    """Parse whole lines (``body`` ends at a line end, or is the end of the trace) into chunks of records.
 
-    Returns (types, addrs, sizes, n, err, err_line, err_char, err_val)."""
-    n = len(buf)
-    types = np.empty(cap, np.int8)
-    addrs = np.empty(cap, np.uint64)
-    sizes = np.empty(cap, np.uint16)
-    k = 0
-    line = 0
-    i = 0
-    while i < n:
-        line += 1
-        # skip leading blanks
-        while i < n and _blank(buf[i]):
-            i += 1
-        if i >= n:
-            break
-        c = buf[i]
-        if c == 10:
-            if fmt == 2:
-                i += 1
-                continue
-            return types, addrs, sizes, k, 13, line, 0, 0
-        if k + 2 > cap:  # cannot happen: the caller sizes the arrays from the line count
-            return types, addrs, sizes, k, 14, line, 0, 0
-        atype = 0
-        if fmt == 0:
-            v = _HEX[c]
-            if v < 0:
-                return types, addrs, sizes, k, 1, line, c, 0
-            atype = v
-            i += 1
-            if i < n and (buf[i] == 120 or buf[i] == 88) and atype == 0:
-                i += 1
-            while i < n and _HEX[buf[i]] >= 0:
-                atype = atype * 16 + _HEX[buf[i]]
-                if atype > 255:
-                    atype = 255
-                i += 1
-            if i >= n or buf[i] == 10:
-                return types, addrs, sizes, k, 3, line, 0, 0
-            if not _blank(buf[i]):
-                return types, addrs, sizes, k, 1, line, buf[i], 0
-            if atype > 5:
-                return types, addrs, sizes, k, 6, line, 0, atype
-        elif fmt == 1:
-            if c == 114 or c == 82:
-                atype = 0
-            elif c == 119 or c == 87:
-                atype = 1
-            elif c == 105 or c == 73:
-                atype = 2
-            elif c == 109 or c == 77:
-                atype = 3
-            elif c == 99 or c == 67:
-                atype = 4
-            elif c == 118 or c == 86:
-                atype = 5
-            else:
-                return types, addrs, sizes, k, 7, line, c, 0
-            i += 1
-            if i >= n or buf[i] == 10:
-                return types, addrs, sizes, k, 3, line, 0, 0
-            if not _blank(buf[i]):
-                return types, addrs, sizes, k, 7, line, c, 0
-        else:
-            if c == 61:  # '=': valgrind's own ==pid== lines
-                while i < n and buf[i] != 10:
-                    i += 1
-                i += 1
-                continue
-            if c == 73:
-                atype = 2
-            elif c == 76:
-                atype = 0
-            elif c == 83:
-                atype = 1
-            elif c == 77:
-                atype = 6  # modify: read then write
-            else:
-                return types, addrs, sizes, k, 10, line, c, 0
-            i += 1
-            if i >= n or buf[i] == 10:
-                return types, addrs, sizes, k, 3, line, 0, 0
-            if not _blank(buf[i]):
-                return types, addrs, sizes, k, 10, line, c, 0
-        # whitespace before the address
-        while i < n and _blank(buf[i]):
-            i += 1
-        if i >= n or buf[i] == 10:
-            return types, addrs, sizes, k, 3, line, 0, 0
-        if _HEX[buf[i]] < 0:
-            return types, addrs, sizes, k, 2, line, buf[i], 0
-        addr = np.uint64(0)
-        ndig = 0
-        first = _HEX[buf[i]]
-        i += 1
-        if i < n and (buf[i] == 120 or buf[i] == 88) and first == 0:
-            i += 1
-        else:
-            addr = np.uint64(first)
-            if first != 0:
-                ndig = 1
-        while i < n and _HEX[buf[i]] >= 0:
-            d = _HEX[buf[i]]
-            if ndig > 0 or d != 0:
-                ndig += 1
-            addr = addr * np.uint64(16) + np.uint64(d)
-            i += 1
-        if ndig > 16:
-            return types, addrs, sizes, k, 8, line, 0, 0
-        size = 4
-        if fmt == 0:
-            if i < n and not (_blank(buf[i]) or buf[i] == 10):
-                return types, addrs, sizes, k, 2, line, buf[i], 0
-            addr = addr & ~np.uint64(3)
-        elif fmt == 1:
-            if i < n and not (_blank(buf[i]) or buf[i] == 10):
-                return types, addrs, sizes, k, 2, line, buf[i], 0
-            while i < n and _blank(buf[i]):
-                i += 1
-            if i >= n or buf[i] == 10:
-                return types, addrs, sizes, k, 5, line, 0, 0
-            if _HEX[buf[i]] < 0:
-                return types, addrs, sizes, k, 4, line, buf[i], 0
-            size = _HEX[buf[i]]
-            i += 1
-            if i < n and (buf[i] == 120 or buf[i] == 88) and size == 0:
-                i += 1
-            while i < n and _HEX[buf[i]] >= 0:
-                size = size * 16 + _HEX[buf[i]]
-                if size > 1 << 20:
-                    size = 1 << 20
-                i += 1
-            if i < n and not (_blank(buf[i]) or buf[i] == 10):
-                return types, addrs, sizes, k, 4, line, buf[i], 0
-            if size > 65535 or (size == 0 and atype < 4):
-                return types, addrs, sizes, k, 9, line, 0, size
-        else:
-            if i >= n or buf[i] != 44:
-                return types, addrs, sizes, k, 11, line, 0, 0
-            i += 1
-            if i >= n or not (48 <= buf[i] <= 57):
-                if i >= n or buf[i] == 10:
-                    return types, addrs, sizes, k, 5, line, 0, 0
-                return types, addrs, sizes, k, 12, line, buf[i], 0
-            size = 0
-            while i < n and 48 <= buf[i] <= 57:
-                size = size * 10 + (buf[i] - 48)
-                if size > 1 << 20:
-                    size = 1 << 20
-                i += 1
-            if i < n and not (_blank(buf[i]) or buf[i] == 10):
-                return types, addrs, sizes, k, 12, line, buf[i], 0
-            if size > 65535 or size == 0:
-                return types, addrs, sizes, k, 9, line, 0, size
-        # rest of the line is ignored
-        while i < n and buf[i] != 10:
-            i += 1
-        i += 1
-        if atype == 6:
-            types[k] = 0
-            addrs[k] = addr
-            sizes[k] = size
-            k += 1
-            atype = 1
-        types[k] = atype
-        addrs[k] = addr
-        sizes[k] = size
-        k += 1
-    return types, addrs, sizes, k, 0, line, 0, 0
+    ``lines[0]`` counts the lines parsed so far (for error messages) and is kept up to date."""
+    code = _FMT_CODE[fmt]
+    view = memoryview(body)
+    pos = 0
+    while pos < len(view):
+        types = np.empty(chunk, np.int8)
+        addrs = np.empty(chunk, np.uint64)
+        sizes = np.empty(chunk, np.uint16)
+        k, used, lines[0], err, ch, val = _core.parse_text(view[pos:], code, types, addrs, sizes, lines[0])
+        if err:
+            raise _text_error(name, fmt, err, lines[0], ch, val)
+        pos += used
+        if k:
+            yield Trace(types[:k], addrs[:k], sizes[:k])
+
+
+def _iter_text(f: BinaryIO, fmt: str, name: str, chunk: int) -> Iterator[Trace]:
+    lines = [0]
+    buf = bytearray(TEXT_BLOCK)
+    view = memoryview(buf)
+    have = 0  # bytes in buf: the unparsed end of the last block (an incomplete line), then what was read
+    while True:
+        if have == len(buf):  # one line fills the buffer
+            if len(buf) >= MAX_LINE:
+                raise TraceError(f"{name}: line {lines[0] + 1}: {fmt} format error: no line end in {MAX_LINE:,} bytes")
+            view.release()
+            buf.extend(bytes(len(buf)))
+            view = memoryview(buf)
+        got = f.readinto(view[have:])
+        if not got:
+            if have:  # a last line without a line end
+                yield from _parse_lines(view[:have], fmt, name, lines, chunk)
+            return
+        have += got
+        cut = buf.rfind(b"\n", 0, have) + 1
+        if cut:
+            yield from _parse_lines(view[:cut], fmt, name, lines, chunk)
+            buf[: have - cut] = view[cut:have]
+            have -= cut
 
 
 def parse_text(data: bytes, fmt: str, name: str = "<trace>") -> Trace:
     """Parse text trace bytes in format ``din``, ``xdin`` or ``lackey``."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    lines = data.count(b"\n") + 2
-    cap = 2 * lines if fmt == "lackey" else lines  # lackey's M lines give two records
-    types, addrs, sizes, k, err, line, ch, val = _parse_text(buf, _FMT_CODE[fmt], cap)
-    if err:
-        chs = repr(chr(ch)) if 32 <= ch < 127 else f"(code 0x{ch:x})"
-        msg = _ERRORS[int(err)].format(ch=chs, val=int(val))
-        raise TraceError(f"{name}: line {int(line)}: {fmt} format error: {msg}")
-    if k < len(types) // 2:  # do not keep a mostly empty buffer alive
-        return Trace(types[:k].copy(), addrs[:k].copy(), sizes[:k].copy())
-    return Trace(types[:k], addrs[:k], sizes[:k])
+    if fmt not in _FMT_CODE:
+        raise TraceError(f"unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
+    cap = 2 * data.count(b"\n") + 4  # enough for every line, lackey's M lines giving two records
+    return concat(list(_parse_lines(data, fmt, name, [0], cap)))
+
+
+def concat(chunks: list[Trace]) -> Trace:
+    """One trace from chunks (no copy for a single chunk)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return Trace(np.empty(0, np.int8), np.empty(0, np.uint64), np.empty(0, np.uint16))
+    return Trace(*(np.concatenate([getattr(c, f) for c in chunks]) for f in ("types", "addrs", "sizes")))
+
+
+def _check_binary(rec: np.ndarray, name: str, first: int) -> Trace:
+    bad = rec["type"] > 5
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TraceError(f"{name}: record {first + i + 1}: access type {int(rec['type'][i])} is not 0-5")
+    return Trace(rec["type"].astype(np.int8), rec["addr"].astype(np.uint64), rec["size"].copy())
 
 
 def parse_binary(data: bytes, name: str = "<trace>") -> Trace:
@@ -324,17 +203,41 @@ def parse_binary(data: bytes, name: str = "<trace>") -> Trace:
             f"{name}: binary trace is {len(data)} bytes, not a whole number of 8-byte records "
             f"(record {len(data) // 8 + 1} is cut short)"
         )
-    rec = np.frombuffer(data, dtype=BIN_DTYPE)
-    bad = rec["type"] > 5
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise TraceError(f"{name}: record {i + 1}: access type {int(rec['type'][i])} is not 0-5")
-    return Trace(rec["type"].astype(np.int8), rec["addr"].astype(np.uint64), rec["size"].copy())
+    return _check_binary(np.frombuffer(data, dtype=BIN_DTYPE), name, 0)
+
+
+def _iter_binary(f: BinaryIO, name: str, chunk: int) -> Iterator[Trace]:
+    carry = b""
+    first = 0
+    while True:
+        block = f.read(chunk * BIN_DTYPE.itemsize)
+        if not block:
+            if carry:
+                total = first * BIN_DTYPE.itemsize + len(carry)
+                raise TraceError(
+                    f"{name}: binary trace is {total} bytes, not a whole number of 8-byte records "
+                    f"(record {first + 1} is cut short)"
+                )
+            return
+        data = carry + block if carry else block
+        whole = len(data) - len(data) % BIN_DTYPE.itemsize
+        carry = data[whole:]
+        if whole:
+            rec = np.frombuffer(data, dtype=BIN_DTYPE, count=whole // BIN_DTYPE.itemsize)
+            yield _check_binary(rec, name, first)
+            first += len(rec)
+
+
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"))
+_COMPRESSED_SUFFIXES = (".gz", ".xz", ".zst", ".zstd", ".bz2")
 
 
 def guess_format(path: str | os.PathLike, head: bytes) -> str:
-    """Pick a format from the file name, falling back to the first line's shape."""
-    suffix = Path(path).suffix.lower()
+    """Pick a format from the file name (a compression suffix aside), falling back to the first line's shape."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in _COMPRESSED_SUFFIXES:
+        suffix = Path(p.stem).suffix.lower()
     by_suffix = {".din": "din", ".xdin": "xdin", ".lackey": "lackey", ".bin": "bin", ".npz": "npz"}
     if suffix in by_suffix:
         return by_suffix[suffix]
@@ -348,36 +251,174 @@ def guess_format(path: str | os.PathLike, head: bytes) -> str:
     return "din"
 
 
-def read_trace(path: str | os.PathLike, fmt: str | None = None) -> Trace:
-    """Read a trace file (``-`` for stdin); ``fmt`` is one of :data:`FORMATS` or None to guess."""
-    if fmt is not None and fmt not in FORMATS:
-        raise TraceError(f"unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
-    name = str(path)
-    try:
-        if name == "-":
-            import sys
+def _decompressor(kind: str, raw: BinaryIO) -> BinaryIO:
+    if kind == "gzip":
+        import gzip
 
-            data = sys.stdin.buffer.read()
-        else:
-            data = Path(path).read_bytes()
-    except OSError as exc:
-        raise TraceError(f"{name}: cannot read trace: {exc.strerror or exc}") from None
-    if fmt is None:
-        fmt = guess_format(name, data[:4096])
-    return parse_bytes(data, fmt, name)
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "xz":
+        import lzma
+
+        return lzma.LZMAFile(raw)
+    if kind == "bzip2":
+        import bz2
+
+        return bz2.BZ2File(raw)
+    import zstandard
+
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+
+
+class _Borrowed(io.RawIOBase):
+    """A caller's binary file seen through a buffer (for ``peek``) without closing it when done."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if hasattr(self._f, "readinto"):
+            return self._f.readinto(b)
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def open_trace(path: str | os.PathLike | BinaryIO) -> BinaryIO:
+    """Open a trace for reading (``-`` is stdin; an open binary file is used as it is), decompressing gzip, xz,
+    zstd or bzip2 found by magic number. The result can ``peek`` at the first bytes without consuming them."""
+    if hasattr(path, "read"):
+        raw = path
+    else:
+        name = os.fspath(path)
+        try:
+            raw = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise TraceError(f"{name}: cannot read trace: {exc.strerror or exc}") from None
+    if not hasattr(raw, "peek"):
+        raw = io.BufferedReader(_Borrowed(raw))
+    head = raw.peek(8)[:8]
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            f = _decompressor(kind, raw)
+            return f if hasattr(f, "peek") else io.BufferedReader(f)
+    return raw
+
+
+class TraceReader:
+    """A trace read in chunks of at most ``chunk`` records, so that memory stays bounded whatever its length.
+
+    ``path`` is a file name, ``-`` for stdin, or an open binary file (not closed here); compressed files are read
+    transparently. ``fmt`` is one of :data:`FORMATS`, or None to decide from the name and the first line. ``.npz``
+    files are read whole.
+    Iterating yields :class:`Trace` chunks; a malformed line stops with a :class:`TraceError` naming it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike | BinaryIO, fmt: str | None = None, *, chunk: int | None = None, name=None
+    ):
+        if fmt is not None and fmt not in FORMATS:
+            raise TraceError(f"unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
+        self.name = name or (getattr(path, "name", "<trace>") if hasattr(path, "read") else os.fspath(path))
+        self._own = not hasattr(path, "read") and self.name != "-"
+        self.chunk = max(int(chunk or CHUNK_RECORDS), 2)
+        self._f = open_trace(path)
+        try:
+            self.fmt = fmt or guess_format(self.name, self._f.peek(4096)[:4096])
+        except (OSError, EOFError, ValueError) as exc:
+            self.close()
+            raise TraceError(f"{self.name}: cannot read trace: {exc}") from None
+
+    def __iter__(self) -> Iterator[Trace]:
+        try:
+            if self.fmt == "npz":
+                whole = _load_npz(self._f.read(), self.name)
+                for lo in range(0, len(whole), self.chunk):
+                    yield whole.slice(lo, lo + self.chunk)
+            elif self.fmt == "bin":
+                yield from _iter_binary(self._f, self.name, self.chunk)
+            else:
+                yield from _iter_text(self._f, self.fmt, self.name, self.chunk)
+        except (OSError, EOFError) as exc:  # a truncated or corrupt compressed file
+            raise TraceError(f"{self.name}: cannot read trace: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__ == "zstandard" or "zstd" in type(exc).__name__.lower():
+                raise TraceError(f"{self.name}: cannot read trace: {exc}") from None
+            raise
+
+    def close(self) -> None:
+        if self._own:
+            self._f.close()
+
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_ahead(chunks: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield the items of ``chunks`` as a thread produces them, at most ``depth`` ahead: reading and parsing the
+    next chunks overlaps simulating this one (both release the GIL). Stopping early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in chunks:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name="cachemode-trace-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)  # a reader blocked on an interactive stdin is a daemon: it cannot hold up the exit
+
+
+def read_trace(path: str | os.PathLike, fmt: str | None = None) -> Trace:
+    """Read a whole trace file (``-`` for stdin); ``fmt`` is one of :data:`FORMATS` or None to guess.
+
+    For traces too long to hold, iterate over a :class:`TraceReader` instead (``simulate`` does)."""
+    with TraceReader(path, fmt) as reader:
+        return concat(list(reader))
+
+
+def _load_npz(data: bytes, name: str) -> Trace:
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            return Trace(z["types"], z["addrs"], z["sizes"])
+    except Exception as exc:  # a corrupt archive can raise many things
+        raise TraceError(f"{name}: not a cachemode .npz trace: {exc}") from None
 
 
 def parse_bytes(data: bytes, fmt: str, name: str = "<trace>") -> Trace:
+    """Parse a whole trace held in memory."""
     if fmt == "bin":
         return parse_binary(data, name)
     if fmt == "npz":
-        import io
-
-        try:
-            with np.load(io.BytesIO(data)) as z:
-                return Trace(z["types"], z["addrs"], z["sizes"])
-        except Exception as exc:  # a corrupt archive can raise many things
-            raise TraceError(f"{name}: not a cachemode .npz trace: {exc}") from None
-    if fmt not in _FMT_CODE:
-        raise TraceError(f"unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
+        return _load_npz(data, name)
     return parse_text(data, fmt, name)

@@ -104,7 +104,7 @@ class ImageFile(Layer):
         try:
             return os.open(self.path, access | flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ImageOpenError(f"{self.path}: no such file (create it with --create SIZE)") from None
+            raise ImageOpenError(f"{self.path}: no such image (use --create SIZE to create it)") from None
         except IsADirectoryError:
             raise ImageOpenError(f"{self.path}: is a directory, not an image") from None
         except PermissionError:

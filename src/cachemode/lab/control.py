@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from cachemode.errors import CachemodeError
 from cachemode.lab.disk import LabDisk
+from cachemode.unixsock import listen_owner_only
 
 
 class ControlError(CachemodeError):
@@ -48,12 +49,15 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.lab = lab
         self.path = path
         self.on_failure: list[Callable[[str], None]] = []
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise ControlError(f"{path}: exists and is not a socket; not replacing it")
-            os.unlink(path)  # a stale socket from an earlier run
+        if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ControlError(f"{path}: exists and is not a socket; not replacing it")
         super().__init__(path, _Handler)
         self.thread = threading.Thread(target=self.serve_forever, name="lab-control", daemon=True)
+
+    def server_bind(self) -> None:
+        # Whoever can connect can cut the power: the socket is owner-only from the moment it exists.
+        self.socket.close()
+        self.socket = listen_owner_only(self.path, self.request_queue_size)
 
     def start(self) -> ControlServer:
         self.thread.start()

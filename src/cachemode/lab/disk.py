@@ -34,6 +34,7 @@ from cachemode.lab.record import Recorder
 from cachemode.modes import CacheMode, get_mode
 
 MiB = 1 << 20
+DISK_FLUSH = ("honour", "ignore")
 
 
 class LabError(CachemodeError):
@@ -49,10 +50,13 @@ class LabConfig:
     writeback_after: float | None = None
     record: str | None = None
     block: int = 512
+    disk_flush: str = "honour"  # "ignore": a device that acknowledges FLUSH and FUA without writing back
 
     def __post_init__(self) -> None:
         if self.host_cache < 0 or self.disk_cache < 0:
             raise LabError("cache sizes must not be negative")
+        if self.disk_flush not in DISK_FLUSH:
+            raise LabError(f"unknown --disk-flush {self.disk_flush!r} (choose {' or '.join(DISK_FLUSH)})")
         if self.writeback_after is not None and self.writeback_after <= 0:
             raise LabError("--writeback-after must be a positive number of seconds")
 
@@ -106,7 +110,9 @@ class LabDisk(VirtualDisk):
         self.medium = medium
         cache_mode = get_mode(mode)
         kw = {"block": self.config.block, "writeback_after": self.config.writeback_after}
-        self.disk_cache = EmulatedDiskCache(medium, self.config.disk_cache, **kw)
+        self.disk_cache = EmulatedDiskCache(
+            medium, self.config.disk_cache, honour_flush=self.config.disk_flush == "honour", **kw
+        )
         self.page_cache: EmulatedPageCache | None = None
         if not cache_mode.direct and self.config.host_cache > 0:
             self.page_cache = EmulatedPageCache(self.disk_cache, self.config.host_cache, **kw)
@@ -143,7 +149,8 @@ class LabDisk(VirtualDisk):
         entry: Layer = Tracker(mode_layer, self)
         self.recorder = None
         if record:
-            self.recorder = Recorder(entry, record)
+            # A device that ignores FLUSH and FUA makes none of them a barrier: its log records none.
+            self.recorder = Recorder(entry, record, barriers=self.config.disk_flush == "honour")
             entry = self.recorder
         super().__init__(mode_layer, self.medium, entry=entry)  # type: ignore[arg-type]
 
@@ -223,6 +230,7 @@ class LabDisk(VirtualDisk):
         return {
             "mode": self.mode.name,
             "write_cache": self.write_cache,
+            "disk_flush": self.config.disk_flush,
             "layers": layers,
             "writes_volatile": pending,
             "writes_durable": acked - pending - stats["writes_lost"],

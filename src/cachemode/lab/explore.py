@@ -13,40 +13,59 @@ barrier of its own); in unsafe neither FLUSH nor FUA is (no barrier at all); wri
 States generated: the prefix at every barrier (replay-log's ``--check flush|fua``: all of the log up to the
 barrier, the state a crash right after it with everything landed leaves), then random states: a crash point
 at the end of a random epoch, its durable part, and a random subset of its candidates, some torn
-(CrashMonkey's reordering mode). States are de-duplicated by the hash of the sectors they change.
+(CrashMonkey's reordering mode). States are built as sector overlays over a shared pool and de-duplicated by
+exact identity (which sectors, which content), both in :mod:`cachemode.lab.states`.
 
-Materialising a state costs what it changes, not the image: an in-process checker gets a copy of the base in
-memory with the state's sectors applied; a command checker gets a per-worker scratch image, a reflink clone of
-the base when the filesystem can, otherwise one copy made once and restored sector by sector after each check.
+Checking runs on an :class:`~cachemode.execution.Executor` (local threads, or Dask workers) as batches of
+overlays; each worker materialises them (:mod:`cachemode.lab.checking`). The outcomes are folded in state
+order, so the report does not depend on where or in which order the checks ran.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import random
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cachemode.disk.layer import Layer
-from cachemode.errors import CachemodeError
+from cachemode.execution import Executor, LocalExecutor, shared_file
+from cachemode.lab.checking import (
+    BaseImage,
+    CheckContext,
+    Checker,
+    CommandChecker,
+    ExploreError,
+    FunctionChecker,
+    Outcome,
+    OverlayImage,
+    check_batch,
+    kill_checkers,
+    release,
+    verify_checker,
+)
 from cachemode.lab.record import FLUSH, MARK, WriteLog
+from cachemode.lab.states import Overlay, StateBuilder
 from cachemode.modes import CacheMode
 
-FICLONE = 0x40049409
+__all__ = [
+    "Checker",
+    "CommandChecker",
+    "CrashModel",
+    "CrashState",
+    "ExploreError",
+    "FunctionChecker",
+    "Outcome",
+    "OverlayImage",
+    "Progress",
+    "Report",
+    "explore",
+    "generate",
+]
 
-
-class ExploreError(CachemodeError):
-    """Crash exploration cannot run as asked (base image, checker, options)."""
+Progress = Callable[[str, int, int], None]  # (phase "building" or "checking", done, total)
+InProcessChecker = Callable[[OverlayImage, "CrashState"], Outcome]
 
 
 @dataclass(frozen=True)
@@ -70,13 +89,6 @@ class CrashState:
 
 
 @dataclass
-class Outcome:
-    ok: bool
-    output: str = ""
-    kinds: tuple[str, ...] = ()  # violation kinds, for checkers that classify failures
-
-
-@dataclass
 class Report:
     mode: str
     seed: int
@@ -95,6 +107,7 @@ class Report:
     seconds: float = 0.0  # checking (materialising each state and running the checker)
     prepare_seconds: float = 0.0  # generating, building and de-duplicating the states
     materialise: str = "overlay"  # in-process: OverlayImage; commands: reflink or copy-once+restore
+    where: str = "local"  # where the checks ran (like the timings, not part of the answer)
 
     @property
     def per_state_ms(self) -> float:
@@ -120,6 +133,7 @@ class Report:
             "prepare_seconds": round(self.prepare_seconds, 3),
             "ms_per_state": round(self.per_state_ms, 3),
             "materialise": self.materialise,
+            "where": self.where,
         }
 
 
@@ -202,221 +216,6 @@ def generate(model: CrashModel, states: int, rng: random.Random, sector: int) ->
         yield CrashState(k, "torn" if torn else "subset", tuple(model.durable(k)), tuple(kept), tuple(torn))
 
 
-class Overlay:
-    """The sectors a crash state changes, over the base image: sector number -> its new content."""
-
-    def __init__(self, sector: int) -> None:
-        self.sector = sector
-        self.sectors: dict[int, bytes] = {}
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for s in sorted(self.sectors):
-            h.update(s.to_bytes(8, "little"))
-            h.update(self.sectors[s])
-        return h.hexdigest()
-
-
-def build_overlay(state: CrashState, log: WriteLog, base_read: Callable[[int, int], bytes], sector: int) -> Overlay:
-    """Apply the state's writes in log order, computed backwards: the last write to a whole sector decides it.
-
-    Walking the log from the end, a write covering a whole sector settles it and every earlier write to that
-    sector is skipped; partial-sector pieces wait for what lies under them (an earlier whole write, or the base).
-    """
-    ov = Overlay(sector)
-    final = ov.sectors
-    pending: dict[int, list[tuple[int, int, bytes | None, int]]] = {}  # later pieces first
-    torn = dict(state.torn)
-    size = log.size
-    for i in sorted({*state.durable, *state.kept, *torn}, reverse=True):
-        e = log.entries[i]
-        data = e.data if e.kind == 1 else None
-        only = set(torn[i]) if i in torn else None
-        offset, end = e.offset, e.offset + e.length
-        for s in range(offset // sector, (end + sector - 1) // sector):
-            if s in final or (only is not None and s not in only):
-                continue
-            start = s * sector
-            slen = min(sector, size - start)
-            lo, hi = max(start, offset), min(start + slen, end)
-            if lo == start and hi == start + slen:
-                content = bytes(hi - lo) if data is None else data[lo - offset : hi - offset]
-                patches = pending.pop(s, None)
-                if patches:
-                    content = _patch(content, patches, start)
-                final[s] = content
-            else:
-                pending.setdefault(s, []).append((lo, hi, data, offset))
-    for s, patches in pending.items():
-        start = s * sector
-        final[s] = _patch(base_read(min(sector, size - start), start), patches, start)
-    return ov
-
-
-def _patch(content: bytes, patches: list[tuple[int, int, bytes | None, int]], start: int) -> bytes:
-    buf = bytearray(content)
-    for lo, hi, data, offset in reversed(patches):  # earliest first
-        buf[lo - start : hi - start] = bytes(hi - lo) if data is None else data[lo - offset : hi - offset]
-    return bytes(buf)
-
-
-# -- checkers -------------------------------------------------------------------------------------------------
-class OverlayImage(Layer):
-    """A crash state's image for an in-process checker: the shared base plus the state's sectors.
-
-    Nothing is copied per state but the sectors the state changes; what the checker writes (SQLite rolling back
-    a hot journal) is copy-on-write too, so the base is never touched. ``image[a:b]`` reads a range.
-    """
-
-    def __init__(self, base: bytes, sectors: dict[int, bytes], sector: int) -> None:
-        super().__init__(None)
-        self.base = base
-        self.sector = sector
-        self.sectors = dict(sectors)
-        self._lock = threading.Lock()
-
-    @property
-    def size(self) -> int:
-        return len(self.base)
-
-    @property
-    def read_only(self) -> bool:
-        return False
-
-    @property
-    def alignment(self) -> int:
-        return 1
-
-    def _touched(self, offset: int, length: int) -> list[int]:
-        first, last = offset // self.sector, (offset + length - 1) // self.sector
-        if last - first + 1 <= len(self.sectors):
-            return [s for s in range(first, last + 1) if s in self.sectors]
-        return sorted(s for s in self.sectors if first <= s <= last)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        with self._lock:
-            touched = self._touched(offset, length) if length > 0 else []
-            if not touched:
-                return bytes(self.base[offset : offset + length])
-            out = bytearray(self.base[offset : offset + length])
-            end = offset + len(out)
-            for s in touched:
-                start = s * self.sector
-                lo, hi = max(start, offset), min(start + self.sector, end)
-                out[lo - offset : hi - offset] = self.sectors[s][lo - start : hi - start]
-            return bytes(out)
-
-    def __getitem__(self, key: slice) -> bytes:
-        start, stop, _ = key.indices(self.size)
-        return self.pread(max(0, stop - start), start)
-
-    def pwrite(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
-        view = memoryview(data).cast("B")
-        end = offset + len(view)
-        with self._lock:
-            for s in range(offset // self.sector, (end + self.sector - 1) // self.sector):
-                start = s * self.sector
-                cur = self.sectors.get(s)
-                buf = bytearray(cur if cur is not None else self.base[start : start + self.sector])
-                lo, hi = max(start, offset), min(start + len(buf), end)
-                buf[lo - start : hi - start] = view[lo - offset : hi - offset]
-                self.sectors[s] = bytes(buf)
-
-    def zero(self, offset: int, length: int, **kwargs: object) -> None:
-        self.pwrite(bytes(length), offset)
-
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.zero(offset, length)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-InProcessChecker = Callable[[OverlayImage, CrashState], Outcome]
-
-
-class CommandChecker:
-    """Runs ``CMD {image}`` on a scratch image per state; exit status 0 passes."""
-
-    def __init__(self, command: str, timeout: float = 60.0) -> None:
-        if "{image}" not in command:
-            raise ExploreError(f"--check {command!r} must contain {{image}}, where the crash state's image goes")
-        try:
-            self.argv = shlex.split(command)
-        except ValueError as exc:
-            raise ExploreError(f"--check {command!r}: {exc}") from None
-        if not self.argv:
-            raise ExploreError("--check is empty")
-        prog = self.argv[0]
-        if shutil.which(prog) is None:
-            raise ExploreError(f"checker {prog!r} not found (not an executable file, nor on PATH)")
-        self.timeout = timeout
-
-    def run(self, image: str) -> Outcome:
-        argv = [a.replace("{image}", image) for a in self.argv]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return Outcome(False, f"checker timed out after {self.timeout} s", ("timeout",))
-        except OSError as exc:
-            raise ExploreError(f"checker {argv[0]!r} cannot run: {exc.strerror}") from None
-        out = (proc.stdout + proc.stderr).strip()
-        if proc.returncode == 0:
-            return Outcome(True, out)
-        return Outcome(False, f"exit status {proc.returncode}: {out[-2000:]}", ("checker",))
-
-
-class ScratchImage:
-    """A per-worker scratch copy of the base: a reflink clone per state where possible, else copy-and-restore."""
-
-    def __init__(self, base: str, directory: str) -> None:
-        self.base = base
-        fd, self.path = tempfile.mkstemp(prefix="crash-state-", suffix=".img", dir=directory)
-        os.close(fd)
-        self.reflink = self._clone()
-        if not self.reflink:
-            shutil.copyfile(base, self.path)
-        self._stamp = self._mtime()
-
-    def _clone(self) -> bool:
-        try:
-            with open(self.base, "rb") as src, open(self.path, "wb") as dst:
-                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-            return True
-        except OSError:
-            return False
-
-    def _mtime(self) -> tuple[int, int]:
-        st = os.stat(self.path)
-        return st.st_mtime_ns, st.st_size
-
-    def prepare(self, overlay: Overlay) -> None:
-        if self.reflink:
-            self._clone()
-        with open(self.path, "r+b") as f:
-            for s, buf in overlay.sectors.items():
-                os.pwrite(f.fileno(), buf, s * overlay.sector)
-        self._stamp = self._mtime()
-
-    def restore(self, overlay: Overlay, base_read: Callable[[int, int], bytes]) -> None:
-        if self.reflink:
-            return
-        if self._mtime() != self._stamp:  # the checker wrote to the image: start again from the base
-            shutil.copyfile(self.base, self.path)
-        else:
-            with open(self.path, "r+b") as f:
-                for s, buf in overlay.sectors.items():
-                    os.pwrite(f.fileno(), base_read(len(buf), s * overlay.sector), s * overlay.sector)
-        self._stamp = self._mtime()
-
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 def check_base(base: str, log: WriteLog) -> None:
     if os.path.isdir(base):
         raise ExploreError(f"{base}: is a directory, not a base image")
@@ -430,26 +229,61 @@ def check_base(base: str, log: WriteLog) -> None:
         raise ExploreError(f"{base}: base image is {size} bytes, but the log was recorded on a {log.size}-byte disk")
 
 
+def _place_base(executor: Executor, base: str | None, base_bytes: bytes | None, size: int) -> BaseImage:
+    """How workers get the base: the shared path when every worker sees the same image there, else the bytes."""
+    if base is None:
+        assert base_bytes is not None
+        return BaseImage(size, data=bytes(base_bytes))
+    path = os.path.abspath(base)
+    digest = shared_file(executor, path)
+    if digest is not None:
+        return BaseImage(size, path=path, digest=digest)
+    with open(path, "rb") as f:
+        return BaseImage(size, data=f.read())
+
+
+def _verify_checker(executor: Executor, checker: Checker) -> None:
+    """Fail before any work when the checker cannot run where the work will (a missing program)."""
+    found = executor.everywhere(verify_checker, checker)
+    problems = {worker: (host, problem) for worker, (host, problem) in found.items() if problem}
+    if not problems:
+        return
+    host, problem = next(iter(problems.values()))
+    if not executor.remote:
+        raise ExploreError(problem)
+    raise ExploreError(
+        f"{problem} on {host} (on {len(problems)} of the cluster's workers: {', '.join(sorted(problems))})"
+    )
+
+
+def _batches(count: int, workers: int, remote: bool) -> list[range]:
+    """Split ``count`` states into tasks: one each here, a few per task on a cluster (task overhead ~1 ms)."""
+    size = 1 if not remote else max(1, min(16, count // (workers * 8)))
+    return [range(i, min(i + size, count)) for i in range(0, count, size)]
+
+
 def explore(
     log: WriteLog,
     mode: CacheMode,
     *,
     base: str | None = None,
     base_bytes: bytes | None = None,
+    checker: Checker | InProcessChecker | None = None,
     command: CommandChecker | None = None,
-    checker: InProcessChecker | None = None,
     states: int = 200,
     seed: int = 0,
     sector: int = 512,
     jobs: int = 1,
+    executor: Executor | None = None,
     write_cache: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     max_failures: int | None = None,
 ) -> Report:
     """Generate crash states for ``log`` under ``mode``, check each, and report.
 
-    The base is a file (``base``) or bytes (``base_bytes``); the checker a command (run on a scratch image)
-    or an in-process function (given an :class:`OverlayImage` of the state).
+    The base is a file (``base``) or bytes (``base_bytes``); the checker a :class:`Checker` (``command`` is the
+    same for a :class:`CommandChecker`) or an in-process function given an :class:`OverlayImage` of the state.
+    The checks run on ``executor`` (default: ``jobs`` local threads); the report does not depend on where.
     """
     if sector not in (512, 4096):
         raise ExploreError(f"--sector must be 512 or 4096, not {sector}")
@@ -459,89 +293,115 @@ def explore(
         raise ExploreError("--jobs must be at least 1")
     if (command is None) == (checker is None):
         raise ExploreError("give exactly one checker")
+    chk = command if command is not None else checker
+    if not isinstance(chk, Checker):
+        assert chk is not None
+        chk = FunctionChecker(chk)
     if base is not None:
         check_base(base, log)
-        base_fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
-
-        def base_read(length: int, offset: int) -> bytes:
-            return os.pread(base_fd, length, offset)
-    else:
-        assert base_bytes is not None
-        if len(base_bytes) != log.size:
-            raise ExploreError(
-                f"base image is {len(base_bytes)} bytes, but the log was recorded on a {log.size}-byte disk"
-            )
-        base_fd = -1
-
-        def base_read(length: int, offset: int) -> bytes:
-            return bytes(base_bytes[offset : offset + length])
-
-    model = CrashModel(log, mode, write_cache=write_cache)
-    rng = random.Random(seed)
-    report = Report(mode.name, seed, sector, len(log.entries), log.writes, len(model.barriers))
-    seen: set[str] = set()
-    work: list[tuple[CrashState, Overlay]] = []
-    t0 = time.perf_counter()
-    for state in generate(model, states, rng, sector):
-        report.generated += 1
-        ov = build_overlay(state, log, base_read, sector)
-        key = ov.digest()
-        if key in seen:
-            report.duplicates += 1
-            continue
-        seen.add(key)
-        work.append((state, ov))
-    report.prepare_seconds = time.perf_counter() - t0
-    scratch_dir = tempfile.mkdtemp(prefix="cachemode-explore-")
-    lock = threading.Lock()
-    local = threading.local()
-    scratches: list[ScratchImage] = []
-    full_base: bytes | None = None
-    if checker is not None:
-        full_base = base_bytes if base_bytes is not None else base_read(log.size, 0)
-
-    def check(item: tuple[CrashState, Overlay]) -> tuple[CrashState, Outcome]:
-        state, ov = item
-        if checker is not None:
-            assert full_base is not None
-            image = OverlayImage(full_base, ov.sectors, sector)
-            return state, checker(image, state)
-        assert command is not None and base is not None
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = ScratchImage(base, scratch_dir)
-            with lock:
-                scratches.append(scratch)
-        scratch.prepare(ov)
-        try:
-            return state, command.run(scratch.path)
-        finally:
-            scratch.restore(ov, base_read)
-
-    start = time.perf_counter()
+        if not chk.needs_file:
+            with open(base, "rb") as f:
+                base_bytes, base = f.read(), None
+    elif base_bytes is None or len(base_bytes) != log.size:
+        got = "no" if base_bytes is None else f"{len(base_bytes)} bytes of"
+        raise ExploreError(f"{got} base image, but the log was recorded on a {log.size}-byte disk")
+    own = executor is None
+    ex = executor if executor is not None else LocalExecutor(jobs)
+    token = None
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for state, outcome in pool.map(check, work):
-                report.checked += 1
-                report.by_kind[state.kind] += 1
-                if outcome.ok:
-                    report.passed += 1
-                else:
-                    report.failed += 1
-                    for kind in outcome.kinds or ("failed",):
-                        report.violations[kind] = report.violations.get(kind, 0) + 1
-                    if max_failures is None or len(report.failures) < max_failures:
-                        report.failures.append(
-                            {"state": state.describe(), "output": outcome.output, "kinds": list(outcome.kinds)}
-                        )
+        _verify_checker(ex, chk)
+        place = _place_base(ex, base, base_bytes, log.size)
+        report, work, builder = _build(log, mode, place, states, seed, sector, write_cache, progress)
+        ctx = CheckContext(chk, place, builder.pool, sector)
+        token = ctx.token
+        report.where = ex.where
+        shared = ex.share(ctx)
+        order = _batches(len(work), ex.workers, ex.remote)
+        tasks = [[(i, work[i][0], work[i][1].runs) for i in r] for r in order]
+        outcomes: dict[int, Outcome] = {}
+        start = time.perf_counter()
+        running = ex.map(check_batch, tasks, shared)
+        try:
+            for _, (results, how) in running:
+                report.materialise = how
+                outcomes.update(results)
                 if progress is not None:
-                    progress(report.checked, len(work))
+                    progress("checking", len(outcomes), len(work))
+        except BaseException:  # Ctrl-C or a failed task: stop the checkers still running, wherever they are
+            with contextlib.suppress(Exception):
+                ex.everywhere(kill_checkers, token)
+            raise
+        finally:
+            running.close()
+            report.seconds = time.perf_counter() - start
+        _fold(report, [s for s, _ in work], outcomes, max_failures)
+        return report
     finally:
-        report.seconds = time.perf_counter() - start
-        for s in scratches:
-            report.materialise = "reflink" if s.reflink else "copy-once+restore"
-            s.remove()
-        shutil.rmtree(scratch_dir, ignore_errors=True)
-        if base_fd >= 0:
-            os.close(base_fd)
-    return report
+        if token is not None:
+            with contextlib.suppress(Exception):
+                ex.everywhere(release, token)
+        if own:
+            ex.close()
+
+
+def _build(
+    log: WriteLog,
+    mode: CacheMode,
+    place: BaseImage,
+    states: int,
+    seed: int,
+    sector: int,
+    write_cache: bool,
+    progress: Progress | None,
+) -> tuple[Report, list[tuple[CrashState, Overlay]], StateBuilder]:
+    """Generate, build and de-duplicate the states: the report so far, the distinct states, their builder."""
+    t0 = time.perf_counter()
+    if place.data is not None:
+        data = place.data
+
+        def base_read(length: int, offset: int) -> bytes:
+            return data[offset : offset + length]
+    else:
+        assert place.path is not None
+        fd = os.open(place.path, os.O_RDONLY | os.O_CLOEXEC)
+
+        def base_read(length: int, offset: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+    try:
+        model = CrashModel(log, mode, write_cache=write_cache)
+        report = Report(mode.name, seed, sector, len(log.entries), log.writes, len(model.barriers))
+        builder = StateBuilder(log, sector, base_read)
+        work = []
+        for state in generate(model, states, random.Random(seed), sector):
+            report.generated += 1
+            overlay = builder.build(state.durable, state.kept, state.torn)
+            if overlay is None:
+                report.duplicates += 1
+            else:
+                work.append((state, overlay))
+            if progress is not None and (report.generated % 16 == 0 or report.generated == states):
+                progress("building", report.generated, states)
+        if progress is not None:
+            progress("building", states, states)
+    finally:
+        if place.data is None:
+            os.close(fd)
+    report.prepare_seconds = time.perf_counter() - t0
+    return report, work, builder
+
+
+def _fold(report: Report, states: list[CrashState], outcomes: dict[int, Outcome], max_failures: int | None) -> None:
+    """Count the outcomes in state order, so the report is the same whatever order they completed in."""
+    for i, state in enumerate(states):
+        outcome = outcomes[i]
+        report.checked += 1
+        report.by_kind[state.kind] += 1
+        if outcome.ok:
+            report.passed += 1
+            continue
+        report.failed += 1
+        for kind in outcome.kinds or ("failed",):
+            report.violations[kind] = report.violations.get(kind, 0) + 1
+        if max_failures is None or len(report.failures) < max_failures:
+            report.failures.append({"state": state.describe(), "output": outcome.output, "kinds": list(outcome.kinds)})

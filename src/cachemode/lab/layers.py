@@ -347,9 +347,28 @@ class EmulatedPageCache(VolatileCache):
 
 
 class EmulatedDiskCache(VolatileCache):
-    """The storage device's volatile write cache; ``capacity=0`` is a device without one."""
+    """The storage device's volatile write cache; ``capacity=0`` is a device without one.
+
+    ``honour_flush=False`` is a device that lies, as drives without power-loss protection have been caught
+    doing: it acknowledges FLUSH and FUA without writing anything back, so what it holds stays volatile until
+    its own capacity forces it out.
+    """
 
     name = "disk cache"
 
-    def __init__(self, lower: Layer, capacity: int, **kwargs: object) -> None:
+    def __init__(self, lower: Layer, capacity: int, *, honour_flush: bool = True, **kwargs: object) -> None:
         super().__init__(lower, capacity, durable_below=True, **kwargs)  # type: ignore[arg-type]
+        self.honour_flush = honour_flush
+
+    def describe(self) -> str:
+        return super().describe() + ("" if self.honour_flush else " (ignores FLUSH and FUA)")
+
+    def _store(self, data: bytes | memoryview | None, offset: int, length: int, fua: bool) -> None:
+        super()._store(data, offset, length, fua and self.honour_flush)
+
+    def _store_blocks(self, items: list[tuple[int, bytes, int]], *, fua: bool) -> None:
+        super()._store_blocks(items, fua=fua and self.honour_flush)
+
+    def flush(self) -> None:
+        if self.honour_flush:
+            super().flush()

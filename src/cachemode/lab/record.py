@@ -151,32 +151,36 @@ def read_log(path: str | os.PathLike[str]) -> WriteLog:
 class Recorder(Layer):
     """Logs every completed request that passes through it (put it at the top: it records the guest's view)."""
 
-    def __init__(self, lower: Layer, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
+    def __init__(
+        self, lower: Layer, path: str | os.PathLike[str], *, enabled: bool = True, barriers: bool = True
+    ) -> None:
         super().__init__(lower)
         self.log = LogWriter(path, lower.size)
         self.enabled = enabled
+        # False below a device that ignores FLUSH and FUA: then neither is a barrier, and none is logged.
+        self.barriers = barriers
 
     def pwrite(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
         self.lower.pwrite(data, offset, fua=fua)
         if self.enabled:
             payload = bytes(data)
-            self.log.append(WRITE, offset, len(payload), fua=fua, data=payload)
+            self.log.append(WRITE, offset, len(payload), fua=fua and self.barriers, data=payload)
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self.lower.trim(offset, length, fua=fua)
         if self.enabled:
-            self.log.append(TRIM, offset, length, fua=fua)
+            self.log.append(TRIM, offset, length, fua=fua and self.barriers)
 
     def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         self.lower.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
         if self.enabled:
-            self.log.append(ZERO, offset, length, fua=fua)
+            self.log.append(ZERO, offset, length, fua=fua and self.barriers)
 
     def flush(self) -> None:
         with self.log.lock:
             covers = self.log.count  # what had completed when the flush was issued
         self.lower.flush()
-        if self.enabled:
+        if self.enabled and self.barriers:
             self.log.append(FLUSH, covers=covers)
 
     def mark(self, name: str) -> None:

@@ -29,10 +29,20 @@ from dataclasses import dataclass
 import apsw
 
 from cachemode.disk.layer import Layer
+from cachemode.execution import Executor
 from cachemode.lab.disk import LabConfig, LabDisk
-from cachemode.lab.explore import CrashModel, CrashState, Outcome, Report, explore
+from cachemode.lab.explore import (
+    Checker,
+    CrashModel,
+    CrashState,
+    Outcome,
+    OverlayImage,
+    Progress,
+    Report,
+    explore,
+)
 from cachemode.lab.layers import MemoryDisk
-from cachemode.lab.record import read_log
+from cachemode.lab.record import MARK, read_log
 from cachemode.modes import CacheMode, get_mode
 
 KiB = 1024
@@ -271,6 +281,30 @@ def run_workload(
     return Workload(log_path, base, commits, get_mode(mode).name, synchronous)
 
 
+class SqliteChecker(Checker):
+    """The bank's invariants, checked in process on an :class:`~cachemode.lab.explore.OverlayImage` of a state.
+
+    It holds only the COMMIT marks (entry index, transaction id), so it travels to Dask workers cheaply.
+    """
+
+    needs_file = False
+
+    def __init__(self, model: CrashModel, sector: int = 512) -> None:
+        self.commits = [
+            (e.index, int(e.name.split()[1]))
+            for e in model.log.entries
+            if e.kind == MARK and e.name.startswith("commit ")
+        ]
+        self.sector = sector
+
+    def describe(self) -> str:
+        return "SQLite bank invariants"
+
+    def check_image(self, image: OverlayImage, state: CrashState) -> Outcome:
+        required = {tid for index, tid in self.commits if index < state.crash_point}
+        return _check(image, required, self.sector)
+
+
 def check_state(image: Layer | bytearray, state: CrashState, model: CrashModel, sector: int = 512) -> Outcome:
     """Open the crashed database as SQLite would after a reboot, and check it.
 
@@ -278,6 +312,10 @@ def check_state(image: Layer | bytearray, state: CrashState, model: CrashModel, 
     base, so the rollback of a hot journal costs only what it writes) or a bytearray.
     """
     required = {int(name.split()[1]) for name in model.marks_before(state.crash_point) if name.startswith("commit ")}
+    return _check(image, required, sector)
+
+
+def _check(image: Layer | bytearray, required: set[int], sector: int) -> Outcome:
     fs = DiskFS(image if isinstance(image, Layer) else MemoryDisk(image), sector=sector)
     problems: list[str] = []
     kinds: list[str] = []
@@ -318,7 +356,8 @@ def sqlite_lab(
     transfers: int = 40,
     sector: int = 512,
     log_path: str | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> tuple[Workload, Report]:
     """Run the bank workload under ``mode`` and explore its crash states; returns the workload and report."""
     cache_mode = get_mode(mode)
@@ -331,10 +370,11 @@ def sqlite_lab(
         log,
         cache_mode,
         base_bytes=work.base,
-        checker=lambda image, state: check_state(image, state, model, sector),
+        checker=SqliteChecker(model, sector),
         states=states,
         seed=seed,
         sector=sector,
         progress=progress,
+        executor=executor,
     )
     return work, report

@@ -66,7 +66,8 @@ class _Timespec(ctypes.Structure):
 
 _POOLED = 128 * 1024
 _KEEP = 64
-_KEEP_BYTES = 64 * 1024 * 1024
+_KEEP_BYTES = 16 * 1024 * 1024
+"""Free buffers kept for reuse, all sizes together (what stays mapped once the clients have gone)."""
 
 
 class BufferPool:
@@ -78,19 +79,22 @@ class BufferPool:
 
     def __init__(self) -> None:
         self._free: dict[int, list[mmap.mmap]] = {}
+        self._kept = 0  # bytes in the free lists
 
     def buffer(self, length: int) -> mmap.mmap:
         """A page-aligned buffer of at least ``length`` bytes."""
         size = max(_POOLED, 1 << (length - 1).bit_length())
         free = self._free.get(size)
         if free:
+            self._kept -= size
             return free.pop()
         return mmap.mmap(-1, size)
 
     def release(self, buf: mmap.mmap) -> None:
         free = self._free.setdefault(len(buf), [])
-        if len(free) < _KEEP and len(buf) * len(free) <= _KEEP_BYTES:
+        if len(free) < _KEEP and self._kept + len(buf) <= _KEEP_BYTES:
             free.append(buf)
+            self._kept += len(buf)
         else:
             with contextlib.suppress(BufferError):  # still viewed somewhere: the GC unmaps it later
                 buf.close()
@@ -101,6 +105,7 @@ class BufferPool:
                 with contextlib.suppress(BufferError):
                     buf.close()
         self._free.clear()
+        self._kept = 0
 
 
 class LinuxAIO:

@@ -1,24 +1,29 @@
 """One NBD client connection: the handshake, then transmission -- parsing by the sans-IO core, dispatch to the
 disk (inline, the thread pool, or the direct paths of :mod:`cachemode.nbd.direct`), replies in completion order,
-and the back-pressure that keeps its memory bounded."""
+and the back-pressure that keeps its memory within its budget (:mod:`cachemode.nbd.budget`)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
+from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
-from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready
-from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission
-from cachemode.nbd.splice import SPLICE_MIN
+from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
+from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission, Violation
+from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
+from cachemode.nbd.tls import start_tls
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -28,11 +33,8 @@ log = logging.getLogger("cachemode.nbd")
 HANDSHAKE_LIMIT = 10.0
 """Seconds a client may take to finish negotiating before it is dropped (qemu-nbd's --handshake-limit)."""
 MAX_IN_FLIGHT = 64
-"""Requests outstanding per connection before the server stops reading from it."""
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
-"""READ/WRITE payload bytes outstanding per connection before the server stops reading from it."""
-WRITE_HIGH_WATER = 8 * 1024 * 1024
-"""Unsent reply bytes per connection before the server stops reading from it."""
+"""Requests outstanding per connection before the server stops reading from it (memory is bounded by the
+connection's budget, :mod:`cachemode.nbd.budget`; this bounds the work queued for the pool and the AIO context)."""
 INLINE_WRITE_MAX = 256 * 1024
 """Page-cache writes below this size run inline; larger ones go to the pool, so the kernel's copy of one
 payload overlaps with receiving the next."""
@@ -47,10 +49,11 @@ SENDFILE_MIN = 128 * 1024
 class Stats:
     """Counters a test, the demo or the lab can read."""
 
-    __slots__ = ("connections", "errors", "flushes", "requests")
+    __slots__ = ("connections", "errors", "flushes", "refused", "requests")
 
     def __init__(self) -> None:
         self.connections = 0
+        self.refused = 0
         self.requests = 0
         self.flushes = 0
         self.errors = 0
@@ -64,13 +67,17 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.disk = server.disk
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.handshake: Handshake | None = Handshake(server.export)
+        self.handshake: Handshake | None = Handshake(server.export, tls=server.tls_mode)
+        self.tls = False  # the connection runs TLS (see cachemode.nbd.tls)
         self.tx: Transmission | None = None
         self.structured = False
         self.in_flight = 0
-        self.in_flight_bytes = 0  # READ/WRITE payload bytes of the requests in flight
+        self.ledger = server.budget.ledger(self._retry)  # the memory this connection makes the server hold
+        self._batch_cost = 0  # admitted in this batch, not in flight: released once the replies are handed on
+        self._out_cost = 0  # completed requests whose replies wait in _out
         self._backlog: collections.deque[Any] = collections.deque()  # parsed, held back while congested
         self._draining = False
+        self._retry_pending = False
         self._out_size = 0  # bytes of read data in _out not yet handed to the transport
         self.closing = False  # DISC, end of input or shutdown: close once nothing is left to answer
         self.closed = False
@@ -83,12 +90,16 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sock_fd = -1
         self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
-        self._splicing = False  # a payload is being spliced: the transport must not read meanwhile
-        self._hs_buf = memoryview(bytearray(65536))
+        self._splicing: Request | None = None  # the WRITE being spliced: the transport must not read meanwhile
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if not self.server.register(self):  # --max-connections: closed before the greeting
+            self.closed = True
+            transport.close()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -97,12 +108,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 # Room for a few large read replies in the kernel, so sendfile completes in one call.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        self.peer = str(transport.get_extra_info("peername") or "unix")
         if sock is not None:
             self._sock = sock
             self._sock_fd = sock.fileno()
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.server._connections.add(self)
+        transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         self.server.stats.connections += 1
         if self.server.shutting_down:
             self._close()
@@ -124,35 +133,45 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self._out.clear()
+        self._backlog.clear()
+        self.ledger.release(self._batch_cost + self._out_cost)
+        self._batch_cost = self._out_cost = 0
         if self._splicer is not None:
-            self._splicer.close()
-        self.server._connections.discard(self)
+            self._splicer.close()  # a payload being spliced is dropped (nothing of it was written): its charge too
+            if self._splicing is not None:
+                self.in_flight -= 1
+                self.ledger.release(cost(c.CMD_WRITE, self._splicing.length))
+                self._splicing = None
+        self.ledger.close()  # requests still in flight release their share as they complete
+        self.server.connection_closed(self)
         self._done.set()
 
     def pause_writing(self) -> None:
         self._paused_writing = True
+        self._account_queued()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
-        self._update_reading()
-        if self._backlog:
-            self._drain_backlog()
+        self._account_queued()
+        self._retry()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # In transmission the parser hands out its own buffer: a WRITE payload is received in place.
+        # In transmission the parser hands out its own buffer: a WRITE payload is received in place. Anything
+        # else goes to one scratch buffer shared by all connections (the core copies out what it keeps), so
+        # an idle connection owns no buffer at all.
         if self.tx is not None and not self.tx.closed:
             return self.tx.get_buffer()
-        return self._hs_buf
+        return self.server.scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
             return
         try:
             if self.tx is None:
-                self._handshake_data(bytes(self._hs_buf[:nbytes]))
+                self._handshake_data(bytes(self.server.scratch[:nbytes]))
             elif not self.tx.closed:
-                self._dispatch(self.tx.buffer_updated(nbytes))
+                self._receive(self.tx.buffer_updated(nbytes))
         except ProtocolError as err:
             log.info("%s: closing: %s", self.peer, err)
             self._abort()
@@ -170,10 +189,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._abort()
 
     def eof_received(self) -> bool | None:
-        # The client closed its side: finish what is in flight, send the replies, then close.
+        # The client closed its side: finish what is in flight, send the replies, then close. (TLS closes the
+        # connection after the client's close_notify whatever this returns.)
         self.closing = True
         self._maybe_close()
-        return True
+        return None if self.tls else True
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -187,12 +207,25 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, Aborted):
                 self._close()
                 return
+            if isinstance(event, StartTLS):
+                self._sock_fd = -1  # from now on every byte goes through the TLS transport
+                assert self.server.tls is not None
+                start_tls(self, self.server.tls.context)
+                return
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
-                # Large plain WRITE payloads are spliced from the socket -- never behind a TLS layer.
+                # Large plain WRITE payloads are spliced from the socket -- never behind a TLS layer. Those
+                # too large for the pipe are received into a buffer, which the budget may make them wait for.
                 stream_min = SPLICE_MIN if self.server.splice_fd is not None and self._sock_fd >= 0 else 0
-                self.tx = Transmission(negotiated, self.server.allocate_payload, stream_min)
+                self.tx = Transmission(
+                    negotiated,
+                    self._allocate_payload,
+                    self.server.scratch,
+                    allocate_alone=True,
+                    stream_min=stream_min,
+                    stream_max=PIPE_SIZE,
+                )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                 self.structured = negotiated.structured
@@ -200,10 +233,27 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     self._transmission_data(event.trailing)
                 return
 
+    def tls_established(self, transport: Any) -> None:
+        """The TLS handshake succeeded (:mod:`cachemode.nbd.tls`): negotiation starts again over ``transport``."""
+        self.transport = transport
+        self.tls = True
+        assert self.handshake is not None
+        self.handshake.tls_started()
+
     # -- transmission -------------------------------------------------------------------------------------------
     def _transmission_data(self, data: bytes) -> None:
         assert self.tx is not None
-        self._dispatch(self.tx.receive_data(data))
+        self._receive(self.tx.receive_data(data))
+
+    def _receive(self, events: list[Any]) -> None:
+        """Dispatch what one read brought, then retry whatever it left waiting for memory."""
+        self._draining = True  # no retry from inside the batch: requests run in the order they came
+        try:
+            self._dispatch(events)
+        finally:
+            self._draining = False
+        if self._backlog or self._retry_pending or (self.tx is not None and self.tx.waiting):
+            self._retry()
 
     def _dispatch(self, events: list[Any]) -> None:
         if not events:
@@ -226,15 +276,20 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         header_size = replies.read_header_size(structured)
         preadv = os.preadv
         nowait = getattr(os, "RWF_NOWAIT", 0)
+        ledger = self.ledger
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
-                if self._congested():
+                cmd = ev.command
+                amount = cost(cmd, ev.length)
+                # A WRITE whose payload buffer was allocated was charged then; anything else is admitted
+                # only while it fits in the connection's budget and the server's (see budget.py).
+                if self.in_flight >= MAX_IN_FLIGHT or (ev.buffer is None and not ledger.admit(amount)):
                     # The client is not reading replies fast enough, or too much is in flight: keep the
                     # rest for later (reading stays paused meanwhile), so memory stays bounded.
                     self._backlog.extend(events[index:])
                     self._update_reading()
                     break
-                cmd = ev.command
+                self._batch_cost += amount
                 if server.shutting_down:
                     out.append(replies.error(structured, ev.cookie, cmd, c.ESHUTDOWN, "server shutting down"))
                     continue
@@ -306,57 +361,100 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 else:
                     self._submit(ev)
             elif ev.__class__ is PayloadFollows:
+                # Its payload is still in the socket, but the request is admitted like any WRITE (and charged
+                # its length: what of the payload the server does hold -- the head, a full pipe read out --
+                # is less), so requests run in order and the in-flight bound holds.
+                amount = cost(c.CMD_WRITE, ev.request.length)
+                if self.in_flight >= MAX_IN_FLIGHT or not ledger.admit(amount):
+                    self._backlog.extend(events[index:])
+                    self._update_reading()
+                    break
+                self._batch_cost += amount
                 self._splice_write(ev)
             elif ev.__class__ is Rejected:
                 server.stats.errors += 1
                 log.debug("%s: rejected: %r", self.peer, ev)
                 out.append(ev.reply)
+            elif ev.__class__ is Violation:
+                # A bad request magic: what came before it is answered, then the connection closes --
+                # however TCP cut the bytes.
+                log.info("%s: closing: %s", self.peer, ev.message)
+                self.closing = True
             else:  # Disconnect
                 self.closing = True
         if uring is not None:
             uring.submit()
         if aio is not None:
             aio.flush()
-        if out:
+        if out or self._batch_cost or self._out_cost:
             self._send()
         if self.closing:
             self._maybe_close()
+        else:
+            self._update_reading()
 
     def _after_completion(self) -> None:
+        self._send()  # releases the charge of the reply just handed on, and retries what waited for it
         if self.closing:
             self._maybe_close()
 
     def _start(self, req: Request) -> None:
+        """``req`` goes in flight (pool or AIO): its charge stays held until its reply is handed on."""
         self.in_flight += 1
-        if req.command <= c.CMD_WRITE:
-            self.in_flight_bytes += req.length
-        if self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
+        if self.closed:  # the rest of a short write, resubmitted after the client left: a fresh charge
+            self.ledger.charge(cost(req.command, req.length))
+        else:
+            self._batch_cost -= cost(req.command, req.length)
+        if self.in_flight >= MAX_IN_FLIGHT:
             self._update_reading()
 
     def _finish(self, req: Request) -> None:
+        """``req`` completed: its charge is released once its reply is handed on (the next :meth:`_send`)."""
         self.in_flight -= 1
-        if req.command <= c.CMD_WRITE:
-            self.in_flight_bytes -= req.length
-        if self._paused_reading:
-            self._update_reading()
-        if self._backlog and not self._draining:
-            self.loop.call_soon(self._drain_backlog)
+        if self.closed:
+            self.ledger.release(cost(req.command, req.length))
+        else:
+            self._out_cost += cost(req.command, req.length)
 
-    def _congested(self) -> bool:
-        return self._paused_writing or self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+    def _allocate_payload(self, length: int) -> Any:
+        """The parser's WRITE payload buffer, charged to the budget now; None (the parser waits) if it does
+        not fit yet."""
+        if not self.ledger.admit(cost(c.CMD_WRITE, length)):
+            return None
+        return self.server.allocate_payload(length)
 
-    def _drain_backlog(self) -> None:
-        """Handle requests parsed earlier but held back while the connection was congested."""
-        if self._draining or not self._backlog or self.closed:
+    def _retry(self) -> None:
+        """Try again what waited for memory: requests held back first, then a WRITE payload the parser holds."""
+        if self.closed:
             return
+        if self._draining:  # called from inside a batch (a write made the transport resume): once it is over
+            self._retry_pending = True
+            return
+        self._retry_pending = False
         self._draining = True
         try:
-            events = list(self._backlog)
-            self._backlog.clear()
-            self._dispatch(events)
+            if self._backlog:
+                events = list(self._backlog)
+                self._backlog.clear()
+                self._dispatch(events)
+            tx = self.tx
+            while tx is not None and tx.waiting and not self._backlog and not self.closed:
+                events = tx.resume()
+                if not events:
+                    break  # refused: the budget wakes this connection when memory frees
+                self._dispatch(events)
         finally:
             self._draining = False
+        if self.closing:
+            self._maybe_close()
         self._update_reading()
+        if self._retry_pending and not self.closed:
+            self._retry_pending = False
+            self.loop.call_soon(self._retry)
+
+    def _account_queued(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.ledger.set_queued(self.transport.get_write_buffer_size())
 
     def _submit(self, req: Request) -> None:
         self._start(req)
@@ -436,22 +534,38 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
 
     # -- output and lifetime ----------------------------------------------------------------------------------
     def _send(self) -> None:
+        """Hand the replies in ``_out`` to the transport; their charge becomes the transport's queued bytes."""
         self._flush_scheduled = False
         self._out_size = 0
         out = self._out
-        if not out or self.closed or self.transport is None:
-            out.clear()
-            return
-        if len(out) == 1:
-            self.transport.write(out[0])
-        else:
-            self.transport.writelines(out)
+        if out and not self.closed and self.transport is not None:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
         out.clear()
+        released = self._batch_cost + self._out_cost
+        self._batch_cost = self._out_cost = 0
+        self.ledger.release(released)
+        self._account_queued()
+        if self._backlog or (self.tx is not None and self.tx.waiting):
+            if not self._draining:
+                self._retry()
+            elif released:
+                self._retry_pending = True  # room freed inside a batch: retry once the batch is over
+        elif self._paused_reading:
+            self._update_reading()
 
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
-        pause = self._congested() or bool(self._backlog) or self._splicing
+        pause = (
+            bool(self._backlog)
+            or self.in_flight >= MAX_IN_FLIGHT
+            or self.ledger.full()
+            or (self.tx is not None and self.tx.waiting)
+            or self._splicing is not None
+        )
         if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -461,8 +575,28 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
 
     def _maybe_close(self) -> None:
         if self.in_flight == 0 and not self._backlog and not self.closed:
+            if self.server.shutting_down and self._unread_requests():
+                self._update_reading()  # answer them (ESHUTDOWN) first; this is called again after that
+                return
             self._send()
             self._close()
+
+    def _unread_requests(self) -> bool:
+        """Whether the client sent more than has been parsed: a request half received, or bytes in the socket.
+
+        Closing a socket with unread bytes makes the kernel reset the connection, and the client then loses
+        replies already sent; so on shutdown such requests are read and answered first (bounded by the
+        shutdown timeout, after which the connection is dropped).
+        """
+        if self.tx is not None and self.tx.buffered:
+            return True
+        if self._sock_fd < 0:
+            return False
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(self._sock_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        return pending > 0
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -180,6 +180,7 @@ MAX_STRING = 4096
 """Export names, queries and messages longer than this are refused (the spec's MUST limit)."""
 MAX_OPTION_DATA = 64 * 1024
 """Option payloads beyond this are skipped unread and answered with ERR_TOO_BIG."""
-MAX_EXTENTS = 1 << 20
-"""The most block-status descriptors in one reply."""
+MAX_EXTENTS = 1 << 17
+"""The most block-status descriptors in one reply: 1 MiB of them, as qemu-nbd (NBD_MAX_BLOCK_STATUS_EXTENTS); a
+client asks again for the rest of its range. It bounds what one BLOCK_STATUS reply makes the server hold."""
 EXPORT_PADDING = 124

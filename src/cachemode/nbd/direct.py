@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
+from cachemode.nbd.budget import cost
 from cachemode.nbd.requests import PayloadFollows, Request
 from cachemode.nbd.splice import PayloadSplicer
 
@@ -46,14 +47,16 @@ class DirectPaths:
     _sock_fd: int
     _out: list[Any]
     _splicer: PayloadSplicer | None
-    _splicing: bool
+    _splicing: Request | None
+    _batch_cost: int
     loop: Any
     tx: Any
 
     def _splice_write(self, ev: PayloadFollows) -> None:
         """Take a large plain WRITE's payload straight from the socket into the image (splice.py); reading
         from the transport stays paused until the payload is consumed. Only offered by the parser where the
-        server allows it and the connection's socket is its own (no TLS)."""
+        server allows it and the connection's socket is its own (no TLS). The request was admitted at dispatch,
+        charged like any WRITE."""
         req = ev.request
         if self._splicer is None and self._sock_fd >= 0:
             try:
@@ -61,18 +64,21 @@ class DirectPaths:
             except OSError as exc:  # no pipe to be had (fd limit): receive the ordinary way
                 log.info("%s: no splice: %s", self.peer, exc)
         if self._splicer is None or self._sock_fd < 0 or not self._splicer.fits(req, ev.head):
-            self.tx.collect(ev)
+            # Received into a buffer after all: the charge admitted for the request now pays for that buffer,
+            # as if the parser had allocated it (the Request it yields comes with ``buffer`` set: prepaid).
+            self._batch_cost -= cost(c.CMD_WRITE, req.length)
+            self.tx.collect(ev, self.server.allocate_payload(req.length))
             return
         error = None
         if self.server.shutting_down:
             error = OSError(errno.ESHUTDOWN, "server shutting down")
-        self._splicing = True
+        self._splicing = req
         self._start(req)
         self._update_reading()
         self._splicer.start(req, ev.head, self._splice_done, error)
 
     def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
-        self._splicing = False
+        self._splicing = None
         if fatal:
             log.info("%s: closing: WRITE payload: %s", self.peer, error)
             self._finish(req)
@@ -255,8 +261,8 @@ class DirectPaths:
                     # Large read: straight from the aligned buffer to the socket, copying only what the
                     # socket does not take at once.
                     self._finish(req)
-                    self._send_direct(hdr, buf, length)
-                    aio.release(buf)
+                    if not self._send_direct(hdr, buf, length):
+                        aio.release(buf)
                     self._after_completion()
                     return
                 result = (hdr, buf[:length])
@@ -281,11 +287,15 @@ class DirectPaths:
             rest = Request(c.CMD_WRITE, 0, cookie, req.offset + res, length - res, memoryview(req.data)[res:])
             self._submit(rest)
 
-    def _send_direct(self, hdr: bytes, buf: Any, length: int) -> None:
-        """Write ``hdr`` + ``buf[:length]`` with writev when nothing is queued before it; queue the rest."""
+    def _send_direct(self, hdr: bytes, buf: Any, length: int) -> bool:
+        """Write ``hdr`` + ``buf[:length]`` with writev when nothing is queued before it; queue the rest.
+
+        Returns True when the transport was handed a view of ``buf`` itself (not a copy): the buffer is then
+        the transport's, freed (unmapped) once sent, and must not go back to the pool.
+        """
         transport = self.transport
         if transport is None:
-            return
+            return False
         sent = 0
         if self._sock_fd >= 0 and not transport.get_write_buffer_size():
             with memoryview(buf) as view:
@@ -295,14 +305,17 @@ class DirectPaths:
                     sent = 0
                 except OSError:
                     self._abort()
-                    return
+                    return False
         total = len(hdr) + length
         if sent >= total:
-            return
+            return False
+        # No copy of the rest: a client that reads slowly must not turn each queued reply into a heap block.
+        view = memoryview(buf)[max(0, sent - len(hdr)) : length]
         if sent < len(hdr):
-            transport.write(hdr[sent:] + buf[:length])
+            transport.writelines([hdr[sent:], view])
         else:
-            transport.write(buf[sent - len(hdr) : length])
+            transport.write(view)
+        return True
 
 
 def pwrite_all(fd: int, note_write: Callable[[], None], data: Any, offset: int) -> None:

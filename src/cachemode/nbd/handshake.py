@@ -7,6 +7,12 @@
             ...                       # Ready / Aborted
         send(hs.data_to_send())
 
+TLS (``tls=TLSMode.ON`` or ``REQUIRE``) follows the spec's STARTTLS rules: STARTTLS is acknowledged with
+:class:`StartTLS`, after which the transport upgrades the connection and calls :meth:`Handshake.tls_started`;
+the option phase then starts again inside TLS with everything negotiated in plaintext forgotten. With
+``REQUIRE`` every option before TLS other than STARTTLS and ABORT is answered ERR_TLS_REQD and EXPORT_NAME
+ends the connection (it cannot be refused otherwise) -- the spec's FORCEDTLS mode.
+
 A violation that the spec says ends the connection (bad magic, unknown client flags, an unknown export asked
 for with EXPORT_NAME) raises :class:`ProtocolError` after queuing nothing further; the transport closes the
 socket. Anything else -- an unknown option, a malformed INFO -- is answered with the right error reply and the
@@ -35,9 +41,19 @@ class ProtocolError(Exception):
     """The peer broke the protocol in a way that ends the connection."""
 
 
+class TLSMode(enum.Enum):
+    """nbdkit's ``--tls`` values: the spec's NOTLS, optional TLS, and FORCEDTLS."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 class State(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     NEGOTIATING = "negotiating"
+    TLS_PENDING = "tls-pending"
+    """STARTTLS was acknowledged: no bytes may reach the core until the transport runs TLS."""
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -71,6 +87,12 @@ class Aborted:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """STARTTLS was acknowledged (the ACK is queued): send it, then upgrade the connection to TLS without
+    handing the core another byte, and call :meth:`Handshake.tls_started` once the TLS handshake succeeded."""
+
+
+@dataclass(frozen=True)
 class OptionSeen:
     """An option was answered (for logging and tests)."""
 
@@ -99,12 +121,15 @@ class Handshake:
     """Server side of the handshake for a single export.
 
     ``export`` answers to its own name and to the empty (default) name. ``shutting_down`` makes every later
-    option that would start transmission fail with ERR_SHUTDOWN.
+    option that would start transmission fail with ERR_SHUTDOWN. ``tls`` is the server's TLS policy;
+    ``tls_active`` is true once the connection runs TLS.
     """
 
-    def __init__(self, export: ExportInfo, *, offer_no_zeroes: bool = True) -> None:
+    def __init__(self, export: ExportInfo, *, offer_no_zeroes: bool = True, tls: TLSMode = TLSMode.OFF) -> None:
         self.export = export
         self.offer_no_zeroes = offer_no_zeroes
+        self.tls = tls
+        self.tls_active = False
         self.state = State.CLIENT_FLAGS
         self.client_flags = 0
         self.structured = False
@@ -121,29 +146,47 @@ class Handshake:
         self._out.clear()
         return out
 
-    def receive_data(self, data: bytes) -> list[Ready | Aborted | OptionSeen]:
-        if self.state in (State.TRANSMISSION, State.CLOSED):
+    def receive_data(self, data: bytes) -> list[Ready | Aborted | StartTLS | OptionSeen]:
+        if self.state in (State.TRANSMISSION, State.CLOSED, State.TLS_PENDING):
             raise ProtocolError(f"handshake data received in state {self.state.value}")
-        events: list[Ready | Aborted | OptionSeen] = []
+        events: list[Ready | Aborted | StartTLS | OptionSeen] = []
         view = memoryview(data)
         if self._skip:
             n = min(self._skip, len(view))
             self._skip -= n
             view = view[n:]
             if not self._skip:
-                events.append(self._reply_error(self._skip_option, c.REP_ERR_TOO_BIG, "option data too long"))
+                events.append(self._skipped(self._skip_option))
         self._in += view
         while self.state in (State.CLIENT_FLAGS, State.NEGOTIATING) and not self._skip:
-            event = self._step()
+            try:
+                event = self._step()
+            except ProtocolError:
+                # Whatever the violation, the connection is over: never leave the state at NEGOTIATING.
+                self.state = State.CLOSED
+                raise
             if event is None:
                 break
             events.append(event)
-            if isinstance(event, Ready | Aborted):
+            if isinstance(event, Ready | Aborted | StartTLS):
                 break
         return events
 
+    def tls_started(self) -> None:
+        """The transport now runs TLS: negotiation starts again, and nothing said in plaintext counts (a
+        man in the middle could have injected it: nbdkit's and QEMU's CVE-2021-3716)."""
+        if self.state is not State.TLS_PENDING:
+            raise ProtocolError(f"TLS started in state {self.state.value}")
+        self.state = State.NEGOTIATING
+        self.tls_active = True
+        self.structured = False
+        self.meta_context_id = None
+
+    def _tls_required(self) -> bool:
+        return self.tls is TLSMode.REQUIRE and not self.tls_active
+
     # -- internals ------------------------------------------------------------------------------------------
-    def _step(self) -> Ready | Aborted | OptionSeen | None:
+    def _step(self) -> Ready | Aborted | StartTLS | OptionSeen | None:
         buf = self._in
         if self.state is State.CLIENT_FLAGS:
             if len(buf) < 4:
@@ -154,6 +197,9 @@ class Handshake:
             if flags & ~allowed:
                 self.state = State.CLOSED
                 raise ProtocolError(f"client sent unknown or unoffered flags {flags:#x}")
+            if self.tls is TLSMode.REQUIRE and not flags & c.FLAG_C_FIXED_NEWSTYLE:
+                self.state = State.CLOSED
+                raise ProtocolError("TLS is required, and a client without fixed newstyle cannot start it")
             self.client_flags = flags
             self.state = State.NEGOTIATING
             return OptionSeen(-1, 0)
@@ -174,7 +220,7 @@ class Handshake:
             self._skip_option = option
             if self._skip:
                 return None
-            return self._reply_error(option, c.REP_ERR_TOO_BIG, "option data too long")
+            return self._skipped(option)
         if len(buf) < _OPT_HDR.size + length:
             return None
         payload = bytes(buf[_OPT_HDR.size : _OPT_HDR.size + length])
@@ -183,6 +229,12 @@ class Handshake:
             return self._option(option, payload)
         except _OptionError as err:
             return self._reply_error(option, err.reply, str(err))
+
+    def _skipped(self, option: int) -> OptionSeen:
+        """The reply to an option whose oversized data was discarded."""
+        if self._tls_required() and option not in (c.OPT_STARTTLS, c.OPT_ABORT):
+            return self._reply_error(option, c.REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+        return self._reply_error(option, c.REP_ERR_TOO_BIG, "option data too long")
 
     def _reply_error(self, option: int, reply: int, message: str) -> OptionSeen:
         self._out += option_reply(option, reply, message.encode())
@@ -195,7 +247,14 @@ class Handshake:
     def _known_export(self, name: str) -> bool:
         return name in ("", self.export.name)
 
-    def _option(self, option: int, data: bytes) -> Ready | Aborted | OptionSeen:
+    def _option(self, option: int, data: bytes) -> Ready | Aborted | StartTLS | OptionSeen:
+        if option == c.OPT_STARTTLS and self.tls is not TLSMode.OFF:  # without TLS: ERR_UNSUP below
+            return self._starttls(data)
+        if self._tls_required() and option != c.OPT_ABORT:
+            if option == c.OPT_EXPORT_NAME:  # it cannot be answered with an error: the spec says close
+                self.state = State.CLOSED
+                raise ProtocolError("EXPORT_NAME before STARTTLS while TLS is required")
+            raise _OptionError(c.REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
         if option == c.OPT_EXPORT_NAME:
             name = _decode(data, fatal=True)
             if not self._known_export(name) or self.shutting_down:
@@ -229,6 +288,20 @@ class Handshake:
         if option in (c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
             return self._meta_context(option, data)
         raise _OptionError(c.REP_ERR_UNSUP, f"option {option} not supported")
+
+    def _starttls(self, data: bytes) -> StartTLS | OptionSeen:
+        if self.tls_active:
+            raise _OptionError(c.REP_ERR_INVALID, "TLS is already running")
+        if data:
+            raise _OptionError(c.REP_ERR_INVALID, "STARTTLS takes no data")
+        if self._in:
+            # The client must wait for the ACK before it starts TLS: bytes already here were sent in plaintext
+            # after STARTTLS, and would otherwise be taken as if they came through TLS.
+            self.state = State.CLOSED
+            raise ProtocolError("data after STARTTLS before its reply")
+        self._ack(c.OPT_STARTTLS)
+        self.state = State.TLS_PENDING
+        return StartTLS()
 
     def _info_go(self, option: int, data: bytes) -> Ready | OptionSeen:
         if len(data) < 6:

@@ -7,10 +7,16 @@
             case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
             case PayloadFollows(): ... # only with stream_min: a large WRITE whose rest the caller reads
             case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
+            case Violation(): ...      # bad request magic: finish what came before it, then close
 
-A bad request magic raises :class:`ProtocolError` (the stream cannot be resynchronised). The parser buffers at
-most one request header plus one WRITE payload (<= the maximum payload, 32 MiB); a rejected WRITE's payload is
-counted off as it arrives and never held, whatever length the header claims.
+A bad request magic ends the stream (it cannot be resynchronised): the requests parsed before it are returned
+as usual, followed by one :class:`Violation`, and the parser ignores everything after. So the outcome does
+not depend on how TCP cut the bytes: requests before the bad header are executed and answered, then the
+connection closes. The parser buffers at most one request header plus one WRITE payload (<= the maximum
+payload, 32 MiB); a rejected WRITE's payload is counted off as it arrives and never held, whatever length the
+header claims. The payload buffer comes from ``allocate``, which may refuse (return None) while the transport
+has no memory to spare: the parser then keeps the header, sets :attr:`Transmission.waiting`, and parses on
+when :meth:`Transmission.resume` is called.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies, validate
-from cachemode.nbd.handshake import Negotiated, ProtocolError
+from cachemode.nbd.handshake import Negotiated
 
 _REQUEST = struct.Struct(">IHHQQI")
 REQUEST_SIZE = _REQUEST.size  # 28
@@ -89,7 +95,19 @@ class Disconnect:
         return "Disconnect()"
 
 
-Event = Request | Rejected | PayloadFollows | Disconnect
+class Violation:
+    """A bad request magic: answer what came before, then close (nothing after it is parsed)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"Violation({self.message!r})"
+
+
+Event = Request | Rejected | PayloadFollows | Disconnect | Violation
 
 
 SCRATCH_SIZE = 256 * 1024
@@ -104,21 +122,38 @@ class Transmission:
     Two ways to feed it: :meth:`receive_data` with bytes, or -- for transports that read into buffers
     (``asyncio.BufferedProtocol``) -- :meth:`get_buffer` / :meth:`buffer_updated`. With the latter a WRITE
     payload that spans reads is received straight into its own buffer, with no copy in Python. ``allocate``
-    (length -> writable buffer) chooses that buffer, e.g. page-aligned memory for O_DIRECT; default bytearray.
+    (length -> writable buffer, or None for "not now") chooses that buffer, e.g. page-aligned memory for
+    O_DIRECT; default bytearray. With ``allocate_alone`` it is asked only when no event precedes that WRITE in
+    the same call (the parser stops there and sets :attr:`waiting`): a transport that accounts for memory
+    then sees the requests before the payload first, in order. ``scratch`` is where other bytes are received:
+    one buffer may be shared by every connection of an event loop, because :meth:`buffer_updated` copies out
+    whatever it keeps.
     """
 
     def __init__(
-        self, negotiated: Negotiated, allocate: Callable[[int], Any] | None = None, stream_min: int = 0
+        self,
+        negotiated: Negotiated,
+        allocate: Callable[[int], Any] | None = None,
+        scratch: memoryview | None = None,
+        *,
+        allocate_alone: bool = False,
+        stream_min: int = 0,
+        stream_max: int = c.MAX_PAYLOAD,
     ) -> None:
         self.negotiated = negotiated
-        # Plain WRITEs (no flags) at least this long whose payload has not fully arrived are handed out as
-        # PayloadFollows, their payload left on the stream for the caller; 0: never.
+        # Plain WRITEs (no flags) from stream_min to stream_max bytes long whose payload has not fully arrived
+        # are handed out as PayloadFollows, their payload left on the stream for the caller; stream_min 0:
+        # never. Longer ones get a buffer from ``allocate`` as usual (and may wait for it).
         self.stream_min = stream_min
+        self.stream_max = stream_max
         self.export = negotiated.export
         self.structured = negotiated.structured
         self.meta_context_id = negotiated.meta_context_id
         self.closed = False
+        self.waiting = False
+        """True while a WRITE header waits for ``allocate`` to grant its payload buffer."""
         self._allocate = allocate or bytearray
+        self._allocate_alone = allocate_alone
         self._buf = bytearray()
         self._skip = 0  # payload bytes of a rejected WRITE still to discard
         self._skipped: Rejected | None = None  # its error reply, released once the payload is consumed
@@ -127,7 +162,7 @@ class Transmission:
         self._payload_view: memoryview | None = None
         self._need = 0
         self._filled = 0
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._scratch = scratch
         self._short_read = False  # the next read follows a streamed payload: keep it short
         self._into_payload = False
 
@@ -143,6 +178,8 @@ class Transmission:
             self._into_payload = True
             return self._payload_view[self._filled :]
         self._into_payload = False
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         if self._short_read:
             self._short_read = False
             return self._scratch[:FIRST_READ_AFTER_STREAM]
@@ -157,11 +194,25 @@ class Transmission:
             if self._filled == self._need:
                 self._complete_payload(events)
             return events
+        assert self._scratch is not None
         return self.receive_data(self._scratch[:nbytes])
+
+    def resume(self) -> list[Event]:
+        """Parse on after ``allocate`` refused a payload buffer (call when it may grant it)."""
+        self.waiting = False
+        if self.closed or not self._buf:
+            return []
+        events: list[Event] = []
+        pos = self._parse(self._buf, events)
+        del self._buf[:pos]
+        return events
 
     # -- bytes interface ------------------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self.closed:
+            return []
+        if self.waiting:  # the transport pauses reading meanwhile; this is what it had in hand
+            self._buf += data
             return []
         events: list[Event] = []
         view = memoryview(data)
@@ -188,17 +239,19 @@ class Transmission:
                 self._buf = bytearray(memoryview(src)[pos:])
         return events
 
-    def collect(self, follows: PayloadFollows) -> None:
-        """Receive the rest of ``follows``'s payload the ordinary way after all: it is completed into a buffer
-        and comes out as a :class:`Request` once the stream has delivered it."""
+    def collect(self, follows: PayloadFollows, payload: Any) -> None:
+        """Receive the rest of ``follows``'s payload the ordinary way after all, into ``payload`` (a buffer of
+        at least its length, which the caller has paid for, as for ``allocate``): it comes out as a
+        :class:`Request` whose ``buffer`` is ``payload`` once the stream has delivered it."""
         req = follows.request
-        self._start_payload((req.command, req.flags, req.cookie, req.offset), req.length)
+        self._short_read = False  # the payload's rest comes first; the header after it is read as usual
+        self._start_payload((req.command, req.flags, req.cookie, req.offset), req.length, payload)
         with memoryview(follows.head) as head:
             self._fill(head, [])
 
-    def _start_payload(self, pending: tuple[int, int, int, int], length: int) -> None:
+    def _start_payload(self, pending: tuple[int, int, int, int], length: int, payload: Any) -> None:
         self._pending = pending
-        self._payload = self._allocate(length)
+        self._payload = payload
         self._payload_view = memoryview(self._payload)[:length]
         self._need = length
         self._filled = 0
@@ -230,20 +283,23 @@ class Transmission:
         export = self.export
         size = export.size
         max_block = export.max_block
-        simple_ok = not export.read_only and export.min_block == 1
+        writable = not export.read_only
+        unaligned = export.min_block - 1  # a power of two: offset and length must have none of these bits
         while end - pos >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = unpack(src, pos)
             if magic != c.REQUEST_MAGIC:
                 self.closed = True
-                raise ProtocolError(f"bad request magic {magic:#x}")
+                events.append(Violation(f"bad request magic {magic:#x}"))
+                return end
             body = pos + REQUEST_SIZE
-            # fast path: plain READ/WRITE within bounds
+            # fast path: plain READ/WRITE within bounds, aligned to the minimum block size
             if (
                 command <= c.CMD_WRITE
                 and not flags & ~c.CMD_FLAG_FUA
                 and 0 < length <= max_block
                 and offset + length <= size
-                and (command == c.CMD_READ or simple_ok)
+                and not (offset | length) & unaligned
+                and (command == c.CMD_READ or writable)
             ):
                 error = None
             else:
@@ -269,14 +325,18 @@ class Transmission:
                     events.append(Request(command, flags, cookie, offset, length, src[body : body + length]))
                     pos = body + length
                     continue
-                if self.stream_min and length >= self.stream_min and not flags:
+                if self.stream_min and self.stream_min <= length <= self.stream_max and not flags:
                     # payload incomplete and large: the caller takes the rest straight from the stream
                     head = src[body:end] if isinstance(src, bytearray) else memoryview(src)[body:end]
                     events.append(PayloadFollows(Request(command, flags, cookie, offset, length), head))
                     self._short_read = True
                     return end
                 # payload incomplete: collect it in its own buffer, exactly once
-                self._start_payload((command, flags, cookie, offset), length)
+                payload = None if self._allocate_alone and events else self._allocate(length)
+                if payload is None:  # not yet: keep this header (and what came of the payload) buffered
+                    self.waiting = True
+                    return pos
+                self._start_payload((command, flags, cookie, offset), length, payload)
                 pos = body
                 rest = memoryview(src)[pos:]
                 try:

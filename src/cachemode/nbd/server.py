@@ -28,10 +28,11 @@ counter first), and ``disk.flush()`` syncs the one image every connection shares
 CAN_MULTI_CONN is advertised. The server never decides about fsync itself: FUA and FLUSH go to the disk stack,
 which applies the cache mode; native AIO is used only for writes that need no durability of their own.
 
-Memory per connection is bounded: the parser holds at most one request plus one WRITE payload (32 MiB), and
-reading pauses while more than :data:`MAX_IN_FLIGHT` requests or :data:`MAX_IN_FLIGHT_BYTES` of payload are
-outstanding, or while more than :data:`WRITE_HIGH_WATER` of replies wait for a client that does not read;
-requests already parsed when that happens wait in a backlog, unexecuted, until the congestion clears.
+Memory is bounded by budgets (:mod:`cachemode.nbd.budget`): each connection may make the server hold at most
+its budget -- requests in flight and replies queued, together -- and all of them together the server's; a
+request that does not fit waits, unexecuted, with reading paused, until replies leave or requests complete.
+An idle connection owns no buffer (the receive scratch is shared), connections past ``max_connections`` are
+closed before the greeting, and a client that does not negotiate within ``handshake_limit`` is dropped.
 """
 
 from __future__ import annotations
@@ -39,17 +40,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
+from cachemode.nbd import budget
 from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
 from cachemode.nbd.direct import nowait_works, pwrite_all
 from cachemode.nbd.export import ExportInfo
+from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
+from cachemode.nbd.requests import SCRATCH_SIZE
 from cachemode.nbd.splice import splice_available
+from cachemode.nbd.tls import TLSConfig
 from cachemode.nbd.uring import open_uring
+from cachemode.unixsock import listen_owner_only
+
+log = logging.getLogger("cachemode.nbd")
+
+MAX_CONNECTIONS = 256
+"""Connections served at once by default; more are closed before the greeting (``serve --max-connections``)."""
+SHUTDOWN_TIMEOUT = 30.0
+"""Seconds a shutdown waits for connections to finish before dropping them (``serve --shutdown-timeout``)."""
+TRIM_DELAY = 1.0
+"""Seconds after a connection closes before freed memory is handed back to the system (at most once per delay)."""
 
 
 class Server:
@@ -57,6 +74,10 @@ class Server:
 
     The disk is handed in ready-made, so other parts (the power-loss lab) can serve their own stack. The
     server never closes a disk it was given; :func:`serve` opens and closes its own.
+
+    Against clients that misbehave: ``max_connections`` served at once (more are closed before the
+    greeting), ``handshake_limit`` seconds to negotiate, and the memory budgets of :mod:`cachemode.nbd.budget`
+    -- ``connection_budget`` bytes per connection, ``server_budget`` for all of them together.
     """
 
     def __init__(
@@ -68,16 +89,31 @@ class Server:
         workers: int | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         handshake_limit: float = HANDSHAKE_LIMIT,
+        max_connections: int = MAX_CONNECTIONS,
+        connection_budget: int = budget.CONNECTION_BUDGET,
+        server_budget: int = budget.SERVER_BUDGET,
+        tls: TLSConfig | None = None,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.disk = disk
         self.handshake_limit = handshake_limit
+        self.tls = tls
+        self.tls_mode = tls.mode if tls is not None else TLSMode.OFF
+        self.max_connections = max_connections
         self.export = ExportInfo.from_disk(disk, name=export_name, description=description)
         self.loop = loop or asyncio.get_event_loop()
         self._note_write: Callable[[], None] = lambda: None
         self.pool = IOPool(self.loop, workers or int(os.environ.get("CACHEMODE_NBD_WORKERS", "16")))
         self.stats = Stats()
+        self.budget = budget.ServerBudget(self.loop, server_budget, connection_budget)
+        # Where every connection receives what is not a WRITE payload: one buffer for all (see get_buffer).
+        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
         self.shutting_down = False
         self._connections: set[NBDConnection] = set()
+        self._refused_unlogged = 0
+        self._refusal_logged = 0.0
+        self._trim: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self.address: str = ""
         self.uri: str = ""
@@ -137,6 +173,38 @@ class Server:
     def _factory(self) -> NBDConnection:
         return NBDConnection(self)
 
+    def register(self, conn: NBDConnection) -> bool:
+        """Count a new connection in; False when ``max_connections`` are served already (the caller closes it
+        at once). Refusals are logged, at most one line a second however many there are."""
+        if len(self._connections) < self.max_connections:
+            self._connections.add(conn)
+            return True
+        self.stats.refused += 1
+        self._refused_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            log.warning(
+                "%s: refused: %d connections already (--max-connections); %d refused since the last report",
+                conn.peer,
+                len(self._connections),
+                self._refused_unlogged,
+            )
+            self._refusal_logged = now
+            self._refused_unlogged = 0
+        return False
+
+    def connection_closed(self, conn: NBDConnection) -> None:
+        """Forget ``conn``; a moment later, give memory freed by closed connections back to the system."""
+        self._connections.discard(conn)
+        if self._trim is None and not self.loop.is_closed():
+            self._trim = self.loop.call_later(TRIM_DELAY, self._trim_memory)
+
+    def _trim_memory(self) -> None:
+        self._trim = None
+        if not self._connections:
+            self.buffers.close()  # nobody left to reuse them
+        budget.trim()
+
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
         """Listen on TCP; returns the bound port (useful with ``port=0``)."""
         srv = await self.loop.create_server(self._factory, host, port, reuse_address=True, backlog=128)
@@ -144,21 +212,32 @@ class Server:
         bound = srv.sockets[0].getsockname()[1]
         hostpart = f"[{host}]" if ":" in host else host
         self.address = f"{host}:{bound}"
-        self.uri = f"nbd://{hostpart}:{bound}/{self.export.name}"
+        self.uri = f"{self._scheme}://{hostpart}:{bound}/{self.export.name}"
         return int(bound)
 
     async def start_unix(self, path: str) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)
-        srv = await self.loop.create_unix_server(self._factory, path, backlog=128)
+        """Listen on a Unix socket that only its owner may connect to (see :mod:`cachemode.unixsock`)."""
+        srv = await self.loop.create_unix_server(self._factory, sock=listen_owner_only(path, 128), backlog=128)
         self._servers.append(srv)
         self.address = path
-        self.uri = f"nbd+unix:///{self.export.name}?socket={path}"
+        self.uri = f"{self._scheme}+unix:///{self.export.name}?socket={path}"
         return path
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting, finish in-flight requests, close connections, flush the disk (unless unsafe)."""
+    @property
+    def _scheme(self) -> str:
+        return "nbd" if self.tls is None else "nbds"
+
+    def abort_connections(self) -> None:
+        """Drop every connection now, without waiting for replies to be read (a second SIGTERM)."""
+        for conn in list(self._connections):
+            conn._abort()
+
+    async def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop accepting, finish in-flight requests, close connections, flush the disk (unless unsafe).
+
+        Connections that have not closed after ``timeout`` seconds (a client that reads no replies keeps its
+        connection open) are dropped.
+        """
         if self.shutting_down:
             return
         self.shutting_down = True
@@ -169,9 +248,11 @@ class Server:
             conn.begin_shutdown()
         if conns:
             await asyncio.wait([asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=timeout)
-            for conn in conns:
-                if not conn.closed:
-                    conn._abort()
+            left = [conn for conn in conns if not conn.closed]
+            if left:
+                log.warning("dropping %d connection(s) still open %s s after shutdown began", len(left), timeout)
+            for conn in left:
+                conn._abort()
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
@@ -182,6 +263,9 @@ class Server:
             self.uring.close()
         await self.pool.run(self.disk.flush)
         self.pool.shutdown()
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
 
     @property
     def connections(self) -> int:
@@ -226,17 +310,33 @@ def serve(
     description: str = "",
     on_ready: Callable[[Server], None] | None = None,
     stop: asyncio.Event | None = None,
+    tls: TLSConfig | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    connection_budget: int = budget.CONNECTION_BUDGET,
+    server_budget: int = budget.SERVER_BUDGET,
 ) -> Server:
     """Serve ``disk`` in the foreground until SIGINT/SIGTERM (or ``stop`` is set), then shut down cleanly.
 
-    ``on_ready`` is called once the socket listens (the command prints the URI there). Returns the server,
-    after shutdown, so the caller can read its stats. The disk is flushed but not closed.
+    ``on_ready`` is called once the socket listens (the command prints the URI there). The shutdown waits up
+    to ``shutdown_timeout`` seconds for connections to finish; a second SIGINT/SIGTERM drops them at once.
+    Returns the server, after shutdown, so the caller can read its stats. The disk is flushed but not closed.
     """
     import signal
 
+    budget.tune_malloc()  # large buffers in their own mappings, returned to the system when freed
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    server = Server(disk, export_name=export_name, description=description, loop=loop)
+    server = Server(
+        disk,
+        export_name=export_name,
+        description=description,
+        loop=loop,
+        max_connections=max_connections,
+        connection_budget=connection_budget,
+        server_budget=server_budget,
+        tls=tls,
+    )
 
     async def main() -> None:
         done = stop or asyncio.Event()
@@ -252,8 +352,12 @@ def serve(
             await done.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await server.shutdown()
+                loop.add_signal_handler(sig, server.abort_connections)  # a second signal: stop waiting
+            try:
+                await server.shutdown(shutdown_timeout)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
 
     try:
         loop.run_until_complete(main())
