@@ -7,34 +7,49 @@ data, not holes) on loopback TCP, and fio with ``ioengine=nbd`` runs:
     randread  4 KiB  iodepth 16      randwrite 4 KiB  iodepth 16
     read      1 MiB  iodepth 4       write     1 MiB  iodepth 4      (sequential)
 
-``--runtime`` seconds each (default 10). It prints IOPS, MiB/s and cachemode's ratio to each peer, per mode.
-qemu-nbd gets ``--cache=MODE``; nbdkit 1.32's file plugin has no O_DIRECT switch, so in ``none`` it runs with
-``cache=none`` (page-cache eviction advice, still buffered) and is shown for reference only.
+``--runtime`` seconds each (default 10). Beside IOPS and MiB/s it reports each server's CPU cost -- the
+user+system CPU of the server process (all threads, from /proc/PID/stat) over the fio run, per request (us,
+4 KiB jobs) or per GiB (ms, 1 MiB jobs) -- and the whole machine's busy CPU per request less fio's own (work
+may move into kernel threads or interrupts), with cachemode's ratios and the issue-12 goal (<= 0.8x nbdkit and
+<= 0.5x qemu-nbd in writeback/unsafe, <= qemu-nbd in none/writethrough/directsync). Every line carries the
+load average: the machine may be shared, and CPU per request is what stays comparable then.
 
-    .venv/bin/python bench/nbd_bench.py                      # writeback and none, 10 s per job
-    .venv/bin/python bench/nbd_bench.py --modes writeback --runtime 5 --json out.json
+qemu-nbd gets ``--cache=MODE``. nbdkit 1.32's file plugin has neither O_DIRECT nor O_DSYNC nor an unsafe
+mode: it is compared in writeback and unsafe (its writeback), and shown for reference elsewhere (in
+``none``/``directsync`` with ``cache=none``, page-cache eviction advice, still buffered).
+
+    .venv/bin/python bench/nbd_bench.py --runtime 3 --json out.json          # all five modes
+    .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --servers cachemode --repeat 3
+    .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --cold     # cache misses
+
     .venv/bin/python bench/nbd_bench.py --tls --servers cachemode,nbdkit --modes writeback
 
+A/B of one path: ``CACHEMODE_NBD_SPLICE=0`` (no splice of large WRITE payloads), ``CACHEMODE_NBD_URING=0``
+(page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO) in the environment.
+
 With ``--tls`` every server requires TLS (cachemode and nbdkit ``--tls=require``, qemu-nbd ``--tls-creds``) with
-certificates made for the run, fio connects with ``nbds://``, and each line also shows the server's CPU time per
-request: user+system from /proc/PID/stat over the fio run (its 1 s ramp included) divided by the requests fio
-completed, so it overstates every server alike by the ramp's share.
+certificates made for the run, and fio connects with ``nbds://``. Each run also records ``cpu_us``: the
+server's CPU per request in microseconds, for every job (the 1 MiB jobs' cost is otherwise shown per GiB).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from proc_cpu import Sample, child_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = [
@@ -44,6 +59,9 @@ JOBS = [
     ("seqwrite-1m", "write", "1m", 4),
 ]
 SERVERS = ("cachemode", "qemu-nbd", "nbdkit")
+MODES = ("writeback", "unsafe", "none", "writethrough", "directsync")
+NBDKIT_LIKE = ("writeback", "unsafe")
+"""Modes where nbdkit's file plugin is a like-for-like peer (it has no unsafe mode: its writeback stands in)."""
 
 
 def free_port() -> int:
@@ -84,14 +102,14 @@ def server_command(server: str, mode: str, image: str, port: int, certs: Path | 
     raise ValueError(server)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def run_fio(
+    port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, tmp: str, tls: bool = False
+) -> dict[str, float]:
+    """Run one fio job; return its throughput, request and byte counts, and fio's own CPU seconds.
 
-
-def run_fio(port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, tls: bool = False) -> dict:
+    No ramp time: fio then counts every request of the run, so the server's CPU over the whole run divides
+    by the right number. fio's CPU comes from ``wait4`` (its job processes included)."""
+    out_path = os.path.join(tmp, "fio.json")
     # fio's libnbd may not read local files named in a URI (tls-certificates=), and as root its default
     # certificate directory is /etc/pki/libnbd: the client encrypts without checking the server's certificate.
     uri = f"nbds://127.0.0.1:{port}/?tls-verify-peer=false" if tls else f"nbd://127.0.0.1:{port}/"
@@ -106,13 +124,25 @@ def run_fio(port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, 
         f"--size={size}",
         "--time_based",
         f"--runtime={runtime}",
-        "--ramp_time=1",
         "--output-format=json",
+        f"--output={out_path}",
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    job = json.loads(out[out.index("{") :])["jobs"][0]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode:
+        raise RuntimeError(f"fio failed ({proc.returncode}): {err.strip()}")
+    text = Path(out_path).read_text()
+    job = json.loads(text[text.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return {"iops": float(side["iops"]), "mib_s": float(side["bw_bytes"]) / (1 << 20), "ios": int(side["total_ios"])}
+    return {
+        "iops": float(side["iops"]),
+        "mib_s": float(side["bw_bytes"]) / (1 << 20),
+        "requests": int(side["total_ios"]),
+        "bytes": int(side["io_bytes"]),
+        "fio_cpu_s": child_cpu(rusage),
+    }
 
 
 def fill_image(path: str, size: int) -> None:
@@ -124,78 +154,227 @@ def fill_image(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def cost(job: str, cpu_s: float, run: dict[str, float]) -> float:
+    """CPU cost of a job: microseconds per request for 4 KiB jobs, milliseconds per GiB for 1 MiB ones."""
+    if job.endswith("-4k"):
+        return cpu_s * 1e6 / max(run["requests"], 1)
+    return cpu_s * 1e3 / max(run["bytes"] / (1 << 30), 1e-12)
+
+
+def unit(job: str) -> str:
+    return "us/req" if job.endswith("-4k") else "ms/GiB"
+
+
+def evict(image: str) -> None:
+    """Drop the image's pages from the page cache (it was synced), so reads start cold."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def one_run(
+    server: str,
+    mode: str,
+    image: str,
+    size: int,
+    runtime: int,
+    job: tuple,
+    tmp: str,
+    cold: bool = False,
+    certs: Any = None,
+) -> dict:
+    """Start ``server`` afresh (requiring TLS with ``certs``), sync (and with ``cold`` evict the image), run
+    one fio job against it, and measure the CPU it took."""
+    name, rw, bs, depth = job
+    port = free_port()
+    command = server_command(server, mode, image, port, certs.server if certs else None)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        os.sync()
+        if cold:
+            evict(image)
+        before = Sample.take(proc.pid)
+        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None)
+        used = Sample.take(proc.pid).since(before)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    system_cpu = max(used.machine - run["fio_cpu_s"], 0.0)
+    run.update(
+        mode=mode,
+        job=name,
+        server=server,
+        server_cpu_s=used.server,
+        kthreads_cpu_s=used.kthreads,
+        interrupts_cpu_s=used.interrupts,
+        machine_cpu_s=used.machine,
+        server_cost=cost(name, used.server, run),
+        cpu_us=used.server * 1e6 / max(run["requests"], 1),
+        kernel_cost=cost(name, used.server_and_kernel, run),
+        system_cost=cost(name, system_cpu, run),
+        unit=unit(name),
+        loadavg=os.getloadavg(),
+    )
+    return run
+
+
 def bench_mode(
-    mode: str, image: str, size: int, runtime: int, servers: list[str], certs: Any = None
-) -> dict[str, dict[str, dict]]:
-    """Run every job against every server. Each job starts each server afresh, after a sync, and the server
-    order rotates from job to job, so no server always inherits the page-cache state another one left."""
-    results: dict[str, dict[str, dict]] = {name: {} for name, *_ in JOBS}
-    for index, (name, rw, bs, depth) in enumerate(JOBS):
+    mode: str,
+    image: str,
+    size: int,
+    runtime: int,
+    servers: list[str],
+    jobs: list[tuple],
+    repeat: int,
+    tmp: str,
+    cold: bool = False,
+    certs: Any = None,
+) -> list[dict]:
+    """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
+    and the server order rotates from job to job, so no server always inherits the page-cache state another
+    one left."""
+    runs = []
+    for index, job in enumerate(jobs):
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
-        for server in order:
-            port = free_port()
-            command = server_command(server, mode, image, port, certs.server if certs else None)
-            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                wait_port(port, proc)
-                os.sync()
-                cpu = cpu_seconds(proc.pid)
-                results[name][server] = r = run_fio(port, rw, bs, depth, runtime, size, certs is not None)
-                r["cpu_us"] = (cpu_seconds(proc.pid) - cpu) * 1e6 / max(1, r["ios"])
+        for _ in range(repeat):
+            for server in order:
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs)
+                runs.append(r)
+                load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
-                    f"  {mode:<10} {name:<13} {server:<10} {r['iops']:>10.0f} IOPS {r['mib_s']:>9.1f} MiB/s "
-                    f"{r['cpu_us']:>8.1f} us CPU/request  (load {'/'.join(f'{x:.1f}' for x in os.getloadavg())})",
+                    f"  {mode:<12} {job[0]:<13} {server:<10} {r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s"
+                    f"  cpu {r['server_cost']:>7.1f} {r['unit']} (+kernel {r['kernel_cost']:>7.1f},"
+                    f" system-fio {r['system_cost']:>7.1f}; {r['cpu_us']:>7.1f} us/req)  load {load}",
                     flush=True,
                 )
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    return results
+    return runs
 
 
-def report(all_results: dict[str, dict[str, dict[str, dict]]], servers: list[str]) -> None:
+def summarise(runs: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Median of every figure over the repeats: mode -> job -> server -> figure."""
+    grouped: dict[tuple[str, str, str], list[dict]] = {}
+    for r in runs:
+        grouped.setdefault((r["mode"], r["job"], r["server"]), []).append(r)
+    out: dict = {}
+    for (mode, job, server), rs in grouped.items():
+        keys = ("iops", "mib_s", "server_cost", "kernel_cost", "system_cost", "cpu_us")
+        out.setdefault(mode, {}).setdefault(job, {})[server] = {k: statistics.median(r[k] for r in rs) for k in keys}
+    return out
+
+
+def ratio(summary: dict, mode: str, job: str, peer: str, key: str = "server_cost") -> float | None:
+    """cachemode's ``key`` over the peer's; None where the peer is no like-for-like comparison in ``mode``."""
+    per = summary[mode][job]
+    if peer == "nbdkit" and mode not in NBDKIT_LIKE:
+        return None
+    if "cachemode" not in per or peer not in per or not per[peer][key]:
+        return None
+    return per["cachemode"][key] / per[peer][key]
+
+
+def goal_met(summary: dict, mode: str, job: str) -> bool | None:
+    """The issue's goal: <= 0.8x nbdkit and <= 0.5x qemu-nbd in writeback/unsafe, <= 1x qemu-nbd elsewhere."""
+    limits = {"nbdkit": 0.8, "qemu-nbd": 0.5} if mode in NBDKIT_LIKE else {"qemu-nbd": 1.0}
+    checked = [(ratio(summary, mode, job, peer), limit) for peer, limit in limits.items()]
+    if any(r is None for r, _ in checked):
+        return None
+    return all(r <= limit for r, limit in checked)  # type: ignore[operator]
+
+
+def report(summary: dict, servers: list[str]) -> None:
     peers = [s for s in servers if s != "cachemode"]
     print()
-    columns = (f"{s + ' IOPS':>15} {'MiB/s':>8} {'us CPU/req':>10}" for s in servers)
-    header = f"{'mode':<10} {'job':<13} " + " ".join(columns)
-    header += "".join(f" {'vs ' + p:>12}" for p in peers if "cachemode" in servers)
+    print("cpu: the server process's user+system CPU (all threads) per 4 KiB request (us) or per GiB of 1 MiB")
+    print("requests (ms). +kern: the same plus the kernel's own work meanwhile (kernel threads, irq, softirq).")
+    print("system: the whole machine's busy CPU less fio's own (includes anything else running). Throughput in")
+    print("IOPS (4k) or MiB/s. Ratios: cachemode / peer, lower is better; nbdkit compared in writeback/unsafe only.")
+    header = f"{'mode':<12} {'job':<13} " + " ".join(f"{s:>10} {'cpu':>7} {'+kern':>7} {'system':>7}" for s in servers)
+    if "cachemode" in servers:
+        header += "".join(f" {'cpu vs ' + p:>14}" for p in peers)
+        header += "".join(f" {'+kern vs ' + p:>16}" for p in peers) + f" {'goal':>5}"
     print(header)
-    for mode, jobs in all_results.items():
-        for name, per_server in jobs.items():
-            line = f"{mode:<10} {name:<13} "
-            line += " ".join(
-                f"{per_server[s]['iops']:>15.0f} {per_server[s]['mib_s']:>8.1f} {per_server[s]['cpu_us']:>10.1f}"
-                if s in per_server
-                else f"{'-':>35}"
-                for s in servers
-            )
-            if "cachemode" in per_server:
-                for p in peers:
-                    if p in per_server and per_server[p]["iops"]:
-                        line += f" {per_server['cachemode']['iops'] / per_server[p]['iops']:>11.2f}x"
+    for mode, jobs in summary.items():
+        for job, per in jobs.items():
+            line = f"{mode:<12} {job:<13} "
+            for s in servers:
+                if s not in per:
+                    line += f"{'-':>34} "
+                    continue
+                f = per[s]
+                tput = f["iops"] if job.endswith("-4k") else f["mib_s"]
+                line += f"{tput:>10.0f} {f['server_cost']:>7.1f} {f['kernel_cost']:>7.1f} {f['system_cost']:>7.1f} "
+            if "cachemode" in servers:
+                for key, width in (("server_cost", 13), ("kernel_cost", 15)):
+                    for p in peers:
+                        r = ratio(summary, mode, job, p, key)
+                        line += f" {r:>{width}.2f}x" if r is not None else f" {'-':>{width + 1}}"
+                met = goal_met(summary, mode, job)
+                line += f" {'-' if met is None else 'yes' if met else 'NO':>5}"
             print(line)
+
+
+def version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def machine_info() -> dict[str, object]:
+    """What a reader needs to compare figures: the peers' and fio's versions, kernel, cores, CPU model."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return {
+        "qemu-nbd": version(["qemu-nbd", "--version"]),
+        "nbdkit": version(["nbdkit", "--version"]),
+        "fio": version(["fio", "--version"]),
+        "cachemode_commit": commit,
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", default="writeback,none", help="comma-separated cache modes")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated cache modes")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: cachemode,qemu-nbd,nbdkit")
+    ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS), help="comma-separated subset of the jobs")
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per job and server (the report shows medians)")
+    ap.add_argument("--cold", action="store_true", help="evict the image from the page cache before every run")
     ap.add_argument("--size-mib", type=int, default=1024, help="image size in MiB")
     ap.add_argument("--dir", default="/var/tmp", help="where to put the image (O_DIRECT needs a real filesystem)")
-    ap.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    ap.add_argument("--json", dest="json_out", help="write the machine, every run and the medians as JSON here")
     ap.add_argument("--tls", action="store_true", help="every server requires TLS (certificates made for the run)")
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
+    known = {j[0]: j for j in JOBS}
+    try:
+        jobs = [known[name] for name in args.jobs.split(",") if name]
+    except KeyError as exc:
+        print(f"nbd_bench: unknown job {exc.args[0]} (known: {', '.join(known)})", file=sys.stderr)
+        return 2
     missing = [tool for tool in ("fio", *[s for s in servers if s != "cachemode"]) if shutil.which(tool) is None]
     if missing:
         print(f"nbd_bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
+    info = machine_info()
+    print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     size = args.size_mib << 20
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbd-bench-") as tmp:
         image = os.path.join(tmp, "bench.img")
         print(f"filling {args.size_mib} MiB image {image} ...", flush=True)
@@ -206,12 +385,14 @@ def main() -> int:
             from tests.tls_certs import make_certificates
 
             certs = make_certificates(Path(tmp) / "certs")
-        all_results = {}
         for mode in [m for m in args.modes.split(",") if m]:
-            all_results[mode] = bench_mode(mode, image, size, args.runtime, servers, certs)
-    report(all_results, servers)
+            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs)
+    summary = summarise(runs)
+    report(summary, servers)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(all_results, indent=2))
+        doc = {"machine": info, "args": vars(args), "runs": runs, "summary": summary}
+        Path(args.json_out).write_text(json.dumps(doc, indent=2))
     return 0
 
 

@@ -117,6 +117,46 @@ def test_write_payloads_wait_for_room_in_the_budget(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_spliced_write_payloads_are_admitted_within_the_budget(tmp_path: Path) -> None:
+    """Plain page-cache WRITE payloads that are spliced from the socket hold no buffer, yet each is admitted at
+    dispatch and charged like any WRITE: with a 2 MiB server budget, four clients that each announce a 768 KiB
+    WRITE and send a little of it get at most the budget (plus the reserve each) admitted -- the others wait,
+    unexecuted -- and one that vanishes in the middle of its payload takes its charge with it."""
+    path = tmp_path / "d.img"
+    open_disk(path, create_size=32 * MIB).close()
+    disk = open_disk(path)
+    srv = ThreadServer(disk, connection_budget=2 * MIB, server_budget=2 * MIB)
+    length = 768 * 1024
+    try:
+        clients = {i: Client("127.0.0.1", srv.port) for i in range(4)}
+        for i, cl in clients.items():
+            cl.sock.sendall(
+                REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, i, i * length, length) + bytes([i + 1]) * 1000
+            )
+        conns = srv.server._connections
+        assert wait_for(lambda: len([x for x in list(conns) if x._splicing is not None or x._backlog]) == 4)
+        splicing = [x for x in list(conns) if x._splicing is not None]
+        assert 1 <= len(splicing) <= 2 and srv.server.budget.used <= 2 * MIB + 4 * RESERVE
+        assert srv.server.budget.used >= len(splicing) * cost(c.CMD_WRITE, length)
+        assert all(x.in_flight == 1 for x in splicing)
+        # One of those being spliced vanishes: nothing of its payload is written, its charge is released.
+        gone = splicing[0]._splicing.cookie
+        clients.pop(gone).close()
+        assert wait_for(lambda: srv.server.budget.used <= 2 * MIB - cost(c.CMD_WRITE, length) + 4 * RESERVE)
+        for i, cl in clients.items():
+            cl.sock.sendall(bytes([i + 1]) * (length - 1000))
+        for i, cl in clients.items():
+            reply = cl.read_reply()
+            assert (reply.cookie, reply.error) == (i, 0)
+            assert cl.pread(4096, i * length + length - 4096) == bytes([i + 1]) * 4096
+            cl.close()
+        assert path.read_bytes()[gone * length : (gone + 1) * length] == bytes(length)
+        assert wait_for(lambda: srv.server.budget.used == 0)
+    finally:
+        srv.stop()
+        disk.close()
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_requests_before_a_bad_magic_are_executed_and_answered_then_closed(tmp_path: Path, split: bool) -> None:
     """Valid requests followed by a bad header: executed and answered, then the connection closes -- whether

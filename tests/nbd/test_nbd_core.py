@@ -21,7 +21,15 @@ from cachemode.nbd.handshake import (
     State,
     greeting,
 )
-from cachemode.nbd.requests import Disconnect, Rejected, Request, Transmission, Violation
+from cachemode.nbd.requests import (
+    FIRST_READ_AFTER_STREAM,
+    Disconnect,
+    PayloadFollows,
+    Rejected,
+    Request,
+    Transmission,
+    Violation,
+)
 
 SIZE = 1 << 20
 EXPORT = ExportInfo(name="disk", size=SIZE, description="test export")
@@ -479,6 +487,61 @@ def test_buffer_interface_receives_large_payload_in_place() -> None:
     events = feed_buffered(t, stream[1000:], 50000)
     assert [e.cookie for e in events] == [1, 2]
     assert bytes(events[0].data) == payload and events[0].buffer is allocated[0]
+
+
+def test_stream_min_leaves_a_large_plain_write_payload_on_the_stream() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, stream_min=64 * 1024)
+    payload = bytes(range(256)) * 1024
+    small = req(c.CMD_WRITE, 0, 100, cookie=1, data=b"s" * 100)
+    fua = req(c.CMD_WRITE, 0, len(payload), c.CMD_FLAG_FUA, cookie=2, data=payload[:5000])
+    events = t.receive_data(small + fua)  # FUA: collected as usual, never streamed
+    assert [type(e) for e in events] == [Request]
+    events = t.receive_data(payload[5000:] + req(c.CMD_WRITE, 4096, len(payload), cookie=3, data=payload[:1000]))
+    assert [type(e) for e in events] == [Request, PayloadFollows]
+    follows = events[1]
+    assert events[0].cookie == 2 and follows.request.cookie == 3
+    assert bytes(follows.head) == payload[:1000] and follows.request.length == len(payload)
+    assert len(t.get_buffer()) == FIRST_READ_AFTER_STREAM  # the next read takes little more than a header
+    # the caller took the rest off the stream itself; the parser goes on with the next header
+    assert [e.cookie for e in t.receive_data(req(c.CMD_READ, 0, 512, cookie=4))] == [4]
+
+
+def test_collect_takes_a_streamed_payload_back() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, stream_min=64 * 1024)
+    payload = bytes(range(256)) * 1024
+    (follows,) = t.receive_data(req(c.CMD_WRITE, 0, len(payload), cookie=5, data=payload[:3000]))
+    assert isinstance(follows, PayloadFollows)
+    buffer = bytearray(len(payload))  # the caller's, paid for by the caller
+    t.collect(follows, buffer)
+    assert len(t.get_buffer()) == len(payload) - 3000  # the rest is received in place, not a short read
+    events = feed_buffered(t, payload[3000:] + req(c.CMD_FLUSH, cookie=6), 70000)
+    assert [(type(e), e.cookie) for e in events] == [(Request, 5), (Request, 6)]
+    assert bytes(events[0].data) == payload and events[0].buffer is buffer
+
+
+def test_a_streamed_write_needs_no_allocation_so_it_never_waits() -> None:
+    # With allocate_alone the parser stops before a WRITE that needs a buffer; one it streams needs none, so
+    # it comes out after the requests before it, and the allocator is never asked.
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    asked: list[int] = []
+
+    def allocate(length: int) -> bytearray:
+        asked.append(length)
+        return bytearray(length)
+
+    t = Transmission(negotiated, allocate, allocate_alone=True, stream_min=64 * 1024)
+    stream = req(c.CMD_READ, 0, 512, cookie=1) + req(c.CMD_WRITE, 0, 128 * 1024, cookie=2, data=b"x" * 100)
+    events = t.receive_data(stream)
+    assert [type(e) for e in events] == [Request, PayloadFollows] and not t.waiting and asked == []
+
+
+def test_a_write_longer_than_stream_max_gets_a_buffer() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, lambda n: None, allocate_alone=True, stream_min=64 * 1024, stream_max=128 * 1024)
+    assert t.receive_data(req(c.CMD_WRITE, 0, 256 * 1024, cookie=1, data=b"x" * 100)) == []
+    assert t.waiting  # asked for a buffer (refused here), not streamed
 
 
 @settings(max_examples=100, deadline=None)

@@ -5,8 +5,9 @@ per request, which on a small machine costs more than the device itself; native 
 ``aio=native`` -- submits from the event loop and reaps completions in batches, with no thread at all.
 
 Only the plain data path uses it: aligned READs, and aligned WRITEs that need no durability of their own
-(no FUA, write cache on). Everything else -- FUA, FLUSH, unaligned requests (read-modify-write), TRIM, zeroes --
-goes through the disk stack on the thread pool, which keeps every durability decision in the stack.
+(no FUA, write cache on) or whose durability the image's own O_DSYNC provides (directsync). Everything else
+-- FUA elsewhere, FLUSH, unaligned requests (read-modify-write), TRIM, zeroes -- goes through the disk stack
+on the thread pool, which keeps every durability decision in the stack.
 Unavailable (no libc syscall, io_setup refused, another architecture): :func:`open_aio` returns None and the
 server uses the pool for everything.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import platform
@@ -124,6 +126,7 @@ class LinuxAIO:
         self._events = (_Event * depth)()
         self._zero = _Timespec(0, 0)
         self._pending: dict[int, tuple[_Iocb, Any, int, Callable[[int, Any], None]]] = {}
+        self._queued: list[tuple[int, _Iocb]] = []  # prepared, handed to the kernel by flush()
         self._next = 1
         self._own_pool = pool is None
         self.pool = pool or BufferPool()
@@ -155,8 +158,10 @@ class LinuxAIO:
         buf_offset: int = 0,
     ) -> bool:
         """Queue one read or write of ``length`` bytes between ``buf[buf_offset:]`` and ``fd``. ``callback(result,
-        buf)`` gets the byte count or ``-errno``. Returns False (nothing queued) when the context is full or
-        refuses."""
+        buf)`` gets the byte count or ``-errno`` (``-EAGAIN`` when :meth:`flush` could not hand it to the
+        kernel). Returns False (nothing queued) when the context is full. Queued requests reach the kernel at
+        the next :meth:`flush`: one io_submit for a batch, so the block layer plugs it and the device is told
+        once, not once per request (on a VM each notification is an exit to the hypervisor)."""
         if self.closed or len(self._pending) >= self.depth:
             return False
         iocb = _Iocb()
@@ -172,13 +177,24 @@ class LinuxAIO:
         iocb.aio_rw_flags = rw_flags
         iocb.aio_flags = IOCB_FLAG_RESFD
         iocb.aio_resfd = self.efd
-        ptr = ctypes.pointer(iocb)
-        array = (ctypes.POINTER(_Iocb) * 1)(ptr)
-        done = self._syscall(ctypes.c_long(self._nr["io_submit"]), self._ctx, ctypes.c_long(1), array)
-        if done != 1:
-            return False
         self._pending[key] = (iocb, buf, offset, callback)
+        self._queued.append((key, iocb))
         return True
+
+    def flush(self) -> None:
+        """Hand every queued request to the kernel in one io_submit; any it refuses are called back with
+        ``-EAGAIN``."""
+        queued = self._queued
+        if not queued:
+            return
+        self._queued = []
+        n = len(queued)
+        array = (ctypes.c_void_p * n)(*[ctypes.addressof(iocb) for _, iocb in queued])
+        done = self._syscall(ctypes.c_long(self._nr["io_submit"]), self._ctx, ctypes.c_long(n), array)
+        for key, _ in queued[max(done, 0) :]:
+            entry = self._pending.pop(key, None)
+            if entry is not None:
+                entry[3](-errno.EAGAIN, entry[1])
 
     def _reap(self) -> None:
         try:

@@ -1,14 +1,17 @@
 """Memory budgets: how much a client may make the server hold, per connection and for the whole server.
 
-One figure per connection bounds everything the server holds for it, in every mode and on every path:
-READ data from the moment the request is admitted (an AIO read in flight has its buffer already), WRITE
-payloads from the moment their buffer is allocated until the write completes, and reply bytes until the
-kernel took them (the transport's buffer counts, paused or not). A request is admitted only while it fits
-in its connection's budget and the server's; one that does not waits, unexecuted, with reading paused, until
-replies leave or requests complete. The server's budget bounds the sum over all connections, so many hostile
-clients cannot add up to more than it; requests of a connection that holds almost nothing (up to
-:data:`RESERVE` bytes) are admitted whatever the others hold, so a well-behaved client is served even while
-hostile ones fill the server's budget.
+One figure per connection bounds everything the server holds for it, in every mode and on every path: READ
+data from the moment the request is admitted (an AIO or io_uring read in flight has its buffer already), WRITE
+payloads from the moment their buffer is allocated until the write completes, and reply bytes until the kernel
+took them (the transport's buffer counts, paused or not). A WRITE whose payload is spliced from the socket
+into the image (:mod:`cachemode.nbd.splice`) is admitted at dispatch and charged like any other, its length,
+although most of it stays in the kernel's pipe: what the server does hold of it -- the bytes that came with
+its header, and a full pipe read out into memory (at most the pipe's 1 MiB) -- is less than that. A request is
+admitted only while it fits in its connection's budget and the server's; one that does not waits, unexecuted,
+with reading paused, until replies leave or requests complete. The server's budget bounds the sum over all
+connections, so many hostile clients cannot add up to more than it; requests of a connection that holds almost
+nothing (up to :data:`RESERVE` bytes) are admitted whatever the others hold, so a well-behaved client is
+served even while hostile ones fill the server's budget.
 
 The bound is therefore: per connection max(its budget, one request up to the 32 MiB maximum payload -- a
 request larger than the budget is admitted alone, beside at most :data:`TRANSPORT_HIGH_WATER` of replies the

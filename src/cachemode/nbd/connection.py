@@ -21,7 +21,8 @@ from cachemode.nbd import replies
 from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
-from cachemode.nbd.requests import Rejected, Request, Transmission, Violation
+from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission, Violation
+from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.peer = ""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sock_fd = -1
+        self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
+        self._splicing: Request | None = None  # the WRITE being spliced: the transport must not read meanwhile
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,6 +136,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._backlog.clear()
         self.ledger.release(self._batch_cost + self._out_cost)
         self._batch_cost = self._out_cost = 0
+        if self._splicer is not None:
+            self._splicer.close()  # a payload being spliced is dropped (nothing of it was written): its charge too
+            if self._splicing is not None:
+                self.in_flight -= 1
+                self.ledger.release(cost(c.CMD_WRITE, self._splicing.length))
+                self._splicing = None
         self.ledger.close()  # requests still in flight release their share as they complete
         self.server.connection_closed(self)
         self._done.set()
@@ -206,7 +215,17 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if isinstance(event, Ready):
                 negotiated = event.negotiated
                 self.handshake = None
-                self.tx = Transmission(negotiated, self._allocate_payload, self.server.scratch, allocate_alone=True)
+                # Large plain WRITE payloads are spliced from the socket -- never behind a TLS layer. Those
+                # too large for the pipe are received into a buffer, which the budget may make them wait for.
+                stream_min = SPLICE_MIN if self.server.splice_fd is not None and self._sock_fd >= 0 else 0
+                self.tx = Transmission(
+                    negotiated,
+                    self._allocate_payload,
+                    self.server.scratch,
+                    allocate_alone=True,
+                    stream_min=stream_min,
+                    stream_max=PIPE_SIZE,
+                )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                 self.structured = negotiated.structured
@@ -242,18 +261,21 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         server = self.server
         server.stats.requests += len(events)
         out = self._out
-        disk = self.disk
         read_inline = server.read_inline
         nowait_fd = server.nowait_fd
         sendfile_fd = server.fast_read_fd if self._sock_fd >= 0 else None
         aio = server.aio
+        uring = server.uring
         aio_fd = server.aio_fd
         aio_align = server.aio_align
         inline_write = server.inline_writes
+        write_inline = server.write_inline
         structured = self.structured
         read_header = replies.read_header
         read_header_into = replies.read_header_into
         header_size = replies.read_header_size(structured)
+        preadv = os.preadv
+        nowait = getattr(os, "RWF_NOWAIT", 0)
         ledger = self.ledger
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
@@ -279,20 +301,24 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                             continue
                     if nowait_fd is not None:
                         # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
-                        # cached range) goes to the pool, so a cold cache does not stall the event loop.
-                        # A small reply is read straight in behind its header: one buffer, no join.
-                        small = ev.length < LARGE_REPLY
+                        # cached range) is read with io_uring (else on the pool), so a cold cache does not
+                        # stall the event loop. A small reply is read straight in behind its header: one
+                        # buffer, no join.
+                        length = ev.length
+                        offset = ev.offset
+                        small = length < LARGE_REPLY
                         skip = header_size if small else 0
-                        data_out = bytearray(skip + ev.length)
+                        data_out = bytearray(skip + length)
                         try:
-                            got = os.preadv(nowait_fd, [memoryview(data_out)[skip:]], ev.offset, os.RWF_NOWAIT)
+                            got = preadv(nowait_fd, [memoryview(data_out)[skip:]], offset, nowait)
                         except OSError:
                             got = -1
-                        if got != ev.length:
-                            self._submit(ev)
+                        if got != length:
+                            if uring is None or not self._uring_read(ev, uring, data_out, skip):
+                                self._submit(ev)
                             continue
                         if small:
-                            read_header_into(data_out, structured, ev.cookie, ev.offset, ev.length)
+                            read_header_into(data_out, structured, ev.cookie, offset, length)
                             out.append(data_out)
                             continue
                     else:
@@ -320,7 +346,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     and ev.length < INLINE_WRITE_MAX
                 ):
                     try:
-                        disk.pwrite(ev.data, ev.offset)
+                        write_inline(ev.data, ev.offset)
                     except Exception as exc:
                         server.stats.errors += 1
                         out.append(replies.simple(ev.cookie, replies.error_of(exc, cmd)))
@@ -334,6 +360,17 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         self._submit(ev)
                 else:
                     self._submit(ev)
+            elif ev.__class__ is PayloadFollows:
+                # Its payload is still in the socket, but the request is admitted like any WRITE (and charged
+                # its length: what of the payload the server does hold -- the head, a full pipe read out --
+                # is less), so requests run in order and the in-flight bound holds.
+                amount = cost(c.CMD_WRITE, ev.request.length)
+                if self.in_flight >= MAX_IN_FLIGHT or not ledger.admit(amount):
+                    self._backlog.extend(events[index:])
+                    self._update_reading()
+                    break
+                self._batch_cost += amount
+                self._splice_write(ev)
             elif ev.__class__ is Rejected:
                 server.stats.errors += 1
                 log.debug("%s: rejected: %r", self.peer, ev)
@@ -345,6 +382,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self.closing = True
             else:  # Disconnect
                 self.closing = True
+        if uring is not None:
+            uring.submit()
+        if aio is not None:
+            aio.flush()
         if out or self._batch_cost or self._out_cost:
             self._send()
         if self.closing:
@@ -523,6 +564,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             or self.in_flight >= MAX_IN_FLIGHT
             or self.ledger.full()
             or (self.tx is not None and self.tx.waiting)
+            or self._splicing is not None
         )
         if pause and not self._paused_reading:
             self._paused_reading = True

@@ -1,5 +1,6 @@
-"""The paths that bypass the transport's buffer or the thread pool: sendfile(2) for buffered READs, Linux native
-AIO for O_DIRECT, and writev(2) of a large reply straight from its buffer.
+"""The paths that bypass the transport's buffer or the thread pool: sendfile(2) for buffered READs, splice(2) of
+large page-cache WRITE payloads from the socket, Linux native AIO for O_DIRECT, and writev(2) of a large reply
+straight from its buffer.
 
 They are a mixin of :class:`cachemode.nbd.connection.NBDConnection`, kept apart because each one writes to the
 socket, or to the device, behind asyncio's back and has rules of its own: a reply may go to the socket directly
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd.requests import Request
+from cachemode.nbd.budget import cost
+from cachemode.nbd.requests import PayloadFollows, Request
+from cachemode.nbd.splice import PayloadSplicer
 
 if TYPE_CHECKING:
     import asyncio
@@ -43,6 +46,51 @@ class DirectPaths:
     peer: str
     _sock_fd: int
     _out: list[Any]
+    _splicer: PayloadSplicer | None
+    _splicing: Request | None
+    _batch_cost: int
+    loop: Any
+    tx: Any
+
+    def _splice_write(self, ev: PayloadFollows) -> None:
+        """Take a large plain WRITE's payload straight from the socket into the image (splice.py); reading
+        from the transport stays paused until the payload is consumed. Only offered by the parser where the
+        server allows it and the connection's socket is its own (no TLS). The request was admitted at dispatch,
+        charged like any WRITE."""
+        req = ev.request
+        if self._splicer is None and self._sock_fd >= 0:
+            try:
+                self._splicer = PayloadSplicer(self.loop, self._sock_fd, self.server.splice_fd)
+            except OSError as exc:  # no pipe to be had (fd limit): receive the ordinary way
+                log.info("%s: no splice: %s", self.peer, exc)
+        if self._splicer is None or self._sock_fd < 0 or not self._splicer.fits(req, ev.head):
+            # Received into a buffer after all: the charge admitted for the request now pays for that buffer,
+            # as if the parser had allocated it (the Request it yields comes with ``buffer`` set: prepaid).
+            self._batch_cost -= cost(c.CMD_WRITE, req.length)
+            self.tx.collect(ev, self.server.allocate_payload(req.length))
+            return
+        error = None
+        if self.server.shutting_down:
+            error = OSError(errno.ESHUTDOWN, "server shutting down")
+        self._splicing = req
+        self._start(req)
+        self._update_reading()
+        self._splicer.start(req, ev.head, self._splice_done, error)
+
+    def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
+        self._splicing = None
+        if fatal:
+            log.info("%s: closing: WRITE payload: %s", self.peer, error)
+            self._finish(req)
+            self._abort()
+            return
+        if error is None:
+            self.server.note_write()
+            reply = replies.simple(req.cookie)
+        else:
+            self.server.stats.errors += 1
+            reply = replies.simple(req.cookie, replies.error_of(error, c.CMD_WRITE))
+        self._completed(req, reply)
 
     def _sendfile(self, req: Request, image_fd: int) -> bool:
         """Send a READ reply straight from the image with sendfile(2), bypassing the transport's buffer.
@@ -91,8 +139,45 @@ class DirectPaths:
             transport.write(rest)
         return True
 
+    def _uring_read(self, req: Request, uring: Any, buf: bytearray, skip: int) -> bool:
+        """Read a page-cache miss with io_uring into ``buf[skip:]`` (``skip`` bytes kept for a small reply's
+        header); False when the ring is full (the caller uses the pool)."""
+        fd = self.server.fast_read_fd
+
+        def done(res: int) -> None:
+            self._uring_done(req, buf, skip, res)
+
+        if not uring.read(fd, buf, skip, req.length, req.offset, done):
+            return False
+        self._start(req)
+        return True
+
+    def _uring_done(self, req: Request, buf: bytearray, skip: int, res: int) -> None:
+        length = req.length
+        structured = self.structured
+        if res < 0:
+            error = replies.error(structured, req.cookie, c.CMD_READ, c.wire_errno(-res), os.strerror(-res))
+            self._completed(req, error)
+            return
+        if res < length:  # short: read the rest here (only at the end of a file that shrank, in practice)
+            try:
+                rest = os.pread(self.server.fast_read_fd, length - res, req.offset + res)
+            except OSError as exc:
+                code = replies.error_of(exc, c.CMD_READ)
+                self._completed(req, replies.error(structured, req.cookie, c.CMD_READ, code, str(exc)))
+                return
+            buf[skip + res : skip + res + len(rest)] = rest
+            if res + len(rest) < length:
+                buf[skip + res + len(rest) : skip + length] = bytes(length - res - len(rest))
+        if skip:
+            replies.read_header_into(buf, structured, req.cookie, req.offset, length)
+            self._completed(req, buf)
+        else:
+            self._completed(req, (replies.read_header(structured, req.cookie, req.offset, length), buf))
+
     def _aio(self, req: Request, aio: Any, fd: int) -> bool:
-        """Start an aligned READ, or a WRITE that needs no durability of its own, with native AIO.
+        """Start an aligned READ, or a WRITE that needs no durability of its own or whose durability the
+        image's O_DSYNC provides, with native AIO.
 
         Returns False (nothing started) for anything else, or when the AIO context is full.
         """
@@ -101,8 +186,10 @@ class DirectPaths:
         length = req.length
         if req.command == c.CMD_WRITE:
             disk = self.disk
-            # FUA, the guest cache off, or O_DSYNC: the stack decides how the write is made durable.
-            if req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache):
+            # FUA or the guest cache off: the stack decides how the write is made durable. On an image the
+            # stack opened O_DSYNC (directsync) the fd itself makes every write, FUA or not, durable before
+            # it completes -- an AIO write as much as the stack's own pwrite -- so AIO may take those.
+            if not disk.image.dsync and (req.flags & c.CMD_FLAG_FUA or disk.mode.every_write_durable(disk.write_cache)):
                 return False
             if isinstance(req.buffer, mmap.mmap):
                 buf = req.buffer  # the payload was received straight into aligned memory
@@ -157,6 +244,12 @@ class DirectPaths:
     def _aio_done(self, req: Request, res: int, buf: Any, aio: Any) -> None:
         length = req.length
         cookie = req.cookie
+        if res == -errno.EAGAIN:  # the kernel refused the batch it was in (never ran): the pool does it
+            if buf is not req.buffer:
+                aio.release(buf)
+            self._finish(req)
+            self._submit(req)
+            return
         if req.command == c.CMD_READ:
             if res < 0:
                 result: Any = replies.error(self.structured, cookie, c.CMD_READ, c.wire_errno(-res), os.strerror(-res))
@@ -223,6 +316,17 @@ class DirectPaths:
         else:
             transport.write(view)
         return True
+
+
+def pwrite_all(fd: int, note_write: Callable[[], None], data: Any, offset: int) -> None:
+    """A plain page-cache write straight to the image's fd (what the plain stack would do, minus its layers),
+    then counted as a write by the mode layer (so the next FLUSH syncs)."""
+    done = os.pwrite(fd, data, offset)
+    if done < len(data):
+        with memoryview(data) as view:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+    note_write()
 
 
 def nowait_works(fd: int | None) -> bool:

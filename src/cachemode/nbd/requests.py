@@ -5,6 +5,7 @@
         match event:
             case Request(): ...        # valid: dispatch it to the disk, build the reply with ``replies``
             case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
+            case PayloadFollows(): ... # only with stream_min: a large WRITE whose rest the caller reads
             case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
             case Violation(): ...      # bad request magic: finish what came before it, then close
 
@@ -68,6 +69,23 @@ class Rejected:
         return f"Rejected({c.ERROR_NAMES.get(self.error, self.error)}, cookie={self.cookie}, {self.message!r})"
 
 
+class PayloadFollows:
+    """A valid WRITE whose payload the parser leaves on the stream (see ``Transmission(stream_min=...)``).
+
+    ``head`` holds the payload bytes already received; the next ``length - len(head)`` bytes of the stream
+    are the rest. The caller must consume exactly those (e.g. splice them from the socket into the image)
+    before it feeds the parser again; the parser then expects the next request header."""
+
+    __slots__ = ("head", "request")
+
+    def __init__(self, request: Request, head: bytes | memoryview) -> None:
+        self.request = request
+        self.head = head
+
+    def __repr__(self) -> str:
+        return f"PayloadFollows({self.request!r}, {len(self.head)} received)"
+
+
 class Disconnect:
     """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
 
@@ -89,10 +107,13 @@ class Violation:
         return f"Violation({self.message!r})"
 
 
-Event = Request | Rejected | Disconnect | Violation
+Event = Request | Rejected | PayloadFollows | Disconnect | Violation
 
 
 SCRATCH_SIZE = 256 * 1024
+FIRST_READ_AFTER_STREAM = REQUEST_SIZE
+"""How much the read after a streamed payload may take: the next header only, so that when the next request
+is a large WRITE too its whole payload stays on the stream for the caller (no head to write separately)."""
 
 
 class Transmission:
@@ -116,8 +137,15 @@ class Transmission:
         scratch: memoryview | None = None,
         *,
         allocate_alone: bool = False,
+        stream_min: int = 0,
+        stream_max: int = c.MAX_PAYLOAD,
     ) -> None:
         self.negotiated = negotiated
+        # Plain WRITEs (no flags) from stream_min to stream_max bytes long whose payload has not fully arrived
+        # are handed out as PayloadFollows, their payload left on the stream for the caller; stream_min 0:
+        # never. Longer ones get a buffer from ``allocate`` as usual (and may wait for it).
+        self.stream_min = stream_min
+        self.stream_max = stream_max
         self.export = negotiated.export
         self.structured = negotiated.structured
         self.meta_context_id = negotiated.meta_context_id
@@ -135,6 +163,7 @@ class Transmission:
         self._need = 0
         self._filled = 0
         self._scratch = scratch
+        self._short_read = False  # the next read follows a streamed payload: keep it short
         self._into_payload = False
 
     @property
@@ -151,6 +180,9 @@ class Transmission:
         self._into_payload = False
         if self._scratch is None:
             self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        if self._short_read:
+            self._short_read = False
+            return self._scratch[:FIRST_READ_AFTER_STREAM]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
@@ -206,6 +238,16 @@ class Transmission:
             if pos < len(src):
                 self._buf = bytearray(memoryview(src)[pos:])
         return events
+
+    def collect(self, follows: PayloadFollows, payload: Any) -> None:
+        """Receive the rest of ``follows``'s payload the ordinary way after all, into ``payload`` (a buffer of
+        at least its length, which the caller has paid for, as for ``allocate``): it comes out as a
+        :class:`Request` whose ``buffer`` is ``payload`` once the stream has delivered it."""
+        req = follows.request
+        self._short_read = False  # the payload's rest comes first; the header after it is read as usual
+        self._start_payload((req.command, req.flags, req.cookie, req.offset), req.length, payload)
+        with memoryview(follows.head) as head:
+            self._fill(head, [])
 
     def _start_payload(self, pending: tuple[int, int, int, int], length: int, payload: Any) -> None:
         self._pending = pending
@@ -283,6 +325,12 @@ class Transmission:
                     events.append(Request(command, flags, cookie, offset, length, src[body : body + length]))
                     pos = body + length
                     continue
+                if self.stream_min and self.stream_min <= length <= self.stream_max and not flags:
+                    # payload incomplete and large: the caller takes the rest straight from the stream
+                    head = src[body:end] if isinstance(src, bytearray) else memoryview(src)[body:end]
+                    events.append(PayloadFollows(Request(command, flags, cookie, offset, length), head))
+                    self._short_read = True
+                    return end
                 # payload incomplete: collect it in its own buffer, exactly once
                 payload = None if self._allocate_alone and events else self._allocate(length)
                 if payload is None:  # not yet: keep this header (and what came of the payload) buffered

@@ -7,11 +7,14 @@ is a :class:`~cachemode.nbd.connection.NBDConnection`, whose sendfile/AIO paths 
 Everything the protocol decides (handshake, parsing, validation, reply layout) lives in the core; this module
 only moves bytes and runs disk calls. The hot path is kept lean on purpose:
 
-* page-cache modes (``disk.blocking`` false): a plain READ is one ``preadv(RWF_NOWAIT)`` on the image's fd
-  (``disk.fast_read_fd``) run inline in the event loop -- a page-cache hit costs no thread hand-off, a miss
-  goes to the pool -- and
-  reads of 128 KiB or more go from the image to the socket with ``sendfile(2)``; a plain WRITE below 256 KiB
-  is one ``disk.pwrite`` inline, a larger one goes to the pool so the kernel's copy overlaps the next receive;
+* buffered images (every mode but none/directsync; O_DSYNC only makes writes durable): a plain READ is one
+  ``preadv(RWF_NOWAIT)`` on the image's fd (``disk.fast_read_fd``) run inline in the event loop -- a
+  page-cache hit costs no thread hand-off, a miss is read with io_uring (:mod:`cachemode.nbd.uring`; the
+  pool where that is unavailable) -- and reads of 128 KiB or more go from the image to the socket with
+  ``sendfile(2)``;
+* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline; a
+  larger one is spliced from the socket into the image (:mod:`cachemode.nbd.splice`), or, where it cannot
+  be (FUA, no splice), goes to the pool so the kernel's copy overlaps the next receive;
 * O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
   eventfd in the loop (:mod:`cachemode.nbd.aio`), no thread at all;
 * everything else that may wait on the device -- FLUSH, FUA, O_DSYNC I/O, unaligned O_DIRECT requests,
@@ -46,12 +49,14 @@ from typing import Any
 from cachemode.nbd import budget
 from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
-from cachemode.nbd.direct import nowait_works
+from cachemode.nbd.direct import nowait_works, pwrite_all
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
 from cachemode.nbd.requests import SCRATCH_SIZE
+from cachemode.nbd.splice import splice_available
 from cachemode.nbd.tls import TLSConfig
+from cachemode.nbd.uring import open_uring
 from cachemode.unixsock import listen_owner_only
 
 log = logging.getLogger("cachemode.nbd")
@@ -112,10 +117,11 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self.address: str = ""
         self.uri: str = ""
-        # Reads may bypass the stack only for a buffered image with nothing emulated in between; writes may
-        # run inline only when they cannot wait on the device (no O_DIRECT, no O_DSYNC, no per-write FUA).
+        # Reads may bypass the stack only for a buffered image with nothing emulated in between -- O_DSYNC
+        # included: it makes writes durable and leaves reads page-cache reads. Writes may run inline only
+        # when they cannot wait on the device (no O_DIRECT, no O_DSYNC, no per-write FUA).
         blocking = bool(getattr(disk, "blocking", True))
-        self.fast_read_fd: int | None = None if blocking else getattr(disk, "fast_read_fd", None)
+        self.fast_read_fd: int | None = getattr(disk, "fast_read_fd", None)
         self.inline_writes = not blocking and not disk.read_only
         # O_DIRECT with the plain stack: aligned reads and plain writes may use native AIO (see aio.py).
         self.aio: Any = None
@@ -125,6 +131,17 @@ class Server:
         # layer might keep a reference to the data it was handed.
         self.recycle = _plain_stack(disk)
         self.buffers = BufferPool()
+        # Plain page-cache writes may be spliced from the socket into the image (see splice.py); they bypass
+        # the mode layer, so they are reported to its write counter, as AIO writes are.
+        self.splice_fd: int | None = None
+        # An inline write is one pwrite on the image's fd with the plain stack (the stack would only pass it
+        # down unchanged: no FUA, no O_DSYNC, nothing emulated), reported to the mode layer's write counter.
+        self.write_inline: Callable[[Any, int], None] = disk.pwrite
+        if self.recycle and self.inline_writes:
+            self._note_write = disk.top.note_write
+            self.write_inline = functools.partial(pwrite_all, disk.image.fd, disk.top.note_write)
+            if splice_available():
+                self.splice_fd = disk.image.fd
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
             self.aio = open_aio(self.loop, pool=self.buffers)
             # Writes done by AIO bypass the mode layer: they are reported to its write counter, so the next
@@ -134,10 +151,13 @@ class Server:
                 self.aio_fd = disk.image.fd
                 self.aio_align = max(disk.image.alignment, 512)
         self.read_inline: Callable[[int, int], bytes] | None = None
-        if not blocking:
-            fd = self.fast_read_fd
-            self.read_inline = functools.partial(os.pread, fd) if fd is not None else disk.pread
+        if self.fast_read_fd is not None:
+            self.read_inline = functools.partial(os.pread, self.fast_read_fd)
+        elif not blocking:
+            self.read_inline = disk.pread
         self.nowait_fd: int | None = self.fast_read_fd if nowait_works(self.fast_read_fd) else None
+        # Reads that miss the page cache go to io_uring where the kernel offers it, else to the pool.
+        self.uring: Any = open_uring(self.loop) if self.nowait_fd is not None else None
 
     def allocate_payload(self, length: int) -> Any:
         """The buffer a WRITE payload spanning several reads is received into: pooled page-aligned memory
@@ -239,6 +259,8 @@ class Server:
         # The disk applies the mode: flush syncs in writeback/none, is a no-op in unsafe and O_DSYNC modes.
         if self.aio is not None:
             self.aio.close()
+        if self.uring is not None:
+            self.uring.close()
         await self.pool.run(self.disk.flush)
         self.pool.shutdown()
         if self._trim is not None:

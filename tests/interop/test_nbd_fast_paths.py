@@ -1,0 +1,274 @@
+"""The server's fast paths observed for real: ``cachemode serve`` under strace, a libnbd client, and the bytes
+checked on both sides (what the client reads back, what the image file holds)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cachemode.nbd import constants as c
+from tests.interop.test_serve_cli import client_for
+from tests.nbd.serving import MIB, ServeProcess, nbdsh, need, need_libnbd_python
+
+pytestmark = pytest.mark.interop
+
+
+def need_strace() -> None:
+    need("strace")
+    probe = subprocess.run(["strace", "-o", "/dev/null", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip("strace cannot trace here (ptrace not permitted)")
+
+
+def traced(image: Path, trace: Path, calls: str, *args: str) -> ServeProcess:
+    return ServeProcess(
+        [str(image), "--create", "16M", *args], prefix=["strace", "-f", "-qq", "-e", f"trace={calls}", "-o", str(trace)]
+    )
+
+
+# A page-cache read must not wait on the device in any buffered mode: O_DSYNC makes writes durable and
+# leaves reads alone, and the write cache switched off makes writes FUA -- neither changes a read.
+@pytest.mark.parametrize(
+    "args",
+    [["--cache", "writethrough"], ["--cache", "writeback", "--write-cache", "off"], ["--cache", "writeback"]],
+    ids=["writethrough", "writeback-wc-off", "writeback"],
+)
+def test_buffered_reads_are_served_inline_in_every_buffered_mode(tmp_path: Path, args: list[str]) -> None:
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "preadv2,pread64,sendfile", *args)
+    try:
+        script = (
+            "small = bytes(range(256)) * 16\n"
+            "big = bytes(reversed(range(256))) * 4096\n"
+            f"h.pwrite(small, {4 * MIB})\n"
+            f"h.pwrite(big, {8 * MIB})\n"
+            f"assert h.pread(4096, {4 * MIB}) == small\n"
+            f"assert h.pread({MIB}, {8 * MIB}) == big\n"
+            "print('ok')\n"
+        )
+        assert nbdsh(srv.uri, script).stdout.strip() == "ok"
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    text = trace.read_text()
+    # The 4 KiB read: one preadv2 with RWF_NOWAIT in the event loop (a pool read would be a plain pread64).
+    assert re.search(rf"preadv2\(\d+, .*iov_len=4096\}}\], 1, {4 * MIB}, RWF_NOWAIT\) = 4096", text), text
+    assert not re.search(rf"pread64\(\d+, .*, 4096, {4 * MIB}\)", text), text
+    # The 1 MiB read: straight from the image to the socket.
+    assert re.search(rf"sendfile\(\d+, \d+, \[{8 * MIB}\] => \[\d+\], {MIB}\)", text), text
+    assert image.read_bytes()[4 * MIB : 4 * MIB + 4096] == bytes(range(256)) * 16
+
+
+def splice_calls(text: str) -> tuple[list[str], list[str]]:
+    """(socket -> pipe, pipe -> image) splice lines of a trace."""
+    into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = \d+", text)
+    into_image = re.findall(r"splice\(\d+, NULL, \d+, \[\d+\], \d+, 0\) = \d+", text)
+    return into_pipe, into_image
+
+
+def test_large_plain_writes_are_spliced_and_flushed(tmp_path: Path) -> None:
+    """libnbd writes 1 MiB and 300 KiB payloads: they reach the image by splice, read back intact, and the
+    FLUSH after them syncs (the mode layer was told of writes it did not see)."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice,fdatasync,pwritev2", "--cache", "writeback")
+    try:
+        script = (
+            "import random\n"
+            "a = random.Random(1).randbytes(1 << 20)\n"
+            "b = random.Random(2).randbytes(300 * 1024)\n"
+            f"h.pwrite(a, {MIB})\n"
+            f"h.pwrite(b, {3 * MIB} + 512)\n"
+            "h.flush()\n"
+            f"assert h.pread(len(a), {MIB}) == a\n"
+            f"assert h.pread(len(b), {3 * MIB} + 512) == b\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert data[MIB : 2 * MIB] == random.Random(1).randbytes(MIB)
+    assert data[3 * MIB + 512 : 3 * MIB + 512 + 300 * 1024] == random.Random(2).randbytes(300 * 1024)
+    text = trace.read_text()
+    into_pipe, into_image = splice_calls(text)
+    assert into_pipe and into_image, text
+    assert len(re.findall(r"\bfdatasync\(", text)) >= 1, text  # the FLUSH was not skipped
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [(["--cache", "writeback"], "FUA"), (["--cache", "writethrough"], "0"), (["--cache", "none"], "0")],
+    ids=["writeback-fua", "writethrough", "none"],
+)
+def test_writes_that_need_the_stack_are_not_spliced(tmp_path: Path, args: list[str], flags: str) -> None:
+    """A FUA write, an O_DSYNC mode and O_DIRECT keep their durability path: no splice into the image."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice", *args)
+    try:
+        fua = "nbd.CMD_FLAG_FUA" if flags == "FUA" else "0"
+        script = f"import os\na = os.urandom(1 << 20)\nh.pwrite(a, {MIB}, {fua})\nassert h.pread(len(a), {MIB}) == a\n"
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    assert splice_calls(trace.read_text()) == ([], []), trace.read_text()
+
+
+def test_a_payload_in_many_small_segments_that_pauses_midway(tmp_path: Path) -> None:
+    """A client that sends a 1 MiB payload in 1 KiB segments and stops halfway for a moment: the splice path
+    waits for the socket, and the image gets exactly the payload; the next request is parsed as usual."""
+    need_strace()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice,read", "--cache", "writeback")
+    payload = bytes(range(256)) * 4096
+    try:
+        with client_for(srv.uri) as cl:
+            header = struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 7, 2 * MIB, len(payload))
+            cl.sock.sendall(header)
+            for pos in range(0, len(payload), 1024):
+                cl.sock.sendall(payload[pos : pos + 1024])
+                if pos == len(payload) // 2:
+                    time.sleep(0.3)
+            reply = cl.read_reply()
+            assert (reply.error, reply.cookie) == (0, 7)
+            assert cl.pread(len(payload), 2 * MIB) == payload
+            cl.pwrite(b"after", 5)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert data[2 * MIB : 3 * MIB] == payload
+    assert data[5:10] == b"after"
+    text = trace.read_text()
+    into_pipe, into_image = splice_calls(text)
+    assert into_pipe and into_image, text
+    assert "EAGAIN" in text  # it did wait for the socket
+
+
+@pytest.mark.parametrize("uring", ["1", "0"], ids=["io_uring", "pool"])
+@pytest.mark.parametrize("mode", ["writeback", "writethrough"])
+def test_reads_that_miss_the_page_cache(tmp_path: Path, mode: str, uring: str) -> None:
+    """Data written, flushed and evicted from the page cache, then read by libnbd: the misses are read with
+    io_uring from the event loop (no pool thread's pread), or by the pool where io_uring is off; the bytes
+    are right either way."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    env = {**os.environ, "CACHEMODE_NBD_URING": uring}
+    srv = ServeProcess(
+        [str(image), "--create", "16M", "--cache", mode],
+        prefix=["strace", "-f", "-qq", "-e", "trace=io_uring_enter,pread64", "-o", str(trace)],
+        env=env,
+    )
+    try:
+        write = "import random\nh.pwrite(random.Random(3).randbytes(1 << 20), 4 << 20)\n"
+        nbdsh(srv.uri, write)
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        marker = len(trace.read_text())
+        read = (
+            "import random\ndata = random.Random(3).randbytes(1 << 20)\n"
+            "for off, n in ((0, 4096), (12288, 4096), (65536, 32768), (200000, 4096), (40960, 100000)):\n"
+            "    assert h.pread(n, (4 << 20) + off) == data[off : off + n], off\n"
+        )
+        nbdsh(srv.uri, read)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    text = trace.read_text()[marker:]
+    pool_reads = re.findall(r"pread64\(\d+, .*, \d+, (\d+)\)", text)
+    if uring == "1":
+        assert re.search(r"io_uring_enter\(\d+, [1-9]", text), text
+        assert not [off for off in pool_reads if int(off) >= 4 << 20], text
+    else:
+        assert [off for off in pool_reads if int(off) >= 4 << 20], text
+
+
+def test_directsync_writes_go_through_native_aio_on_the_dsync_fd(tmp_path: Path) -> None:
+    """directsync: the image fd is O_DIRECT|O_DSYNC, so plain and FUA writes alike are durable when the
+    kernel completes them -- native AIO takes them (io_submit, no pool pwrite, no fdatasync) and libnbd
+    reads back what it wrote."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "io_submit,pwrite64,pwritev,pwritev2,fdatasync", "--cache", "directsync")
+    try:
+        script = (
+            "import random\n"
+            "a = random.Random(4).randbytes(8192)\n"
+            f"h.pwrite(a, {MIB})\n"
+            f"assert h.pread(len(a), {MIB}) == a\n"
+        )
+        nbdsh(srv.uri, script)
+        # libnbd sends no FUA where it is not advertised; the server accepts it anyway (docs/nbd.md)
+        with client_for(srv.uri) as cl:
+            b = random.Random(5).randbytes(65536)
+            cl.pwrite(b, 2 * MIB, c.CMD_FLAG_FUA)
+            assert cl.pread(len(b), 2 * MIB) == b
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    text = trace.read_text()
+    assert len(re.findall(r"io_submit\(", text)) >= 2, text
+    assert not re.search(r"\b(pwrite64|pwritev|pwritev2|fdatasync)\(", text), text
+    data = image.read_bytes()
+    assert data[MIB : MIB + 8192] == random.Random(4).randbytes(8192)
+    assert data[2 * MIB : 2 * MIB + 65536] == random.Random(5).randbytes(65536)
+
+
+def test_native_aio_submits_a_burst_in_one_call(tmp_path: Path) -> None:
+    """libnbd sends 64 writes then 64 reads in bursts of 16 (cache=none): the server hands each burst it
+    receives to the kernel in one io_submit (fewer calls than requests), and every byte reads back."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "io_submit", "--cache", "none")
+    try:
+        script = (
+            "import random\n"
+            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+            "def burst(make):\n"
+            "    for first in range(0, 64, 16):\n"
+            "        for i in range(first, first + 16):\n"
+            "            make(i)\n"
+            "        while h.aio_in_flight() > 0:\n"
+            "            h.poll(-1)\n"
+            "burst(lambda i: h.aio_pwrite(blocks[i], i * 65536))\n"
+            "bufs = [nbd.Buffer(4096) for _ in range(64)]\n"
+            "burst(lambda i: h.aio_pread(bufs[i], i * 65536))\n"
+            "assert [b.to_bytearray() for b in bufs] == blocks\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    counts = [int(n) for n in re.findall(r"io_submit\(0x[0-9a-f]+, (\d+),", trace.read_text())]
+    assert sum(counts) == 128, counts
+    assert len(counts) < 128 and max(counts) > 1, counts
+    data = image.read_bytes()
+    assert all(data[i * 65536 : i * 65536 + 4096] == random.Random(i).randbytes(4096) for i in range(64))

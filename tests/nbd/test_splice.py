@@ -1,0 +1,111 @@
+"""The splice path's own rules on a real socket pair, a real pipe and a real image file: a pipe whose slots
+fill before the payload is complete is read out and splicing goes on; nothing is written before the payload
+is whole; a write error still consumes the payload."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from cachemode.nbd.requests import Request
+from cachemode.nbd.splice import PayloadSplicer, splice_available
+
+pytestmark = pytest.mark.skipif(not splice_available(), reason="no splice(2) here")
+
+PAYLOAD = bytes(range(256)) * 1024  # 256 KiB
+
+
+class CountingSplicer(PayloadSplicer):
+    spills = 0
+
+    def _spill(self) -> bool:
+        self.spills += 1
+        return super()._spill()
+
+
+def splice_one(image_fd: int, head: bytes, chunks: list[bytes], pipe_slots: int | None = None) -> tuple:
+    """Feed ``chunks`` through a unix socket pair while a splicer consumes them; return (error, fatal, spills)."""
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    splicer = CountingSplicer(loop, ours.fileno(), image_fd)
+    if pipe_slots:
+        fcntl.fcntl(splicer._pipe_w, fcntl.F_SETPIPE_SZ, pipe_slots * 4096)
+    finished = loop.create_future()
+    req = Request(1, 0, 1, 4096, len(head) + sum(map(len, chunks)))
+
+    def sender() -> None:
+        for chunk in chunks:
+            theirs.sendall(chunk)
+        if not chunks:
+            theirs.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    splicer.start(req, head, lambda _r, error, fatal: finished.set_result((error, fatal)))
+    try:
+        error, fatal = loop.run_until_complete(asyncio.wait_for(finished, 10))
+    finally:
+        thread.join()
+        splicer.close()
+        ours.close()
+        theirs.close()
+        loop.close()
+    return error, fatal, splicer.spills
+
+
+def test_a_pipe_that_fills_is_read_out_and_splicing_goes_on(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(bytes(1 << 20))
+    fd = os.open(image, os.O_RDWR)
+    try:
+        # 1 KiB segments on a unix socket are one pipe slot each: 16 slots hold 16 KiB of a 256 KiB payload
+        chunks = [PAYLOAD[i : i + 1024] for i in range(100, len(PAYLOAD), 1024)]
+        error, fatal, spills = splice_one(fd, PAYLOAD[:100], chunks, pipe_slots=16)
+    finally:
+        os.close(fd)
+    assert (error, fatal) == (None, False)
+    assert spills > 0
+    assert image.read_bytes()[4096 : 4096 + len(PAYLOAD)] == PAYLOAD
+
+
+def test_end_of_stream_mid_payload_writes_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(bytes(1 << 20))
+    fd = os.open(image, os.O_RDWR)
+    try:
+        loop = asyncio.new_event_loop()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        splicer = PayloadSplicer(loop, ours.fileno(), fd)
+        outcome: list = []
+        theirs.sendall(PAYLOAD[100:50000])
+        theirs.close()
+        splicer.start(Request(1, 0, 1, 4096, len(PAYLOAD)), PAYLOAD[:100], lambda _r, e, f: outcome.append((e, f)))
+        splicer.close()
+        ours.close()
+        loop.close()
+    finally:
+        os.close(fd)
+    ((error, fatal),) = outcome
+    assert fatal and isinstance(error, ConnectionResetError)
+    assert image.read_bytes() == bytes(1 << 20)
+
+
+def test_a_write_error_still_consumes_the_payload(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(bytes(1 << 20))
+    fd = os.open(image, os.O_RDONLY)  # writes fail with EBADF
+    try:
+        chunks = [PAYLOAD[i : i + 65536] for i in range(100, len(PAYLOAD), 65536)]
+        error, fatal, _ = splice_one(fd, PAYLOAD[:100], chunks)
+    finally:
+        os.close(fd)
+    assert not fatal and error is not None and error.errno == errno.EBADF
