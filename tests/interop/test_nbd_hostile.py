@@ -385,3 +385,27 @@ def test_a_large_request_does_not_wait_for_bytes_the_transport_sends_unreported(
     ledger.release(32 * MIB)
     ledger.set_queued(TRANSPORT_HIGH_WATER + 1)
     assert not ledger.admit(32 * MIB)
+
+
+def test_a_client_vanishing_mid_payload_gives_its_charge_back(tmp_path: Path) -> None:
+    """A WRITE payload's buffer is charged when it is handed out; a client that sends the header and part of
+    the payload, then leaves, must not keep that share of the server's budget for ever (each one would
+    shrink the server's budget until only small requests were served)."""
+    path = tmp_path / "d.img"
+    open_disk(path, create_size=16 * MIB).close()
+    disk = open_disk(path)
+    srv = ThreadServer(disk, connection_budget=3 * MIB, server_budget=6 * MIB)
+    try:
+        for _ in range(4):  # more than the server's budget holds at once
+            cl = Client("127.0.0.1", srv.port)
+            cl.sock.sendall(REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1, 0, 2 * MIB) + b"p" * (256 * 1024))
+            assert wait_for(lambda: srv.server.budget.used >= cost(c.CMD_WRITE, 2 * MIB))
+            cl.sock.close()
+            assert wait_for(lambda: srv.server.budget.used == 0 and not srv.server._connections)
+        good = Client("127.0.0.1", srv.port)
+        good.pwrite(b"g" * (2 * MIB), 0)  # larger than the reserve: needs the server's budget
+        assert good.pread(4096, 0) == b"g" * 4096
+        good.close()
+    finally:
+        srv.stop()
+        disk.close()

@@ -133,8 +133,13 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self._out.clear()
+        # Payloads paid for when their buffers were handed out and never executed: the one being received, and
+        # requests held back with their payloads complete (prepaid: ``buffer`` set).
+        unpaid = [ev.length for ev in self._backlog if ev.__class__ is Request and ev.buffer is not None]
+        if self.tx is not None and self.tx.receiving:
+            unpaid.append(self.tx.receiving)
         self._backlog.clear()
-        self.ledger.release(self._batch_cost + self._out_cost)
+        self.ledger.release(self._batch_cost + self._out_cost + sum(cost(c.CMD_WRITE, n) for n in unpaid))
         self._batch_cost = self._out_cost = 0
         if self._splicer is not None:
             self._splicer.close()  # a payload being spliced is dropped (nothing of it was written): its charge too

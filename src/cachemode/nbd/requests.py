@@ -167,6 +167,13 @@ class Transmission:
         self._into_payload = False
 
     @property
+    def receiving(self) -> int:
+        """The length of the WRITE payload being received into its own buffer, 0 if none. That buffer was paid
+        for when ``allocate`` (or :meth:`collect`'s caller) handed it out: if the stream ends first, the
+        charge is the caller's to release."""
+        return self._need if self._pending is not None else 0
+
+    @property
     def buffered(self) -> int:
         """Bytes currently held by the parser (for tests of the memory bound)."""
         return len(self._buf) + self._need
