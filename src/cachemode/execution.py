@@ -5,7 +5,7 @@ One seam for crash exploration, SQLite state checking and cache sweeps. A caller
 the results itself, so the answer does not depend on where or in which order the tasks ran.
 
 * :class:`LocalExecutor`: a thread pool. The work releases the GIL where it matters (checker subprocesses,
-  numba kernels, SQLite), so threads share one copy of the data and start nothing.
+  C simulation kernels, SQLite), so threads share one copy of the data and start nothing.
 * :class:`DaskExecutor`: tasks on a Dask cluster. Large read-only inputs are :meth:`~Executor.share`-d
   (scattered to every worker once), not sent with each task. A worker that dies has its tasks rescheduled by the
   scheduler; closing the executor (also on Ctrl-C) cancels what has not run. ``--scheduler local`` starts a
