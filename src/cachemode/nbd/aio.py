@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import platform
 from collections.abc import Callable
 from typing import Any
+
+from cachemode.nbd.syscalls import checked, syscall
 
 _SYSCALLS = {
     "x86_64": {"io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209},
@@ -113,15 +114,13 @@ class LinuxAIO:
 
     def __init__(self, loop: Any, depth: int = 256, pool: BufferPool | None = None) -> None:
         numbers = _SYSCALLS[platform.machine()]
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
+        self._syscall = syscall()
         self._nr = numbers
         self.depth = depth
         self._ctx = ctypes.c_ulong(0)
-        if self._syscall(ctypes.c_long(numbers["io_setup"]), ctypes.c_long(depth), ctypes.byref(self._ctx)) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"io_setup: {os.strerror(err)}")
+        checked(
+            self._syscall(ctypes.c_long(numbers["io_setup"]), ctypes.c_long(depth), ctypes.byref(self._ctx)), "io_setup"
+        )
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events = (_Event * depth)()
         self._zero = _Timespec(0, 0)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import os
 import platform
 import struct
 from collections.abc import Callable
 from typing import Any
+
+from cachemode.nbd.syscalls import checked, syscall
 
 _SETUP, _ENTER, _REGISTER = 425, 426, 427
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
@@ -77,14 +78,11 @@ class Uring:
     """One io_uring whose completions are delivered to ``loop`` via an eventfd. Loop thread only."""
 
     def __init__(self, loop: Any, entries: int = 256) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
+        self._syscall = syscall()
         params = _Params()
-        fd = self._syscall(ctypes.c_long(_SETUP), ctypes.c_uint(entries), ctypes.byref(params))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+        fd = checked(
+            self._syscall(ctypes.c_long(_SETUP), ctypes.c_uint(entries), ctypes.byref(params)), "io_uring_setup"
+        )
         self.fd = int(fd)
         self._maps: list[mmap.mmap] = []
         self.efd = -1
@@ -92,9 +90,8 @@ class Uring:
             self._map(params)
             self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             efd = ctypes.c_int(self.efd)
-            if self._syscall(ctypes.c_long(_REGISTER), self.fd, _REGISTER_EVENTFD, ctypes.byref(efd), 1) < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"io_uring_register: {os.strerror(err)}")
+            registered = self._syscall(ctypes.c_long(_REGISTER), self.fd, _REGISTER_EVENTFD, ctypes.byref(efd), 1)
+            checked(registered, "io_uring_register")
         except BaseException:
             self._release()
             raise
