@@ -549,7 +549,7 @@ static inline __attribute__((always_inline)) int64_t oldest_way(const int64_t *s
 static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0,
                                                           Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
                                                           const int64_t repl, const int emit, const int64_t A,
-                                                          const int plain, const int V) {
+                                                          const int plain, const int V, const int D) {
     const int64_t *prm = K->prm;
     /* restrict: the arrays never overlap, and the byte arrays (dirty, output types) would otherwise oblige the
      * compiler to reload everything after each store through them */
@@ -563,7 +563,8 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
     const uint16_t *restrict sz16 = K->sz16;
     const uint32_t *restrict sz32 = K->sz32;
     const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = A ? A : prm[P_ASSOC];
-    const int64_t walloc = prm[P_WALLOC], wback = prm[P_WBACK], ralloc = prm[P_RALLOC];
+    /* D: Dinero's default policies (write-allocate, write-back, and read-allocate), as constants */
+    const int64_t walloc = D ? 0 : prm[P_WALLOC], wback = D ? 0 : prm[P_WBACK], ralloc = D ? 1 : prm[P_RALLOC];
     const Py_ssize_t n = K->n, cap = K->cap;
     const int64_t bsize = (int64_t)1 << lgb;
     const uint64_t boff = (uint64_t)(bsize - 1);
@@ -769,20 +770,23 @@ static int run_general_any(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0
 /* the fast kernel, compiled once per (sets a power of 2 or not, output or not, replacement policy, and for LRU
  * and FIFO 8 or 16 ways), in two forms: plain (every event is this cache's) or picking its side of a split level
  * or its partition of the sets. The policy tests in the loop become constants. The 8- and 16-way forms are compiled
- * a second time for AVX2 (vector way search and victim choice), used when the processor has it (x86-64 only). */
+ * twice more for AVX2 (vector way search and victim choice), used when the processor has it (x86-64 only): for
+ * any write/read policies and with Dinero's defaults (write-allocate, write-back, read-allocate) as constants,
+ * which frees the registers those tests held. */
 #define FAST(P, E, R, A, L)                                                                                     \
     static int run_fast_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx,     \
                                                     Py_ssize_t *ko) {                                          \
-        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, 0);                                                   \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, 0, 0);                                                \
     }
-#define FASTV(P, E, R, A, L)                                                                                    \
-    static AVX2_TARGET int run_fastv_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0,         \
-                                                                 Py_ssize_t *nx, Py_ssize_t *ko) {             \
-        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, HAVE_AVX2_KERNELS);                                   \
+#define FASTV(P, E, R, A, L, D)                                                                                 \
+    static AVX2_TARGET int run_fastv##D##_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0,    \
+                                                                      Py_ssize_t *nx, Py_ssize_t *ko) {        \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, HAVE_AVX2_KERNELS, D);                                \
     }
 #define FAST_A(P, E, L) FAST(P, E, 0, 0, L) FAST(P, E, 1, 0, L) FAST(P, E, 2, 0, L) FAST(P, E, 3, 0, L) \
     FAST(P, E, 0, 8, L) FAST(P, E, 1, 8, L) FAST(P, E, 0, 16, L) FAST(P, E, 1, 16, L)                    \
-    FASTV(P, E, 0, 8, L) FASTV(P, E, 1, 8, L) FASTV(P, E, 0, 16, L) FASTV(P, E, 1, 16, L)
+    FASTV(P, E, 0, 8, L, 0) FASTV(P, E, 1, 8, L, 0) FASTV(P, E, 0, 16, L, 0) FASTV(P, E, 1, 16, L, 0)    \
+    FASTV(P, E, 0, 8, L, 1) FASTV(P, E, 1, 8, L, 1) FASTV(P, E, 0, 16, L, 1) FASTV(P, E, 1, 16, L, 1)
 #define FAST_L(P, E) FAST_A(P, E, 0) FAST_A(P, E, 1)
 FAST_L(0, 0)
 FAST_L(0, 1)
@@ -794,16 +798,19 @@ typedef int (*FastFn)(Kern *, Py_ssize_t, Py_ssize_t, Py_ssize_t *, Py_ssize_t *
       run_fast_##P##_##E##_3_0_##L},                                                                           \
      {run_fast_##P##_##E##_0_8_##L, run_fast_##P##_##E##_1_8_##L, NULL, NULL},                                  \
      {run_fast_##P##_##E##_0_16_##L, run_fast_##P##_##E##_1_16_##L, NULL, NULL},                                \
-     {run_fastv_##P##_##E##_0_8_##L, run_fastv_##P##_##E##_1_8_##L, NULL, NULL},                                \
-     {run_fastv_##P##_##E##_0_16_##L, run_fastv_##P##_##E##_1_16_##L, NULL, NULL}}
+     {run_fastv0_##P##_##E##_0_8_##L, run_fastv0_##P##_##E##_1_8_##L, NULL, NULL},                              \
+     {run_fastv0_##P##_##E##_0_16_##L, run_fastv0_##P##_##E##_1_16_##L, NULL, NULL},                            \
+     {run_fastv1_##P##_##E##_0_8_##L, run_fastv1_##P##_##E##_1_8_##L, NULL, NULL},                              \
+     {run_fastv1_##P##_##E##_0_16_##L, run_fastv1_##P##_##E##_1_16_##L, NULL, NULL}}
 #define FAST_PE(P, E) {FAST_ROW(P, E, 0), FAST_ROW(P, E, 1)}
-static const FastFn FAST_FNS[2][2][2][5][4] = {{FAST_PE(0, 0), FAST_PE(0, 1)}, {FAST_PE(1, 0), FAST_PE(1, 1)}};
+static const FastFn FAST_FNS[2][2][2][7][4] = {{FAST_PE(0, 0), FAST_PE(0, 1)}, {FAST_PE(1, 0), FAST_PE(1, 1)}};
 static int use_avx2; /* set at import: the processor has AVX2 and CACHEMODE_PORTABLE is not set */
 
 static FastFn fast_fn(const int64_t *prm, int pow2) {
     int64_t repl = prm[P_REPL] & 3, assoc = prm[P_ASSOC];
     int a = repl < 2 ? (assoc == 8 ? 1 : assoc == 16 ? 2 : 0) : 0;
-    if (a && use_avx2) a += 2;
+    if (a && use_avx2) /* the AVX2 forms, with Dinero's default policies as constants where they apply */
+        a += prm[P_WALLOC] == 0 && prm[P_WBACK] == 0 && prm[P_RALLOC] == 1 ? 4 : 2;
     int plain = prm[P_SIDE] == 0 && prm[P_PMASK] == 0;
     return FAST_FNS[pow2][prm[P_EMIT] != 0][plain][a][repl];
 }
