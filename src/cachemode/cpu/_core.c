@@ -600,13 +600,6 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
         const uint64_t a = addrs[e];
         const int64_t sz = sz16 ? sz16[e] : (int64_t)sz32[e];
         int single = (int64_t)(a & boff) + sz <= bsize;
-        if (emit) {
-            int64_t need = single ? 3 : 3 * ((int64_t)((a + (uint64_t)(sz - 1)) >> lgb) - (int64_t)(a >> lgb) + 1);
-            if (k + need > cap) {
-                reason = OUT_FULL;
-                break;
-            }
-        }
         const int is_write = t == 1;
         if (single && ((a >> upshift) & upmask) != upid) continue; /* another partition's block */
         int known_miss = 0;
@@ -632,6 +625,10 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                 lastslot = slot;
                 continue;
             }
+            if (emit && k + 3 > cap) { /* (a hit writes nothing downstream: only a miss needs the room) */
+                reason = OUT_FULL;
+                break;
+            }
             if (A && (is_write ? walloc == 0 : ralloc != 0)) { /* the common miss: allocate over the oldest way */
                 const int64_t v = base + oldest_way(stamp, base, A, V), old = tags[v];
                 const int was_dirty = dirty[v]; /* (invalid ways are never dirty) */
@@ -654,6 +651,13 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                 continue;
             }
             known_miss = 1; /* searched just now: the piece loop need not search again */
+        }
+        if (emit) { /* at most a fill, a write-through and a write-back per piece */
+            int64_t need = single ? 3 : 3 * ((int64_t)((a + (uint64_t)(sz - 1)) >> lgb) - (int64_t)(a >> lgb) + 1);
+            if (k + need > cap) {
+                reason = OUT_FULL;
+                break;
+            }
         }
         const int64_t org = origin ? origin[e] : org0 + e;
         uint64_t pa = a;
