@@ -9,16 +9,18 @@ Workloads of --refs references (default 10M):
   uniform accesses over 4 MiB (40/30/30), 8-byte references; 44% of them miss L1 and 65% of those miss L2.
 
 Measured, each with CPU time (``time.process_time`` in process; ``wait4`` rusage for programs) beside wall
-time, since the machine may be shared (the load average is printed before and after):
+time, since the machine may be shared (the load average is printed before and after); the best of --repeat
+runs, cachemode and its peer taking turns:
 1. throughput on one core, loads only (pycachesim's batch ``load``) and loads+stores (its ``loadstore``), on both
    workloads, against pycachesim 0.3.1 in the same process; cachemode on every core beside, by wall time;
 2. one level (L1 alone) and 3C classification (split L1 with ccc on the data cache, unified L2 with ccc, on
    mm32 with its instruction fetches);
 3. ``cachemode dinero`` end to end against ``dineroIV`` (DINEROIV=/path/to/dineroIV; built from its public
    source, never part of this repository) on mm32 x 40 as din (10.6M references) and on the miss-heavy trace as
-   extended din, warm; reports compared from "Simulation complete" on;
-4. the fixed cost of a 1,000-reference run, and a first run with every module compiled afresh (an empty
-   ``PYTHONPYCACHEPREFIX``, as after installing), on mm32.
+   extended din, warm (Python's bytecode cached in a ``PYTHONPYCACHEPREFIX`` of the run's own, even where
+   ``PYTHONDONTWRITEBYTECODE`` is set); reports compared from "Simulation complete" on;
+4. the fixed cost of a 1,000-reference run (warm, as above), and a first run with every module compiled afresh
+   (an empty ``PYTHONPYCACHEPREFIX``, as after installing), on mm32.
 
 Usage: python bench/cpu_bench.py [--refs N] [--repeat R] [--json FILE]
 """
@@ -135,13 +137,22 @@ def group_loadstore(addrs: np.ndarray, is_store: np.ndarray) -> list:
 
 def timed(fn, repeat: int):
     """(best CPU seconds, best wall seconds, last result)."""
-    cpu, wall, out = [], [], None
+    return timed_side_by_side([fn], repeat)[0]
+
+
+def timed_side_by_side(fns: list, repeat: int) -> list:
+    """[(best CPU seconds, best wall seconds, last result)] of each function, run in turns (one of each, repeat
+    times), so that a burst of load on the shared machine falls on all of them alike rather than on one."""
+    cpu: list[list[float]] = [[] for _ in fns]
+    wall: list[list[float]] = [[] for _ in fns]
+    out: list = [None] * len(fns)
     for _ in range(repeat):
-        c0, w0 = time.process_time(), time.perf_counter()
-        out = fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return min(cpu), min(wall), out
+        for i, fn in enumerate(fns):
+            c0, w0 = time.process_time(), time.perf_counter()
+            out[i] = fn()
+            cpu[i].append(time.process_time() - c0)
+            wall[i].append(time.perf_counter() - w0)
+    return [(min(c), min(w), o) for c, w, o in zip(cpu, wall, out, strict=True)]
 
 
 def throughput(name: str, addrs: np.ndarray, stores: np.ndarray | None, repeat: int) -> dict:
@@ -164,9 +175,9 @@ def throughput(name: str, addrs: np.ndarray, stores: np.ndarray | None, repeat: 
             cs.loadstore(groups, length=8)
             return l1.stats()["MISS_count"], l2.stats()["MISS_count"]
 
-    cm_cpu, cm_wall, res = timed(lambda: simulate(h, trace, threads=1), repeat)
-    _, all_wall, _ = timed(lambda: simulate(h, trace), repeat)
-    pcs_cpu, pcs_wall, pcs = timed(run_pcs, repeat)
+    (cm_cpu, cm_wall, res), (_, all_wall, _), (pcs_cpu, pcs_wall, pcs) = timed_side_by_side(
+        [lambda: simulate(h, trace, threads=1), lambda: simulate(h, trace), run_pcs], repeat
+    )
     return {
         "workload": name,
         "mode": "loads" if stores is None else "loads+stores",
@@ -205,7 +216,10 @@ def run_program(cmd: list[str], stdin_path: Path | None, env: dict | None = None
 
 
 def best_program(cmd, path, repeat, env=None) -> dict:
-    runs = [run_program(cmd, path, env) for _ in range(repeat)]
+    return best_of([run_program(cmd, path, env) for _ in range(repeat)])
+
+
+def best_of(runs: list) -> dict:
     return {
         "wall_s": min(r[1] for r in runs),
         "cpu_s": min(r[2] for r in runs),
@@ -218,11 +232,18 @@ def report_part(text: bytes) -> bytes:
     return text[text.find(b"---Simulation complete") :]
 
 
-def end_to_end(label: str, path: Path, opts: list[str], refs: int, repeat: int, dinero: str | None) -> dict:
-    cm = best_program([*CM, "dinero", *opts], path, repeat)
+def end_to_end(
+    label: str, path: Path, opts: list[str], refs: int, repeat: int, dinero: str | None, env: dict | None = None
+) -> dict:
+    cm_runs, d4_runs = [], []
+    for _ in range(repeat):  # in turns, so that a burst of load falls on both alike
+        cm_runs.append(run_program([*CM, "dinero", *opts], path, env))
+        if dinero:
+            d4_runs.append(run_program([dinero, *opts], path))
+    cm = best_of(cm_runs)
     row = {"trace": label, "refs": refs, "bytes": path.stat().st_size, "cachemode": cm}
     if dinero:
-        d4 = best_program([dinero, *opts], path, repeat)
+        d4 = best_of(d4_runs)
         row["dineroIV"] = d4
         row["reports_identical"] = report_part(cm["report"]) == report_part(d4["report"])
         row["speedup_wall"] = d4["wall_s"] / cm["wall_s"]
@@ -295,10 +316,15 @@ def main() -> None:
         heavy = Path(tmp) / "miss-heavy.xdin"
         with TraceWriter(heavy) as w:
             w.write(Trace(stores.astype(np.int8), workloads[1][1], np.full(n, 8, np.uint16)))
-        subprocess.run([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], input=b"0 0\n", capture_output=True)
+        # warm: Python's bytecode cached, as after an install and a first run (with PYTHONDONTWRITEBYTECODE set,
+        # as on the project's machine, every run would compile cachemode's modules again)
+        warm = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        warm["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "warm-pycache")
+        subprocess.run([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], input=b"0 0\n", capture_output=True, env=warm)
+        split, unified = [*DINERO_SPLIT, "-informat", "d"], [*DINERO_UNIFIED, "-informat", "D"]
         e2e = [
-            end_to_end("mm32 x 40 (din)", mm40, [*DINERO_SPLIT, "-informat", "d"], len(mm) * 40, args.repeat, dinero),
-            end_to_end("miss-heavy (xdin)", heavy, [*DINERO_UNIFIED, "-informat", "D"], n, args.repeat, dinero),
+            end_to_end("mm32 x 40 (din)", mm40, split, len(mm) * 40, args.repeat, dinero, warm),
+            end_to_end("miss-heavy (xdin)", heavy, unified, n, args.repeat, dinero, warm),
         ]
         for r in e2e:
             c = r["cachemode"]
@@ -318,9 +344,9 @@ def main() -> None:
 
         small = Path(tmp) / "k1.din"
         small.write_bytes(b"".join(MM32.read_bytes().splitlines(keepends=True)[:1000]))
-        k1 = best_program([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], small, max(args.repeat, 5))
+        k1 = best_program([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], small, max(args.repeat, 5), warm)
         fresh = Path(tmp) / "pycache"
-        env = dict(os.environ, PYTHONPYCACHEPREFIX=str(fresh))
+        env = dict(warm, PYTHONPYCACHEPREFIX=str(fresh))
         first = run_program([*CM, "dinero", *DINERO_SPLIT, "-informat", "d"], MM32, env)
         out["small_run"] = {k: v for k, v in k1.items() if k != "report"}
         out["first_run_mm32"] = {"wall_s": first[1], "cpu_s": first[2]}

@@ -54,6 +54,23 @@ def test_dinero_reads_stdin(xdin):
     assert p.stdout.decode().rstrip().endswith("---Execution complete.")
 
 
+def test_dinero_starts_without_click_or_toml():
+    """`cachemode dinero` takes Dinero's options itself: its start-up (part of its speed) imports neither the
+    click command line nor the TOML reader."""
+    code = (
+        "import sys\n"
+        "from cachemode.cli import main\n"
+        "try:\n"
+        "    main(['dinero', '-l1-usize', '1k', '-l1-ubsize', '16', '-l1-uassoc', '1', '-informat', 'd'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'click' in sys.modules, 'tomllib' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], input=b"0 0\n1 40\n", capture_output=True, timeout=120)
+    out = p.stdout.decode()
+    assert "---Simulation complete." in out and " Demand Fetches\t\t           2\t" in out, out
+    assert out.strip().endswith("exit 0 False False"), out
+
+
 @pytest.mark.parametrize(
     ("args", "stdin", "fragment"),
     [

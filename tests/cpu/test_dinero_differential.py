@@ -45,7 +45,7 @@ def random_options(rng: np.random.Generator) -> list[str]:
         for k in kinds:
             blocks = 2 ** int(rng.integers(3, 9)) * lev
             size = 1 << (blocks * block - 1).bit_length()  # a power of 2
-            assoc = int(rng.choice([1, 2, 3, 4, 5, 8, size // block]))
+            assoc = int(rng.choice([1, 2, 3, 4, 5, 8, 16, size // block]))
             args += [f"-l{lev}-{k}size", str(size), f"-l{lev}-{k}bsize", str(block), f"-l{lev}-{k}assoc", str(assoc)]
             args += [f"-l{lev}-{k}repl", str(rng.choice(["l", "f"]))]
             if k != "i":

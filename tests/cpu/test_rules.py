@@ -238,7 +238,9 @@ refs = st.lists(
 @given(
     refs=refs,
     pol=policies,
-    geom=st.sampled_from([(64, 16, 1), (64, 16, 2), (128, 16, 4), (64, 8, 8), (256, 32, 2), (32, 4, 4)]),
+    geom=st.sampled_from(
+        [(64, 16, 1), (64, 16, 2), (128, 16, 4), (64, 8, 8), (256, 32, 2), (32, 4, 4), (512, 16, 8), (512, 8, 16)]
+    ),
 )
 def test_kernel_matches_reference_model(refs, pol, geom):
     size, bsize, assoc = geom
@@ -308,3 +310,25 @@ def test_fast_and_general_kernels_agree(repl, monkeypatch):
     fast = simulate(h, t, threads=1).to_dict()
     monkeypatch.setattr(kernels, "HASH_MIN_ASSOC", 1)  # the Python side then never picks the fast kernel
     assert simulate(h, t, threads=1).to_dict() == fast
+
+
+@pytest.mark.parametrize("repl", ["lru", "fifo"])
+def test_vector_and_portable_kernels_agree(repl):
+    """The 8- and 16-way kernels compiled for AVX2 count exactly as the portable ones (where AVX2 is present)."""
+    from cachemode.cpu import _core
+
+    h = Hierarchy(
+        [
+            Level(icache=CacheConfig("1k", 16, 8, repl=repl), dcache=CacheConfig("2k", 32, 16, repl=repl)),
+            Level(unified=CacheConfig("8k", 32, 8, repl=repl, walloc="n", wback="n")),
+            Level(unified=CacheConfig("16k", 64, 16, repl=repl, walloc="f")),
+        ]
+    )
+    t = _mixed_trace(20000, seed=3)
+    was = _core.vector_kernels(0)
+    try:
+        portable = simulate(h, t, threads=1, flushcount=7000).to_dict()
+        _core.vector_kernels(1)
+        assert simulate(h, t, threads=1, flushcount=7000).to_dict() == portable
+    finally:
+        _core.vector_kernels(was)

@@ -475,10 +475,40 @@ static inline int run_general(Kern *K, Py_ssize_t start, Py_ssize_t stop, Py_ssi
     return reason;
 }
 
-/* The way of blk in the set at base, or -1. With a constant number of ways the loop is unrolled and branch-free
- * (a block is in at most one way), which a miss-heavy level prefers to an early exit that mispredicts. */
+/* Four 64-bit lanes (GCC vector extensions), used only by the kernels compiled for AVX2 (see FAST_FNS), where the
+ * 8- and 16-way searches below take a handful of vector instructions; the portable kernels stay scalar. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HAVE_AVX2_KERNELS 1
+#define AVX2_TARGET __attribute__((target("avx2")))
+#else
+#define HAVE_AVX2_KERNELS 0
+#define AVX2_TARGET
+#endif
+typedef int64_t v4i64 __attribute__((vector_size(32), aligned(8)));
+typedef double v4f64 __attribute__((vector_size(32), aligned(8)));
+
+/* find_way over A ways (a multiple of 4) with AVX2: compare four at a time, one bit per way, the lowest set bit.
+ * (Not always_inline: the portable kernels must not inline it; the AVX2 ones do.) */
+#if HAVE_AVX2_KERNELS
+static inline AVX2_TARGET int64_t find_way_avx2(const int64_t *tags, int64_t blk, const int64_t A) {
+    const v4i64 *t = (const v4i64 *)tags;
+    int64_t m = 0;
+    for (int64_t j = 0; j < A / 4; j++) m |= (int64_t)__builtin_ia32_movmskpd256((v4f64)(t[j] == blk)) << (4 * j);
+    return m ? __builtin_ctzll((uint64_t)m) : -1;
+}
+#else
+static inline int64_t find_way_avx2(const int64_t *tags, int64_t blk, const int64_t A) { /* never called */
+    for (int64_t j = 0; j < A; j++)
+        if (tags[j] == blk) return j;
+    return -1;
+}
+#endif
+
+/* The way of blk in the set at base, or -1. With a constant number of ways the search is branch-free (a block is in
+ * at most one way), which a miss-heavy level prefers to an early exit that mispredicts. */
 static inline __attribute__((always_inline)) int64_t find_way(const int64_t *tags, int64_t base, int64_t assoc,
-                                                              int64_t blk, const int64_t A) {
+                                                              int64_t blk, const int64_t A, const int V) {
+    if (A && V) return find_way_avx2(tags + base, blk, A);
     if (A) {
         int64_t w = -1;
         for (int64_t j = A - 1; j >= 0; j--) w = tags[base + j] == blk ? j : w;
@@ -489,13 +519,37 @@ static inline __attribute__((always_inline)) int64_t find_way(const int64_t *tag
     return -1;
 }
 
+/* The way with the smallest stamp (least recently used, or oldest; invalid ways have stamp 0 and the lowest of them
+ * wins), over A ways (a multiple of 4): keys stamp << 5 | way, minimum by a reduction tree (a short dependency
+ * chain), over vectors of 4 when V. */
+static inline __attribute__((always_inline)) int64_t oldest_way(const int64_t *stamp, int64_t base, const int64_t A,
+                                                                const int V) {
+    if (!V) {
+        uint64_t key[32];
+        for (int64_t j = 0; j < A; j++) key[j] = (uint64_t)stamp[base + j] << 5 | (uint64_t)j;
+        for (int64_t width = A / 2; width >= 1; width /= 2)
+            for (int64_t j = 0; j < width; j++) key[j] = key[j + width] < key[j] ? key[j + width] : key[j];
+        return (int64_t)(key[0] & 31);
+    }
+    const v4i64 *s = (const v4i64 *)(stamp + base);
+    v4i64 key[4];
+    for (int64_t j = 0; j < A / 4; j++) key[j] = (s[j] << 5) | ((v4i64){0, 1, 2, 3} + 4 * j);
+    for (int64_t width = A / 8; width >= 1; width /= 2)
+        for (int64_t j = 0; j < width; j++) {
+            v4i64 less = key[j + width] < key[j];
+            key[j] = (key[j + width] & less) | (key[j] & ~less);
+        }
+    int64_t a = key[0][0] < key[0][1] ? key[0][0] : key[0][1], b = key[0][2] < key[0][3] ? key[0][2] : key[0][3];
+    return (a < b ? a : b) & 31;
+}
+
 /* The common case, kept small so it stays fast: no 3C shadow, up to 32 ways, demand references. Same rules and
  * output as run_general; stops with SPECIAL at a copy-back or invalidate event, which the caller hands to the
  * general kernel. Shares the state arrays with it. */
 static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t start, Py_ssize_t k0,
                                                           Py_ssize_t *next, Py_ssize_t *kout, const int pow2,
                                                           const int64_t repl, const int emit, const int64_t A,
-                                                          const int plain) {
+                                                          const int plain, const int V, const int D) {
     const int64_t *prm = K->prm;
     /* restrict: the arrays never overlap, and the byte arrays (dirty, output types) would otherwise oblige the
      * compiler to reload everything after each store through them */
@@ -509,7 +563,8 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
     const uint16_t *restrict sz16 = K->sz16;
     const uint32_t *restrict sz32 = K->sz32;
     const int64_t lgb = prm[P_LGB], nsets = prm[P_NSETS], assoc = A ? A : prm[P_ASSOC];
-    const int64_t walloc = prm[P_WALLOC], wback = prm[P_WBACK], ralloc = prm[P_RALLOC];
+    /* D: Dinero's default policies (write-allocate, write-back, and read-allocate), as constants */
+    const int64_t walloc = D ? 0 : prm[P_WALLOC], wback = D ? 0 : prm[P_WBACK], ralloc = D ? 1 : prm[P_RALLOC];
     const Py_ssize_t n = K->n, cap = K->cap;
     const int64_t bsize = (int64_t)1 << lgb;
     const uint64_t boff = (uint64_t)(bsize - 1);
@@ -545,22 +600,16 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
         const uint64_t a = addrs[e];
         const int64_t sz = sz16 ? sz16[e] : (int64_t)sz32[e];
         int single = (int64_t)(a & boff) + sz <= bsize;
-        if (emit) {
-            int64_t need = single ? 3 : 3 * ((int64_t)((a + (uint64_t)(sz - 1)) >> lgb) - (int64_t)(a >> lgb) + 1);
-            if (k + need > cap) {
-                reason = OUT_FULL;
-                break;
-            }
-        }
         const int is_write = t == 1;
         if (single && ((a >> upshift) & upmask) != upid) continue; /* another partition's block */
         int known_miss = 0;
         if (single && !(wt && is_write)) { /* hot path: a hit needs no downstream traffic */
-            int64_t blk = (int64_t)(a >> lgb), slot = -1;
+            int64_t blk = (int64_t)(a >> lgb), slot = -1, base = 0;
             if (blk == lastblk)
                 slot = lastslot;
             else {
-                int64_t base = SET_OF(blk) * assoc, w = find_way(tags, base, assoc, blk, A);
+                base = SET_OF(blk) * assoc;
+                int64_t w = find_way(tags, base, assoc, blk, A, V);
                 slot = w < 0 ? -1 : base + w;
             }
             if (slot >= 0) {
@@ -576,7 +625,39 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                 lastslot = slot;
                 continue;
             }
+            if (emit && k + 3 > cap) { /* (a hit writes nothing downstream: only a miss needs the room) */
+                reason = OUT_FULL;
+                break;
+            }
+            if (A && (is_write ? walloc == 0 : ralloc != 0)) { /* the common miss: allocate over the oldest way */
+                const int64_t v = base + oldest_way(stamp, base, A, V), old = tags[v];
+                const int was_dirty = dirty[v]; /* (invalid ways are never dirty) */
+                cnt[FETCH + t]++;
+                cnt[MISS + t]++;
+                tags[v] = blk;
+                stamp[v] = ++clk;
+                dirty[v] = (uint8_t)is_write; /* held dirty: write-through writes never come here */
+                lastblk = blk;
+                lastslot = v;
+                const int64_t org = origin ? origin[e] : org0 + e;
+                if (!is_write || sz != bsize) { /* downstream: the fill, then the victim's write-back */
+                    nfills++;
+                    if (emit) PUT(is_write ? 0 : t, (uint64_t)blk << lgb, bsize, org);
+                }
+                if (was_dirty) {
+                    nwbacks++;
+                    if (emit) PUT(1, (uint64_t)old << lgb, bsize, org);
+                }
+                continue;
+            }
             known_miss = 1; /* searched just now: the piece loop need not search again */
+        }
+        if (emit) { /* at most a fill, a write-through and a write-back per piece */
+            int64_t need = single ? 3 : 3 * ((int64_t)((a + (uint64_t)(sz - 1)) >> lgb) - (int64_t)(a >> lgb) + 1);
+            if (k + need > cap) {
+                reason = OUT_FULL;
+                break;
+            }
         }
         const int64_t org = origin ? origin[e] : org0 + e;
         uint64_t pa = a;
@@ -601,7 +682,7 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                 if (blk == lastblk) /* same block as the previous access: it is still where we left it */
                     w = lastslot - base;
                 else if (!known_miss)
-                    w = find_way(tags, base, assoc, blk, A);
+                    w = find_way(tags, base, assoc, blk, A, V);
                 cnt[FETCH + t]++;
                 int64_t vic = -1;
                 int wb = 0, walloc_ok = 0;
@@ -623,14 +704,9 @@ static inline __attribute__((always_inline)) int run_fast(Kern *K, Py_ssize_t st
                         clk++;
                         /* least recent (LRU) or oldest (FIFO); invalid ways have stamp 0, so they go first */
                         int64_t v = 0, bs = stamp[base];
-                        if (A) { /* a reduction tree over (stamp, way) keys: a short dependency chain */
-                            uint64_t key[32];
-                            for (int64_t j = 0; j < A; j++) key[j] = (uint64_t)stamp[base + j] << 5 | (uint64_t)j;
-                            for (int64_t width = A / 2; width >= 1; width /= 2)
-                                for (int64_t j = 0; j < width; j++)
-                                    key[j] = key[j + width] < key[j] ? key[j + width] : key[j];
-                            v = (int64_t)(key[0] & 31);
-                            bs = (int64_t)(key[0] >> 5);
+                        if (A) {
+                            v = oldest_way(stamp, base, A, V);
+                            bs = stamp[base + v];
                         } else
                             for (int64_t j = 1; j < assoc; j++) { /* branch-free minimum */
                                 int64_t sj = stamp[base + j];
@@ -697,14 +773,24 @@ static int run_general_any(Kern *K, Py_ssize_t s, Py_ssize_t stop, Py_ssize_t k0
 }
 /* the fast kernel, compiled once per (sets a power of 2 or not, output or not, replacement policy, and for LRU
  * and FIFO 8 or 16 ways), in two forms: plain (every event is this cache's) or picking its side of a split level
- * or its partition of the sets. The policy tests in the loop become constants. */
+ * or its partition of the sets. The policy tests in the loop become constants. The 8- and 16-way forms are compiled
+ * twice more for AVX2 (vector way search and victim choice), used when the processor has it (x86-64 only): for
+ * any write/read policies and with Dinero's defaults (write-allocate, write-back, read-allocate) as constants,
+ * which frees the registers those tests held. */
 #define FAST(P, E, R, A, L)                                                                                     \
     static int run_fast_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0, Py_ssize_t *nx,     \
                                                     Py_ssize_t *ko) {                                          \
-        return run_fast(K, s, k0, nx, ko, P, R, E, A, L);                                                      \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, 0, 0);                                                \
+    }
+#define FASTV(P, E, R, A, L, D)                                                                                 \
+    static AVX2_TARGET int run_fastv##D##_##P##_##E##_##R##_##A##_##L(Kern *K, Py_ssize_t s, Py_ssize_t k0,    \
+                                                                      Py_ssize_t *nx, Py_ssize_t *ko) {        \
+        return run_fast(K, s, k0, nx, ko, P, R, E, A, L, HAVE_AVX2_KERNELS, D);                                \
     }
 #define FAST_A(P, E, L) FAST(P, E, 0, 0, L) FAST(P, E, 1, 0, L) FAST(P, E, 2, 0, L) FAST(P, E, 3, 0, L) \
-    FAST(P, E, 0, 8, L) FAST(P, E, 1, 8, L) FAST(P, E, 0, 16, L) FAST(P, E, 1, 16, L)
+    FAST(P, E, 0, 8, L) FAST(P, E, 1, 8, L) FAST(P, E, 0, 16, L) FAST(P, E, 1, 16, L)                    \
+    FASTV(P, E, 0, 8, L, 0) FASTV(P, E, 1, 8, L, 0) FASTV(P, E, 0, 16, L, 0) FASTV(P, E, 1, 16, L, 0)    \
+    FASTV(P, E, 0, 8, L, 1) FASTV(P, E, 1, 8, L, 1) FASTV(P, E, 0, 16, L, 1) FASTV(P, E, 1, 16, L, 1)
 #define FAST_L(P, E) FAST_A(P, E, 0) FAST_A(P, E, 1)
 FAST_L(0, 0)
 FAST_L(0, 1)
@@ -715,13 +801,20 @@ typedef int (*FastFn)(Kern *, Py_ssize_t, Py_ssize_t, Py_ssize_t *, Py_ssize_t *
     {{run_fast_##P##_##E##_0_0_##L, run_fast_##P##_##E##_1_0_##L, run_fast_##P##_##E##_2_0_##L,                 \
       run_fast_##P##_##E##_3_0_##L},                                                                           \
      {run_fast_##P##_##E##_0_8_##L, run_fast_##P##_##E##_1_8_##L, NULL, NULL},                                  \
-     {run_fast_##P##_##E##_0_16_##L, run_fast_##P##_##E##_1_16_##L, NULL, NULL}}
+     {run_fast_##P##_##E##_0_16_##L, run_fast_##P##_##E##_1_16_##L, NULL, NULL},                                \
+     {run_fastv0_##P##_##E##_0_8_##L, run_fastv0_##P##_##E##_1_8_##L, NULL, NULL},                              \
+     {run_fastv0_##P##_##E##_0_16_##L, run_fastv0_##P##_##E##_1_16_##L, NULL, NULL},                            \
+     {run_fastv1_##P##_##E##_0_8_##L, run_fastv1_##P##_##E##_1_8_##L, NULL, NULL},                              \
+     {run_fastv1_##P##_##E##_0_16_##L, run_fastv1_##P##_##E##_1_16_##L, NULL, NULL}}
 #define FAST_PE(P, E) {FAST_ROW(P, E, 0), FAST_ROW(P, E, 1)}
-static const FastFn FAST_FNS[2][2][2][3][4] = {{FAST_PE(0, 0), FAST_PE(0, 1)}, {FAST_PE(1, 0), FAST_PE(1, 1)}};
+static const FastFn FAST_FNS[2][2][2][7][4] = {{FAST_PE(0, 0), FAST_PE(0, 1)}, {FAST_PE(1, 0), FAST_PE(1, 1)}};
+static int use_avx2; /* set at import: the processor has AVX2 and CACHEMODE_PORTABLE is not set */
 
 static FastFn fast_fn(const int64_t *prm, int pow2) {
     int64_t repl = prm[P_REPL] & 3, assoc = prm[P_ASSOC];
     int a = repl < 2 ? (assoc == 8 ? 1 : assoc == 16 ? 2 : 0) : 0;
+    if (a && use_avx2) /* the AVX2 forms, with Dinero's default policies as constants where they apply */
+        a += prm[P_WALLOC] == 0 && prm[P_WBACK] == 0 && prm[P_RALLOC] == 1 ? 4 : 2;
     int plain = prm[P_SIDE] == 0 && prm[P_PMASK] == 0;
     return FAST_FNS[pow2][prm[P_EMIT] != 0][plain][a][repl];
 }
@@ -837,6 +930,15 @@ short_arrays:
 fail:
     release(&b);
     return NULL;
+}
+
+static PyObject *py_vector_kernels(PyObject *self, PyObject *args) {
+    int enable = -1, was = use_avx2;
+    if (!PyArg_ParseTuple(args, "|i", &enable)) return NULL;
+#if HAVE_AVX2_KERNELS
+    if (enable >= 0) use_avx2 = enable && __builtin_cpu_supports("avx2");
+#endif
+    return PyBool_FromLong(was);
 }
 
 static PyObject *py_rehash(PyObject *self, PyObject *args) {
@@ -1163,6 +1265,9 @@ static PyMethodDef methods[] = {
     {"run", py_run, METH_VARARGS,
      "run(general, (types, addrs, sizes, origin), start, stop, k0, state, (otypes, oaddrs, osizes, oorig))"
      " -> (next event, events written, reason)"},
+    {"vector_kernels", py_vector_kernels, METH_VARARGS,
+     "vector_kernels([enable]) -> bool: whether the AVX2 kernels run (before this call); enable 0 picks the portable"
+     " ones, 1 the AVX2 ones where the processor has AVX2 (CACHEMODE_PORTABLE=1 starts with the portable ones)"},
     {"rehash", py_rehash, METH_VARARGS, "rehash(old, new): insert every key of old into the empty table new"},
     {"parse_text", py_parse_text, METH_VARARGS,
      "parse_text(data, fmt, types, addrs, sizes, line0) -> (records, bytes consumed, last line, error, char, value)"},
@@ -1174,6 +1279,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_core", "The compile
 
 PyMODINIT_FUNC PyInit__core(void) {
     memset(HEX, -1, sizeof HEX);
+#if HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    const char *portable = getenv("CACHEMODE_PORTABLE");
+    use_avx2 = __builtin_cpu_supports("avx2") && !(portable && *portable && strcmp(portable, "0") != 0);
+#endif
     for (int i = 0; i < 10; i++) HEX['0' + i] = (int8_t)i;
     for (int i = 0; i < 6; i++) HEX['a' + i] = HEX['A' + i] = (int8_t)(10 + i);
     PyObject *m = PyModule_Create(&module);

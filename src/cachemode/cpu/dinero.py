@@ -535,7 +535,7 @@ def run(argv: list[str], source: BinaryIO | str, out: TextIO) -> list[str]:
     if a.help:
         out.write(USAGE)
         return []
-    sim = Simulation(a.hierarchy(), flushcount=a.flushcount)
+    sim = Simulation(a.hierarchy(), flushcount=a.flushcount, reader_thread=True)
     window = InputWindow(a)
     out.write(HEADER + format_summary(a) + "\n---Simulation begins.\n")
     every = a.stat_interval

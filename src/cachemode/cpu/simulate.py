@@ -152,15 +152,16 @@ def partitioning(hierarchy: Hierarchy, threads: int) -> tuple[int, int]:
 PARALLEL_MIN_EVENTS = 1 << 18  # below this, threads cost more than they save
 
 
-def default_threads() -> int:
-    """``CACHEMODE_THREADS`` if set, else the cores this process may run on."""
+def default_threads(reserved: int = 0) -> int:
+    """``CACHEMODE_THREADS`` if set, else the cores this process may run on less ``reserved`` (at least 1)."""
     env = os.environ.get("CACHEMODE_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores - reserved)
 
 
 class Simulation:
@@ -172,8 +173,13 @@ class Simulation:
     ``simulate()`` is the one-call form.
     """
 
-    def __init__(self, hierarchy: Hierarchy, *, flushcount: int = 0, threads: int | None = None):
+    def __init__(
+        self, hierarchy: Hierarchy, *, flushcount: int = 0, threads: int | None = None, reader_thread: bool = False
+    ):
         self.hierarchy = hierarchy
+        # a thread reading and parsing the trace beside the simulation has a core of its own by default: a slice
+        # of the sets on that core too would only take turns with it (and every slice scans the whole trace)
+        self.reserved_cores = 1 if reader_thread else 0
         self.flushcount = flushcount if flushcount and flushcount > 0 else 0
         self.threads = threads
         self.references = 0  # trace records fed
@@ -189,7 +195,7 @@ class Simulation:
     def _start(self, first_chunk: int) -> None:
         threads = self.threads
         if threads is None:
-            threads = default_threads() if first_chunk >= PARALLEL_MIN_EVENTS else 1
+            threads = default_threads(self.reserved_cores) if first_chunk >= PARALLEL_MIN_EVENTS else 1
         shift, self.parts = partitioning(self.hierarchy, threads)
         self.runners = [_Runner(self.hierarchy) for _ in range(self.parts)]
         if self.parts > 1:
@@ -298,13 +304,13 @@ def simulate(
     ``fmt``: the file's format (default: from its name and first line).
     ``flushcount``: copy back and invalidate every cache after every N records (Dinero's ``-flushcount``).
     ``copyback``: write every dirty block back at the end of the run (Dinero always does).
-    ``threads``: cores to use (default: ``CACHEMODE_THREADS`` or every core, for traces long enough to gain;
-    1 runs serially). Parallel runs split the sets
+    ``threads``: cores to use (default: ``CACHEMODE_THREADS`` or every core, less the one that reads and parses
+    a trace file, for traces long enough to gain; 1 runs serially). Parallel runs split the sets
     between threads (see :func:`partitioning`); the counts are exactly those of a serial run.
     """
     if isinstance(hierarchy, CacheConfig):
         hierarchy = Hierarchy.single(hierarchy)
-    sim = Simulation(hierarchy, flushcount=flushcount, threads=threads)
+    sim = Simulation(hierarchy, flushcount=flushcount, threads=threads, reader_thread=not isinstance(trace, Trace))
     if isinstance(trace, Trace):
         sim.feed(trace)
     else:
