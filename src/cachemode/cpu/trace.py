@@ -19,15 +19,12 @@ Formats (``fmt``):
 
 from __future__ import annotations
 
-import contextlib
 import io
-import mmap
 import os
 import queue
-import stat
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -130,13 +127,10 @@ def _text_error(name: str, fmt: str, err: int, line: int, ch: int, val: int) -> 
     return TraceError(f"{name}: line {line}: {fmt} format error: {_ERRORS[err].format(ch=chs, val=val)}")
 
 
-def _parse_lines(
-    body, fmt: str, name: str, lines: list[int], chunk: int, parsed: Callable[[int], None] | None = None
-) -> Iterator[Trace]:
+def _parse_lines(body, fmt: str, name: str, lines: list[int], chunk: int) -> Iterator[Trace]:
     """Parse whole lines (``body`` ends at a line end, or is the end of the trace) into chunks of records.
 
-    ``lines[0]`` counts the lines parsed so far (for error messages) and is kept up to date; ``parsed`` is told
-    how many bytes of ``body`` are done before each chunk is handed on."""
+    ``lines[0]`` counts the lines parsed so far (for error messages) and is kept up to date."""
     code = _FMT_CODE[fmt]
     view = memoryview(body)
     pos = 0
@@ -148,53 +142,8 @@ def _parse_lines(
         if err:
             raise _text_error(name, fmt, err, lines[0], ch, val)
         pos += used
-        if parsed is not None:
-            parsed(pos)
         if k:
             yield Trace(types[:k], addrs[:k], sizes[:k])
-
-
-def _mapped(f: BinaryIO) -> tuple[mmap.mmap, int] | None:
-    """A read-only map of a regular file and the position it has been read to, or None (a pipe, a terminal, an
-    empty rest, a system without mmap): those are read in blocks."""
-    try:
-        fd = f.fileno()
-        st = os.fstat(fd)
-        start = f.tell()
-        if not stat.S_ISREG(st.st_mode) or st.st_size <= start:
-            return None
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), start
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        return None
-
-
-def _iter_mapped(m: mmap.mmap, start: int, fmt: str, name: str, chunk: int) -> Iterator[Trace]:
-    """Parse a mapped text trace in place, without copying it through read(): the whole lines, then a last line
-    without a line end. Pages already parsed are dropped from the process as it goes, so its resident size
-    stays that of a chunk, however long the file."""
-    lines = [0]
-    end = len(m)
-    cut = max(m.rfind(b"\n", start) + 1, start)
-    dropped = start - start % mmap.PAGESIZE
-
-    def drop(upto: int) -> None:  # hand back the pages of bytes < upto (the map is of the file: nothing is lost)
-        nonlocal dropped
-        upto -= upto % mmap.PAGESIZE
-        if upto > dropped and hasattr(m, "madvise"):
-            m.madvise(mmap.MADV_DONTNEED, dropped, upto - dropped)
-            dropped = upto
-
-    if hasattr(m, "madvise"):
-        m.madvise(mmap.MADV_SEQUENTIAL)
-    view = memoryview(m)
-    try:
-        for lo, hi in ((start, cut), (cut, end)):
-            if hi > lo:
-                yield from _parse_lines(view[lo:hi], fmt, name, lines, chunk, lambda pos, lo=lo: drop(lo + pos))
-    finally:
-        with contextlib.suppress(BufferError):  # a view still held by an abandoned parse: the map goes with it
-            view.release()
-            m.close()
 
 
 def _iter_text(f: BinaryIO, fmt: str, name: str, chunk: int) -> Iterator[Trace]:
@@ -340,11 +289,6 @@ class _Borrowed(io.RawIOBase):
 def open_trace(path: str | os.PathLike | BinaryIO) -> BinaryIO:
     """Open a trace for reading (``-`` is stdin; an open binary file is used as it is), decompressing gzip, xz,
     zstd or bzip2 found by magic number. The result can ``peek`` at the first bytes without consuming them."""
-    return _open(path)[0]
-
-
-def _open(path: str | os.PathLike | BinaryIO) -> tuple[BinaryIO, bool]:
-    """:func:`open_trace`, and whether the file is compressed."""
     if hasattr(path, "read"):
         raw = path
     else:
@@ -359,8 +303,8 @@ def _open(path: str | os.PathLike | BinaryIO) -> tuple[BinaryIO, bool]:
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             f = _decompressor(kind, raw)
-            return (f if hasattr(f, "peek") else io.BufferedReader(f)), True
-    return raw, False
+            return f if hasattr(f, "peek") else io.BufferedReader(f)
+    return raw
 
 
 class TraceReader:
@@ -380,9 +324,7 @@ class TraceReader:
         self.name = name or (getattr(path, "name", "<trace>") if hasattr(path, "read") else os.fspath(path))
         self._own = not hasattr(path, "read") and self.name != "-"
         self.chunk = max(int(chunk or CHUNK_RECORDS), 2)
-        self._f, compressed = _open(path)
-        # a plain file of ours (stdin included) is parsed from a memory map; another's file object is only read
-        self._mappable = not compressed and (self._own or self.name == "-")
+        self._f = open_trace(path)
         try:
             self.fmt = fmt or guess_format(self.name, self._f.peek(4096)[:4096])
         except (OSError, EOFError, ValueError) as exc:
@@ -398,11 +340,7 @@ class TraceReader:
             elif self.fmt == "bin":
                 yield from _iter_binary(self._f, self.name, self.chunk)
             else:
-                mapped = _mapped(self._f) if self._mappable else None
-                if mapped is not None:
-                    yield from _iter_mapped(*mapped, self.fmt, self.name, self.chunk)
-                else:
-                    yield from _iter_text(self._f, self.fmt, self.name, self.chunk)
+                yield from _iter_text(self._f, self.fmt, self.name, self.chunk)
         except (OSError, EOFError) as exc:  # a truncated or corrupt compressed file
             raise TraceError(f"{self.name}: cannot read trace: {exc}") from None
         except Exception as exc:
