@@ -503,6 +503,8 @@ def test_stream_min_leaves_a_large_plain_write_payload_on_the_stream() -> None:
     assert events[0].cookie == 2 and follows.request.cookie == 3
     assert bytes(follows.head) == payload[:1000] and follows.request.length == len(payload)
     assert len(t.get_buffer()) == FIRST_READ_AFTER_STREAM  # the next read takes little more than a header
+    assert t.buffer_updated(0) == []  # a read that found nothing (EAGAIN) ...
+    assert len(t.get_buffer()) == FIRST_READ_AFTER_STREAM  # ... leaves the next one short too
     # the caller took the rest off the stream itself; the parser goes on with the next header
     assert [e.cookie for e in t.receive_data(req(c.CMD_READ, 0, 512, cookie=4))] == [4]
 

@@ -42,6 +42,8 @@ SEND_EARLY = 1024 * 1024
 """Inline read data queued in one batch before it is handed to the transport (so back-pressure is seen)."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
+READ_AHEAD = 16
+"""Requests read straight from the socket after a spliced WRITE, at most, before the event loop gets a turn."""
 SENDFILE_MIN = 128 * 1024
 """Buffered reads at least this long go from the image to the socket with sendfile(2), no copy in Python."""
 
@@ -91,6 +93,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._sock_fd = -1
         self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
         self._splicing: Request | None = None  # the WRITE being spliced: the transport must not read meanwhile
+        self._read_on = False  # a payload was spliced whole in this callback: read the next request at once
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,6 +180,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self._handshake_data(bytes(self.server.scratch[:nbytes]))
             elif not self.tx.closed:
                 self._receive(self.tx.buffer_updated(nbytes))
+                if self._read_on:
+                    self._read_ahead()
         except ProtocolError as err:
             log.info("%s: closing: %s", self.peer, err)
             self._abort()
@@ -199,6 +204,28 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closing = True
         self._maybe_close()
         return None if self.tls else True
+
+    def _read_ahead(self) -> None:
+        """A large WRITE's payload was just spliced whole, so its client is streaming and the next request is
+        probably in the socket already: read it here, into the parser's buffer as the transport would, and
+        go on while that keeps being so -- a few times at most, so that other connections get their turn --
+        instead of a round through the event loop (a poll, a read callback, the transport's pause and
+        resume) per request. Only where the connection splices, i.e. owns its socket (never under TLS)."""
+        tx = self.tx
+        fd = self._sock_fd
+        for _ in range(READ_AHEAD):
+            self._read_on = False
+            if self.closed or self.closing or self._paused_reading or tx is None or tx.closed or fd < 0:
+                return
+            try:
+                n = os.readv(fd, [tx.get_buffer()])
+            except OSError:  # nothing there (or the socket failed): the transport takes over, and sees it too
+                return
+            if not n:  # end of stream: left for the transport to see
+                return
+            self._receive(tx.buffer_updated(n))
+            if not self._read_on:
+                return
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:

@@ -49,6 +49,7 @@ class DirectPaths:
     _splicer: PayloadSplicer | None
     _splicing: Request | None
     _batch_cost: int
+    _read_on: bool
     loop: Any
     tx: Any
 
@@ -76,6 +77,8 @@ class DirectPaths:
         self._start(req)
         self._update_reading()
         self._splicer.start(req, ev.head, self._splice_done, error)
+        if self._splicing is None and error is None:  # the whole payload was there already
+            self._read_on = True
 
     def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
         self._splicing = None

@@ -187,8 +187,7 @@ class Transmission:
         self._into_payload = False
         if self._scratch is None:
             self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        if self._short_read:
-            self._short_read = False
+        if self._short_read:  # until bytes arrive: a read that found nothing asks again
             return self._scratch[:FIRST_READ_AFTER_STREAM]
         return self._scratch
 
@@ -202,6 +201,8 @@ class Transmission:
                 self._complete_payload(events)
             return events
         assert self._scratch is not None
+        if nbytes:
+            self._short_read = False
         return self.receive_data(self._scratch[:nbytes])
 
     def resume(self) -> list[Event]:
