@@ -5,6 +5,7 @@ process's memory and exit are."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -406,6 +407,50 @@ def test_a_client_vanishing_mid_payload_gives_its_charge_back(tmp_path: Path) ->
         good.pwrite(b"g" * (2 * MIB), 0)  # larger than the reserve: needs the server's budget
         assert good.pread(4096, 0) == b"g" * 4096
         good.close()
+    finally:
+        srv.stop()
+        disk.close()
+
+
+@pytest.mark.parametrize("mode", ["writeback", "writethrough"])
+def test_small_replies_the_transport_holds_are_not_overwritten(tmp_path: Path, mode: str) -> None:
+    """Replies to small reads and writes are built in one arena shared by all connections; a client that
+    stops reading leaves part of it in its transport, and the server must then build the next replies
+    elsewhere. A client pipelines 2,000 small reads of distinct data (and writes; 40 MiB of replies, more
+    than the socket buffers hold) without reading, a second client reads meanwhile, then the first reads
+    every reply: each carries its own data."""
+    path = tmp_path / "d.img"
+    data = os.urandom(8 * MIB)
+    path.write_bytes(data)
+    disk = open_disk(path, mode)
+    srv = ThreadServer(disk)
+    try:
+        slow = Client("127.0.0.1", srv.port)
+        expect = {}
+        burst = b""
+        for i in range(2000):
+            cookie = 1000 + i
+            if i % 10 == 9:
+                burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, cookie, 512 * i, 512) + data[:512]
+                expect[cookie] = None
+                continue
+            length = (4096, 512, 61440, 32768)[i % 4]
+            offset = (i * 7919 * 512) % (4 * MIB) + 4 * MIB
+            burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, cookie, offset, length)
+            expect[cookie] = data[offset : offset + length]
+        slow.sock.sendall(burst)
+        conn = next(cn for cn in srv.server._connections if cn.peer == str(slow.sock.getsockname()))
+        assert wait_for(lambda: conn.transport is not None and conn.transport.get_write_buffer_size() > 0)
+        other = Client("127.0.0.1", srv.port)
+        for i in range(200):
+            offset = (i * 4096 * 13) % (4 * MIB) + 4 * MIB
+            assert other.pread(4096, offset) == data[offset : offset + 4096]
+        other.close()
+        for _ in range(len(expect)):
+            reply = slow.read_reply()
+            want = expect.pop(reply.cookie)
+            assert reply.error == 0 and (want is None or reply.data == want), reply.cookie
+        slow.close()
     finally:
         srv.stop()
         disk.close()

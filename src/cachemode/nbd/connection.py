@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, cost
-from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
+from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
+from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
+from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
 from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission, Violation
 from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
@@ -42,6 +43,9 @@ SEND_EARLY = 1024 * 1024
 """Inline read data queued in one batch before it is handed to the transport (so back-pressure is seen)."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
+REPLY_ARENA = 256 * 1024
+"""The arena the replies to small inline READs and WRITEs of one batch are built in, READ data read straight
+in behind its header: one buffer for the transport instead of one per reply."""
 READ_AHEAD = 16
 """Requests read straight from the socket after a spliced WRITE, at most, before the event loop gets a turn."""
 SENDFILE_MIN = 128 * 1024
@@ -93,7 +97,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._sock_fd = -1
         self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
         self._splicing: Request | None = None  # the WRITE being spliced: the transport must not read meanwhile
+        self._arena_sent = False  # _out holds part of the server's reply arena (see _send)
         self._read_on = False  # a payload was spliced whole in this callback: read the next request at once
+        self._note_pending = False  # inline writes not yet reported to the mode layer (see _note_writes)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,6 +142,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self._out.clear()
+        if self._note_pending:
+            self._note_writes()
         # Payloads paid for when their buffers were handed out and never executed: the one being received, and
         # requests held back with their payloads complete (prepaid: ``buffer`` set).
         unpaid = [ev.length for ev in self._backlog if ev.__class__ is Request and ev.buffer is not None]
@@ -302,6 +310,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         aio_align = server.aio_align
         inline_write = server.inline_writes
         write_inline = server.write_inline
+        write_fd = server.write_fd
+        pwrite = os.pwrite
+        simple_into = replies.simple_into
         structured = self.structured
         read_header = replies.read_header
         read_header_into = replies.read_header_into
@@ -309,10 +320,15 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         preadv = os.preadv
         nowait = getattr(os, "RWF_NOWAIT", 0)
         ledger = self.ledger
+        # Replies to small inline READs and WRITEs are built in the server's reply arena: [astart, apos) is this
+        # batch's.
+        arena = self.server.reply_arena
+        arena_size = len(arena) if arena is not None else 0
+        apos = astart = 0
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
                 cmd = ev.command
-                amount = cost(cmd, ev.length)
+                amount = ev.length + SMALL_REPLY if cmd <= c.CMD_WRITE else cost(cmd, ev.length)
                 # A WRITE whose payload buffer was allocated was charged then; anything else is admitted
                 # only while it fits in the connection's budget and the server's (see budget.py).
                 if self.in_flight >= MAX_IN_FLIGHT or (ev.buffer is None and not ledger.admit(amount)):
@@ -327,6 +343,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     continue
                 if cmd == c.CMD_READ and read_inline is not None:
                     if ev.length >= SENDFILE_MIN and sendfile_fd is not None:
+                        if apos > astart:
+                            out.append(arena[astart:apos])
+                            self._arena_sent = True
+                            astart = apos
                         if out:
                             self._send()
                         if self._sendfile(ev, sendfile_fd):
@@ -334,24 +354,37 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     if nowait_fd is not None:
                         # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
                         # cached range) is read with io_uring (else on the pool), so a cold cache does not
-                        # stall the event loop. A small reply is read straight in behind its header: one
-                        # buffer, no join.
+                        # stall the event loop. Small replies are read straight into the server's reply
+                        # arena, each behind its header: the batch's replies go out as one buffer.
                         length = ev.length
                         offset = ev.offset
-                        small = length < LARGE_REPLY
-                        skip = header_size if small else 0
-                        data_out = bytearray(skip + length)
+                        if length < LARGE_REPLY:
+                            end = apos + header_size + length
+                            if end > arena_size:
+                                arena = self._next_arena(arena, astart, apos)
+                                arena_size = len(arena)
+                                apos = astart = 0
+                                end = header_size + length
+                            try:
+                                got = preadv(nowait_fd, [arena[apos + header_size : end]], offset, nowait)
+                            except OSError:
+                                got = -1
+                            if got == length:
+                                read_header_into(arena, structured, ev.cookie, offset, length, apos)
+                                apos = end
+                                continue
+                            data_out = bytearray(header_size + length)
+                            if uring is None or not self._uring_read(ev, uring, data_out, header_size):
+                                self._submit(ev)
+                            continue
+                        data_out = bytearray(length)
                         try:
-                            got = preadv(nowait_fd, [memoryview(data_out)[skip:]], offset, nowait)
+                            got = preadv(nowait_fd, [data_out], offset, nowait)
                         except OSError:
                             got = -1
                         if got != length:
-                            if uring is None or not self._uring_read(ev, uring, data_out, skip):
+                            if uring is None or not self._uring_read(ev, uring, data_out, 0):
                                 self._submit(ev)
-                            continue
-                        if small:
-                            read_header_into(data_out, structured, ev.cookie, offset, length)
-                            out.append(data_out)
                             continue
                     else:
                         try:
@@ -368,6 +401,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         out.append(data_out)
                         self._out_size += ev.length
                         if self._out_size >= SEND_EARLY:
+                            if apos > astart:
+                                out.append(arena[astart:apos])
+                                self._arena_sent = True
+                                astart = apos
                             self._send()  # lets the transport report back-pressure before the next read
                     else:
                         out.append(hdr + data_out)
@@ -378,7 +415,16 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     and ev.length < INLINE_WRITE_MAX
                 ):
                     try:
-                        write_inline(ev.data, ev.offset)
+                        if write_fd >= 0:
+                            # One pwrite on the image's fd (the plain stack would only pass it down); the mode
+                            # layer is told once before any reply or flush goes out (see _note_writes).
+                            self._note_pending = True
+                            data = ev.data
+                            done = pwrite(write_fd, data, ev.offset)
+                            if done != ev.length:
+                                pwrite_all(write_fd, data, ev.offset, done)
+                        else:
+                            write_inline(ev.data, ev.offset)
                     except Exception as exc:
                         server.stats.errors += 1
                         out.append(replies.simple(ev.cookie, replies.error_of(exc, cmd)))
@@ -386,7 +432,14 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     finally:
                         if ev.buffer is not None:
                             self._recycle(ev)
-                    out.append(replies.simple(ev.cookie))
+                    end = apos + SIMPLE_HEADER_SIZE
+                    if end > arena_size:
+                        arena = self._next_arena(arena, astart, apos)
+                        arena_size = len(arena)
+                        apos = astart = 0
+                        end = SIMPLE_HEADER_SIZE
+                    simple_into(arena, apos, ev.cookie)
+                    apos = end
                 elif aio is not None and cmd <= c.CMD_WRITE and not (ev.offset | ev.length) % aio_align:
                     if not self._aio(ev, aio, aio_fd):
                         self._submit(ev)
@@ -414,6 +467,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self.closing = True
             else:  # Disconnect
                 self.closing = True
+        if apos > astart:
+            out.append(arena[astart:apos])
+            self._arena_sent = True
         if uring is not None:
             uring.submit()
         if aio is not None:
@@ -425,6 +481,25 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         else:
             self._update_reading()
 
+    def _next_arena(self, arena: memoryview | None, start: int, end: int) -> memoryview:
+        """The server's reply arena, empty, once ``arena[start:end]`` (this batch's replies in it so far, if
+        any) has been handed to the transport. One arena is shared by every connection (the loop runs one
+        batch at a time); a fresh one replaces it whenever a transport keeps part of it (see :meth:`_send`)."""
+        if arena is not None and end > start:
+            self._out.append(arena[start:end])
+            self._arena_sent = True
+            self._send()
+        arena = self.server.reply_arena
+        if arena is None:
+            arena = self.server.reply_arena = memoryview(bytearray(REPLY_ARENA))
+        return arena
+
+    def _note_writes(self) -> None:
+        """Tell the mode layer that inline writes happened (so the next FLUSH syncs them): once per batch,
+        before any of their replies is handed on and before any request goes to the pool (a FLUSH)."""
+        self._note_pending = False
+        self.server.note_write()
+
     def _after_completion(self) -> None:
         self._send()  # releases the charge of the reply just handed on, and retries what waited for it
         if self.closing:
@@ -432,6 +507,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
 
     def _start(self, req: Request) -> None:
         """``req`` goes in flight (pool or AIO): its charge stays held until its reply is handed on."""
+        if self._note_pending:
+            self._note_writes()
         self.in_flight += 1
         if self.closed:  # the rest of a short write, resubmitted after the client left: a fresh charge
             self.ledger.charge(cost(req.command, req.length))
@@ -569,6 +646,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         """Hand the replies in ``_out`` to the transport; their charge becomes the transport's queued bytes."""
         self._flush_scheduled = False
         self._out_size = 0
+        if self._note_pending:
+            self._note_writes()
         out = self._out
         if out and not self.closed and self.transport is not None:
             if len(out) == 1:
@@ -576,6 +655,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             else:
                 self.transport.writelines(out)
         out.clear()
+        if self._arena_sent:
+            # The transport wrote the arena's bytes at once, or it holds a view of them: then the arena is
+            # the transport's until sent, and the server starts a fresh one.
+            self._arena_sent = False
+            if self._sock_fd < 0 or self.closed or self.transport is None or self.transport.get_write_buffer_size():
+                self.server.reply_arena = None
         released = self._batch_cost + self._out_cost
         self._batch_cost = self._out_cost = 0
         self.ledger.release(released)

@@ -321,15 +321,16 @@ class DirectPaths:
         return True
 
 
-def pwrite_all(fd: int, note_write: Callable[[], None], data: Any, offset: int) -> None:
-    """A plain page-cache write straight to the image's fd (what the plain stack would do, minus its layers),
-    then counted as a write by the mode layer (so the next FLUSH syncs)."""
-    done = os.pwrite(fd, data, offset)
+def pwrite_all(fd: int, data: Any, offset: int, done: int = 0) -> None:
+    """Write all of ``data`` at ``offset``, of which the first ``done`` bytes are written already (a plain
+    page-cache write straight to the image's fd, what the plain stack would do, minus its layers; the caller
+    tells the mode layer)."""
+    if not done:
+        done = os.pwrite(fd, data, offset)
     if done < len(data):
         with memoryview(data) as view:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
-    note_write()
 
 
 def nowait_works(fd: int | None) -> bool:
