@@ -23,7 +23,7 @@ apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missi
 venv: $(STAMP)
 
 # the CPU simulator's core is C, compiled when the package installs: a compiler and Python's headers first
-$(STAMP): pyproject.toml src/cachemode/cpu/_core.c
+$(STAMP): pyproject.toml src/cachemode/cpu/_core.c src/cachemode/nbd/_batch.c
 	@$(call apt_install,$(BUILD_DEBS))
 	@echo "cachemode: creating the virtualenv $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)

@@ -17,7 +17,7 @@ import pytest
 
 from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
-from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, cost
+from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, Ledger, cost
 from cachemode.nbd.client import Client, ClientError
 from tests.nbd.serving import MIB, ServeProcess, ThreadServer, served, wait_for
 
@@ -451,6 +451,59 @@ def test_small_replies_the_transport_holds_are_not_overwritten(tmp_path: Path, m
             want = expect.pop(reply.cookie)
             assert reply.error == 0 and (want is None or reply.data == want), reply.cookie
         slow.close()
+    finally:
+        srv.stop()
+        disk.close()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_small_reads_served_in_runs_stay_within_a_tiny_budget(
+    tmp_path: Path, structured: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelines 300 small READs at once against a connection budget that holds three: the run
+    loop takes what fits (it never holds more than the budget), the rest wait their turn, every reply
+    carries the right data, and the budget is all given back."""
+    path = tmp_path / "d.img"
+    data = os.urandom(8 * MIB)
+    path.write_bytes(data)
+    disk = open_disk(path)
+    budget = 3 * cost(c.CMD_READ, 4096) + 100
+    peak = [0, 0]  # the most a connection held after a charge by the run loop, and how many such charges
+
+    original = Ledger.charge
+
+    def charge(self: Ledger, amount: int) -> None:
+        original(self, amount)
+        peak[0] = max(peak[0], self.held + self.queued)
+        peak[1] += 1
+
+    monkeypatch.setattr(Ledger, "charge", charge)
+    srv = ThreadServer(disk, connection_budget=budget, server_budget=64 * MIB)
+    try:
+        cl = Client("127.0.0.1", srv.port, structured=structured)
+        reads = {}
+        burst = b""
+        for i in range(300):
+            length = (512, 4096, 12288)[i % 3]
+            offset = (i * 77 * 4096) % (8 * MIB - length)
+            reads[i + 1] = (offset, length)
+            burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, i + 1, offset, length)
+        cl.sock.sendall(burst)
+        for _ in range(300):
+            if structured:
+                reply = cl.read_reply()
+                offset, length = reads.pop(reply.cookie)
+                error, got = reply.error, reply.data
+            else:  # a simple reply does not say its length: the cookie does
+                magic, error, cookie = struct.unpack(">IIQ", cl._recv(16))
+                assert magic == c.SIMPLE_REPLY_MAGIC
+                offset, length = reads.pop(cookie)
+                got = cl._recv(length)
+            assert error == 0 and got == data[offset : offset + length]
+        assert not reads
+        cl.close()
+        assert wait_for(lambda: srv.server.budget.used == 0)
+        assert peak[1] and peak[0] <= budget
     finally:
         srv.stop()
         disk.close()

@@ -22,9 +22,14 @@ from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
-from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission, Violation
+from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation
 from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
+
+try:  # runs of small READs served in C (optional: without it they are parsed and served one by one)
+    from cachemode.nbd._batch import read_batch
+except ImportError:  # pragma: no cover - the extension is built at install time
+    read_batch = None
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -265,6 +270,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     allocate_alone=True,
                     stream_min=stream_min,
                     stream_max=PIPE_SIZE,
+                    batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
                 )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
@@ -445,6 +451,45 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         self._submit(ev)
                 else:
                     self._submit(ev)
+            elif ev.__class__ is ReadRun:
+                # Small plain READs, served from the page cache into the arena by one C call per stretch (as
+                # far as the budget, the in-flight bound and the arena allow: the call takes only what fits);
+                # what is left goes on below one by one, as Requests.
+                count = len(ev)
+                server.stats.requests += count - 1
+                i = 0
+                if read_batch is not None and nowait_fd is not None and not server.shutting_down:
+                    budget = ledger.budget
+                    while i < count:
+                        if not arena_size:
+                            arena = self._next_arena(None, 0, 0)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        stop = i + MAX_IN_FLIGHT - self.in_flight
+                        if room <= 0 or stop <= i:
+                            break
+                        taken, apos, charged, misses = read_batch(
+                            nowait_fd, ev.entries, i, stop, arena, apos, structured, room, SMALL_REPLY
+                        )
+                        if charged:
+                            ledger.charge(charged)
+                            self._batch_cost += charged
+                        for miss in misses:  # not in the page cache: read asynchronously
+                            req = ev.request(miss)
+                            data_out = bytearray(header_size + req.length)
+                            if uring is None or not self._uring_read(req, uring, data_out, header_size):
+                                self._submit(req)
+                        if taken == i:  # the arena is full (take the next one), else no room: one by one
+                            if not apos:
+                                break
+                            arena = self._next_arena(arena, astart, apos)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                            continue
+                        i = taken
+                if i < count:
+                    events[index + 1 : index + 1] = ev.requests(i)
             elif ev.__class__ is PayloadFollows:
                 # Its payload is still in the socket, but the request is admitted like any WRITE (and charged
                 # its length: what of the payload the server does hold -- the head, a full pipe read out --

@@ -6,6 +6,7 @@
             case Request(): ...        # valid: dispatch it to the disk, build the reply with ``replies``
             case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
             case PayloadFollows(): ... # only with stream_min: a large WRITE whose rest the caller reads
+            case ReadRun(): ...        # only with batch_reads: consecutive small plain READs, packed
             case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
             case Violation(): ...      # bad request magic: finish what came before it, then close
 
@@ -86,6 +87,35 @@ class PayloadFollows:
         return f"PayloadFollows({self.request!r}, {len(self.head)} received)"
 
 
+class ReadRun:
+    """Consecutive plain READs (no flags) shorter than ``Transmission(batch_reads=...)``, each valid: ``entries``
+    packs (cookie, offset, length) as native unsigned 64-bit triples, for a transport that serves them in one
+    call (``cachemode.nbd._batch.read_batch``); :meth:`requests` turns them into :class:`Request` events."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: bytes) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries) // _ENTRY.size
+
+    def request(self, index: int) -> Request:
+        """The ``index``-th READ as a :class:`Request`."""
+        cookie, offset, length = _ENTRY.unpack_from(self.entries, index * _ENTRY.size)
+        return Request(c.CMD_READ, 0, cookie, offset, length)
+
+    def requests(self, start: int = 0) -> list[Request]:
+        """The READs from the ``start``-th on, as :class:`Request` events."""
+        return [
+            Request(c.CMD_READ, 0, cookie, offset, length)
+            for cookie, offset, length in _ENTRY.iter_unpack(memoryview(self.entries)[start * _ENTRY.size :])
+        ]
+
+    def __repr__(self) -> str:
+        return f"ReadRun({len(self)} READs)"
+
+
 class Disconnect:
     """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
 
@@ -107,7 +137,13 @@ class Violation:
         return f"Violation({self.message!r})"
 
 
-Event = Request | Rejected | PayloadFollows | Disconnect | Violation
+Event = Request | Rejected | PayloadFollows | ReadRun | Disconnect | Violation
+
+_ENTRY = struct.Struct("=QQQ")
+try:  # the run scanner in C (optional: without it every READ is a Request)
+    from cachemode.nbd._batch import scan_reads
+except ImportError:  # pragma: no cover - the extension is built at install time
+    scan_reads = None
 
 
 SCRATCH_SIZE = 256 * 1024
@@ -139,8 +175,12 @@ class Transmission:
         allocate_alone: bool = False,
         stream_min: int = 0,
         stream_max: int = c.MAX_PAYLOAD,
+        batch_reads: int = 0,
     ) -> None:
         self.negotiated = negotiated
+        # Runs of plain READs shorter than batch_reads come as one ReadRun event (0, or the C scanner missing:
+        # never). The scanner takes exactly the READs the fast path below accepts, nothing else.
+        self.batch_reads = batch_reads if scan_reads is not None else 0
         # Plain WRITEs (no flags) from stream_min to stream_max bytes long whose payload has not fully arrived
         # are handed out as PayloadFollows, their payload left on the stream for the caller; stream_min 0:
         # never. Longer ones get a buffer from ``allocate`` as usual (and may wait for it).
@@ -293,8 +333,15 @@ class Transmission:
         max_block = export.max_block
         writable = not export.read_only
         unaligned = export.min_block - 1  # a power of two: offset and length must have none of these bits
+        batch = self.batch_reads
         while end - pos >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = unpack(src, pos)
+            if batch and command == c.CMD_READ and not flags and length < batch:
+                entries, after = scan_reads(src, pos, size, max_block, unaligned, batch)  # type: ignore[misc]
+                if entries:
+                    events.append(ReadRun(entries))
+                    pos = after
+                    continue
             if magic != c.REQUEST_MAGIC:
                 self.closed = True
                 events.append(Violation(f"bad request magic {magic:#x}"))
