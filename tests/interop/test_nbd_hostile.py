@@ -460,9 +460,9 @@ def test_small_replies_the_transport_holds_are_not_overwritten(tmp_path: Path, m
 def test_small_reads_served_in_runs_stay_within_a_tiny_budget(
     tmp_path: Path, structured: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A client pipelines 300 small READs at once against a connection budget that holds three: the run
-    loop takes what fits (it never holds more than the budget), the rest wait their turn, every reply
-    carries the right data, and the budget is all given back."""
+    """A client pipelines 300 small READs and 150 small WRITEs at once against a connection budget that holds
+    three: the run loops take what fits (they never hold more than the budget), the rest wait their turn,
+    every reply carries the right data, every write is on the disk, and the budget is all given back."""
     path = tmp_path / "d.img"
     data = os.urandom(8 * MIB)
     path.write_bytes(data)
@@ -482,25 +482,38 @@ def test_small_reads_served_in_runs_stay_within_a_tiny_budget(
     try:
         cl = Client("127.0.0.1", srv.port, structured=structured)
         reads = {}
+        written = {}
         burst = b""
         for i in range(300):
             length = (512, 4096, 12288)[i % 3]
-            offset = (i * 77 * 4096) % (8 * MIB - length)
+            offset = (i * 77 * 4096) % (4 * MIB - length)
             reads[i + 1] = (offset, length)
             burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, i + 1, offset, length)
+            if i % 2:  # and small writes in between, into the other half of the disk
+                payload = os.urandom(length)
+                at = 4 * MIB + 12288 * (i // 2)
+                written[1000 + i] = (at, payload)
+                burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1000 + i, at, length)
+                burst += payload
         cl.sock.sendall(burst)
-        for _ in range(300):
+        answered: list[int] = []
+        for _ in range(len(reads) + len(written)):
             if structured:
                 reply = cl.read_reply()
-                offset, length = reads.pop(reply.cookie)
-                error, got = reply.error, reply.data
+                cookie, error, got = reply.cookie, reply.error, reply.data
             else:  # a simple reply does not say its length: the cookie does
                 magic, error, cookie = struct.unpack(">IIQ", cl._recv(16))
                 assert magic == c.SIMPLE_REPLY_MAGIC
+                got = cl._recv(reads[cookie][1]) if cookie in reads else b""
+            assert error == 0
+            if cookie in reads:
                 offset, length = reads.pop(cookie)
-                got = cl._recv(length)
-            assert error == 0 and got == data[offset : offset + length]
-        assert not reads
+                assert got == data[offset : offset + length]
+            else:
+                answered.append(cookie)
+        assert not reads and sorted(answered) == sorted(written)
+        on_disk = path.read_bytes()
+        assert all(on_disk[offset : offset + len(payload)] == payload for offset, payload in written.values())
         cl.close()
         assert wait_for(lambda: srv.server.budget.used == 0)
         assert peak[1] and peak[0] <= budget

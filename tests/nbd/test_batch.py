@@ -1,8 +1,9 @@
-"""The C loop for runs of small READs (``cachemode.nbd._batch``): its replies are byte for byte those of
-``replies.read_header`` plus the data, and it takes no more than the budget, the arena and ``stop`` allow."""
+"""The C loops for runs of small READs and WRITEs (``cachemode.nbd._batch``): their replies are byte for byte
+those of ``replies``, and they take no more than the budget, the arena and ``stop`` allow."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
@@ -107,3 +108,40 @@ def test_the_scanner_takes_only_the_fast_path_reads() -> None:
         assert (len(entries), pos) == (24, REQUEST.size)
     entries, pos = batch.scan_reads(good + good[:20], 0, SIZE, 32 << 20, 0, 65536)
     assert (len(entries), pos) == (24, REQUEST.size)  # an incomplete header is left for later
+
+
+def writes(items: list[tuple[int, int, bytes]]) -> bytes:
+    return b"".join(REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, k, offset, len(d)) + d for k, offset, d in items)
+
+
+def test_a_write_run_is_written_and_answered_as_the_core_would(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(bytes(SIZE))
+    items = [(5, 4096, os.urandom(4096)), (1 << 50, 100, b"abc"), (6, SIZE - 512, os.urandom(512))]
+    stream = writes(items) + REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 9, 0, 10) + b"short"
+    entries, pos = batch.scan_writes(stream, 0, SIZE, 32 << 20, 0, 8192)
+    assert pos == len(writes(items))  # the fourth's payload is incomplete: left to the core
+    fd = os.open(path, os.O_RDWR)
+    try:
+        arena = memoryview(bytearray(4096))
+        index, at, charged, failed = batch.write_batch(fd, entries, stream, 0, arena, 8, 1 << 30, SMALL_REPLY)
+        assert (index, at, failed) == (3, 8 + 3 * 16, [])
+        assert charged == sum(cost(c.CMD_WRITE, len(d)) for _, _, d in items)
+        assert bytes(arena[8:at]) == b"".join(replies.simple(cookie) for cookie, _, _ in items)
+        written = path.read_bytes()
+        assert all(written[offset : offset + len(d)] == d for _, offset, d in items)
+        # the budget and the arena stop it as they stop reads
+        assert batch.write_batch(fd, entries, stream, 0, arena, 0, cost(c.CMD_WRITE, 4096), SMALL_REPLY)[:3] == (
+            1,
+            16,
+            cost(c.CMD_WRITE, 4096),
+        )
+        assert batch.write_batch(fd, entries, stream, 1, arena, 4096 - 20, 1 << 30, SMALL_REPLY)[:2] == (2, 4096 - 4)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)  # a write that fails: charged, reported with its errno, no reply
+    try:
+        index, at, charged, failed = batch.write_batch(fd, entries, stream, 0, arena, 0, 1 << 30, SMALL_REPLY)
+        assert (index, at) == (3, 0) and [i for i, _ in failed] == [0, 1, 2] and failed[0][1] == errno.EBADF
+    finally:
+        os.close(fd)

@@ -30,6 +30,7 @@ from cachemode.nbd.requests import (
     Request,
     Transmission,
     Violation,
+    WriteRun,
     scan_reads,
 )
 
@@ -582,7 +583,7 @@ def test_block_status_reply_is_capped_and_charged_its_largest_size() -> None:
 def expand(events: list) -> list:
     out = []
     for e in events:
-        out += e.requests() if isinstance(e, ReadRun) else [e]
+        out += e.requests() if isinstance(e, ReadRun | WriteRun) else [e]
     return out
 
 
@@ -613,12 +614,13 @@ def same_events(a: list, b: list) -> bool:
     st.booleans(),
     st.sampled_from([1, 512]),
 )
-def test_read_runs_are_exactly_the_reads_the_core_accepts(
+def test_read_and_write_runs_are_exactly_the_requests_the_core_accepts(
     reqs: list[tuple[int, int, int, int]], cut: int, structured: bool, min_block: int
 ) -> None:
-    """With ``batch_reads`` the parser hands out runs of plain READs shorter than it as ReadRun events; expanded
-    into Requests, the events are exactly those of the parser without it -- whatever the commands, flags,
-    ranges (invalid ones included: the C scanner leaves those to the core's validation), alignment and cuts."""
+    """With ``batch_reads``/``batch_writes`` the parser hands out runs of plain READs and of complete plain WRITEs
+    shorter than those as ReadRun/WriteRun events; expanded into Requests, the events are exactly those of the
+    parser without them -- whatever the commands, flags, ranges (invalid ones included: the C scanners leave
+    those to the core's validation), alignment and cuts."""
     export = ExportInfo(name="disk", size=SIZE, min_block=min_block)
     stream = b""
     for i, (cmd, flags, offset, length) in enumerate(reqs):
@@ -627,15 +629,16 @@ def test_read_runs_are_exactly_the_reads_the_core_accepts(
         stream += req(cmd, offset, length, flags, cookie=i, data=b"\x02" * length if cmd == c.CMD_WRITE else b"")
     negotiated = Negotiated(export, structured, 1, export.transmission_flags(structured), True, "GO")
     plain = Transmission(negotiated).receive_data(stream)
-    batched_tx = Transmission(negotiated, batch_reads=65536)
+    batched_tx = Transmission(negotiated, batch_reads=65536, batch_writes=4097)
     batched = []
     for pos in range(0, len(stream), cut):
         batched += batched_tx.receive_data(stream[pos : pos + cut])
     assert same_events(plain, expand(batched))
     for e in batched:
-        if isinstance(e, ReadRun):
+        if isinstance(e, ReadRun | WriteRun):
+            limit = 65536 if isinstance(e, ReadRun) else 4097
             assert len(e) >= 1
-            assert all(r.length < 65536 and r.flags == 0 and r.offset + r.length <= SIZE for r in e.requests())
+            assert all(r.length < limit and r.flags == 0 and r.offset + r.length <= SIZE for r in e.requests())
             assert all(not (r.offset | r.length) % min_block for r in e.requests())
 
 
@@ -649,3 +652,20 @@ def test_a_read_run_stops_at_the_first_other_request() -> None:
     assert [(r.cookie, r.offset, r.length) for r in events[0].requests()] == [(i, 4096 * i, 4096) for i in range(5)]
     assert events[0].request(3).cookie == 3 and events[0].requests(4)[0].cookie == 4
     assert events[2].length == 65536  # not shorter than batch_reads: a Request of its own
+
+
+@pytest.mark.skipif(scan_reads is None, reason="the C extension is not built")
+def test_a_write_run_takes_only_complete_payloads_and_not_on_a_read_only_export() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, batch_writes=8192)
+    stream = b"".join(req(c.CMD_WRITE, 512 * i, 100 + i, cookie=i, data=bytes([i]) * (100 + i)) for i in range(4))
+    events = t.receive_data(stream + req(c.CMD_WRITE, 0, 5000, cookie=9, data=b"z" * 10))
+    assert [type(e) for e in events] == [WriteRun]  # the fifth one's payload is still to come
+    assert [(r.cookie, r.offset, bytes(r.data)) for r in events[0].requests()] == [
+        (i, 512 * i, bytes([i]) * (100 + i)) for i in range(4)
+    ]
+    (last,) = t.receive_data(b"z" * 4990)
+    assert isinstance(last, Request) and bytes(last.data) == b"z" * 5000
+    ro = ExportInfo(name="disk", size=SIZE, read_only=True)
+    t = Transmission(Negotiated(ro, True, 1, ro.transmission_flags(True), True, "GO"), batch_writes=8192)
+    assert [type(e) for e in t.receive_data(stream)] == [Rejected] * 4

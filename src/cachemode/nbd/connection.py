@@ -22,14 +22,14 @@ from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
-from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation
+from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation, WriteRun
 from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
 
-try:  # runs of small READs served in C (optional: without it they are parsed and served one by one)
-    from cachemode.nbd._batch import read_batch
+try:  # runs of small READs and WRITEs served in C (optional: without it they are served one by one)
+    from cachemode.nbd._batch import read_batch, write_batch
 except ImportError:  # pragma: no cover - the extension is built at install time
-    read_batch = None
+    read_batch = write_batch = None
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -271,6 +271,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     stream_min=stream_min,
                     stream_max=PIPE_SIZE,
                     batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
+                    batch_writes=INLINE_WRITE_MAX if write_batch is not None and self.server.write_fd >= 0 else 0,
                 )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
@@ -480,6 +481,43 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                             data_out = bytearray(header_size + req.length)
                             if uring is None or not self._uring_read(req, uring, data_out, header_size):
                                 self._submit(req)
+                        if taken == i:  # the arena is full (take the next one), else no room: one by one
+                            if not apos:
+                                break
+                            arena = self._next_arena(arena, astart, apos)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                            continue
+                        i = taken
+                if i < count:
+                    events[index + 1 : index + 1] = ev.requests(i)
+            elif ev.__class__ is WriteRun:
+                # Small plain WRITEs with their payloads, written to the image by one C call per stretch, their
+                # replies into the arena (as far as the budget and the arena allow); the rest one by one below.
+                count = len(ev)
+                server.stats.requests += count - 1
+                i = 0
+                if write_batch is not None and write_fd >= 0 and inline_write and not server.shutting_down:
+                    budget = ledger.budget
+                    while i < count:
+                        if not arena_size:
+                            arena = self._next_arena(None, 0, 0)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        if room <= 0:
+                            break
+                        self._note_pending = True  # before anything is written (see _note_writes)
+                        taken, apos, charged, failed = write_batch(
+                            write_fd, ev.entries, ev.payload, i, arena, apos, room, SMALL_REPLY
+                        )
+                        if charged:
+                            ledger.charge(charged)
+                            self._batch_cost += charged
+                        for which, error in failed:
+                            server.stats.errors += 1
+                            code = replies.error_of(OSError(error, os.strerror(error)), c.CMD_WRITE)
+                            out.append(replies.simple(ev.request(which).cookie, code))
                         if taken == i:  # the arena is full (take the next one), else no room: one by one
                             if not apos:
                                 break
