@@ -718,7 +718,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._out.extend(result)
         else:
             self._out.append(result)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._draining:  # inside a batch, its end sends it
             self._flush_scheduled = True
             self.loop.call_soon(self._send)
         if self.closing:

@@ -75,9 +75,10 @@ class DirectPaths:
             error = OSError(errno.ESHUTDOWN, "server shutting down")
         self._splicing = req
         self._start(req)
-        self._update_reading()
         self._splicer.start(req, ev.head, self._splice_done, error)
-        if self._splicing is None and error is None:  # the whole payload was there already
+        if self._splicing is not None:  # waiting for the socket: the transport must not read meanwhile
+            self._update_reading()
+        elif error is None:  # the whole payload was there already
             self._read_on = True
 
     def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
