@@ -613,15 +613,16 @@ def same_events(a: list, b: list) -> bool:
     st.integers(1, 200),
     st.booleans(),
     st.sampled_from([1, 512]),
+    st.sampled_from([c.MAX_PAYLOAD, 4096]),
 )
 def test_read_and_write_runs_are_exactly_the_requests_the_core_accepts(
-    reqs: list[tuple[int, int, int, int]], cut: int, structured: bool, min_block: int
+    reqs: list[tuple[int, int, int, int]], cut: int, structured: bool, min_block: int, max_block: int
 ) -> None:
     """With ``batch_reads``/``batch_writes`` the parser hands out runs of plain READs and of complete plain WRITEs
     shorter than those as ReadRun/WriteRun events; expanded into Requests, the events are exactly those of the
     parser without them -- whatever the commands, flags, ranges (invalid ones included: the C scanners leave
     those to the core's validation), alignment and cuts."""
-    export = ExportInfo(name="disk", size=SIZE, min_block=min_block)
+    export = ExportInfo(name="disk", size=SIZE, min_block=min_block, max_block=max_block)
     stream = b""
     for i, (cmd, flags, offset, length) in enumerate(reqs):
         if cmd == c.CMD_WRITE:
