@@ -22,8 +22,9 @@ apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missi
 
 venv: $(STAMP)
 
-# the CPU simulator's core is C, compiled when the package installs: a compiler and Python's headers first
-$(STAMP): pyproject.toml src/cachemode/cpu/_core.c
+# the CPU simulator's core and the NBD server's loop for runs of small requests are C, compiled when the
+# package installs: a compiler and Python's headers first
+$(STAMP): pyproject.toml src/cachemode/cpu/_core.c src/cachemode/nbd/_batch.c
 	@$(call apt_install,$(BUILD_DEBS))
 	@echo "cachemode: creating the virtualenv $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
@@ -54,4 +55,4 @@ bench: debs $(STAMP)
 	$(PY) bench/explore_bench.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache src/cachemode/cpu/_core.*.so
+	rm -rf $(VENV) build .pytest_cache .ruff_cache src/cachemode/cpu/_core.*.so src/cachemode/nbd/_batch.*.so

@@ -30,6 +30,12 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def process_user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` apart, all threads, living and ended."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def kernel_threads_cpu() -> dict[int, float]:
     """CPU seconds of every kernel thread alive now (kworkers doing writeback, ksoftirqd, ...), by pid."""
     threads = {}

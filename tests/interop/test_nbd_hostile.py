@@ -5,6 +5,7 @@ process's memory and exit are."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
-from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, cost
+from cachemode.nbd.budget import CONNECTION_BUDGET, RESERVE, Ledger, cost
 from cachemode.nbd.client import Client, ClientError
 from tests.nbd.serving import MIB, ServeProcess, ThreadServer, served, wait_for
 
@@ -406,6 +407,116 @@ def test_a_client_vanishing_mid_payload_gives_its_charge_back(tmp_path: Path) ->
         good.pwrite(b"g" * (2 * MIB), 0)  # larger than the reserve: needs the server's budget
         assert good.pread(4096, 0) == b"g" * 4096
         good.close()
+    finally:
+        srv.stop()
+        disk.close()
+
+
+@pytest.mark.parametrize("mode", ["writeback", "writethrough"])
+def test_small_replies_the_transport_holds_are_not_overwritten(tmp_path: Path, mode: str) -> None:
+    """Replies to small reads and writes are built in one arena shared by all connections; a client that
+    stops reading leaves part of it in its transport, and the server must then build the next replies
+    elsewhere. A client pipelines 2,000 small reads of distinct data (and writes; 40 MiB of replies, more
+    than the socket buffers hold) without reading, a second client reads meanwhile, then the first reads
+    every reply: each carries its own data."""
+    path = tmp_path / "d.img"
+    data = os.urandom(8 * MIB)
+    path.write_bytes(data)
+    disk = open_disk(path, mode)
+    srv = ThreadServer(disk)
+    try:
+        slow = Client("127.0.0.1", srv.port)
+        expect = {}
+        burst = b""
+        for i in range(2000):
+            cookie = 1000 + i
+            if i % 10 == 9:
+                burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, cookie, 512 * i, 512) + data[:512]
+                expect[cookie] = None
+                continue
+            length = (4096, 512, 61440, 32768)[i % 4]
+            offset = (i * 7919 * 512) % (4 * MIB) + 4 * MIB
+            burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, cookie, offset, length)
+            expect[cookie] = data[offset : offset + length]
+        slow.sock.sendall(burst)
+        conn = next(cn for cn in srv.server._connections if cn.peer == str(slow.sock.getsockname()))
+        assert wait_for(lambda: conn.transport is not None and conn.transport.get_write_buffer_size() > 0)
+        other = Client("127.0.0.1", srv.port)
+        for i in range(200):
+            offset = (i * 4096 * 13) % (4 * MIB) + 4 * MIB
+            assert other.pread(4096, offset) == data[offset : offset + 4096]
+        other.close()
+        for _ in range(len(expect)):
+            reply = slow.read_reply()
+            want = expect.pop(reply.cookie)
+            assert reply.error == 0 and (want is None or reply.data == want), reply.cookie
+        slow.close()
+    finally:
+        srv.stop()
+        disk.close()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_small_reads_served_in_runs_stay_within_a_tiny_budget(
+    tmp_path: Path, structured: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelines 300 small READs and 150 small WRITEs at once against a connection budget that holds
+    three: the run loops take what fits (they never hold more than the budget), the rest wait their turn,
+    every reply carries the right data, every write is on the disk, and the budget is all given back."""
+    path = tmp_path / "d.img"
+    data = os.urandom(8 * MIB)
+    path.write_bytes(data)
+    disk = open_disk(path)
+    budget = 3 * cost(c.CMD_READ, 4096) + 100
+    peak = [0, 0]  # the most a connection held after a charge by the run loop, and how many such charges
+
+    original = Ledger.charge
+
+    def charge(self: Ledger, amount: int) -> None:
+        original(self, amount)
+        peak[0] = max(peak[0], self.held + self.queued)
+        peak[1] += 1
+
+    monkeypatch.setattr(Ledger, "charge", charge)
+    srv = ThreadServer(disk, connection_budget=budget, server_budget=64 * MIB)
+    try:
+        cl = Client("127.0.0.1", srv.port, structured=structured)
+        reads = {}
+        written = {}
+        burst = b""
+        for i in range(300):
+            length = (512, 4096, 12288)[i % 3]
+            offset = (i * 77 * 4096) % (4 * MIB - length)
+            reads[i + 1] = (offset, length)
+            burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, i + 1, offset, length)
+            if i % 2:  # and small writes in between, into the other half of the disk
+                payload = os.urandom(length)
+                at = 4 * MIB + 12288 * (i // 2)
+                written[1000 + i] = (at, payload)
+                burst += REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1000 + i, at, length)
+                burst += payload
+        cl.sock.sendall(burst)
+        answered: list[int] = []
+        for _ in range(len(reads) + len(written)):
+            if structured:
+                reply = cl.read_reply()
+                cookie, error, got = reply.cookie, reply.error, reply.data
+            else:  # a simple reply does not say its length: the cookie does
+                magic, error, cookie = struct.unpack(">IIQ", cl._recv(16))
+                assert magic == c.SIMPLE_REPLY_MAGIC
+                got = cl._recv(reads[cookie][1]) if cookie in reads else b""
+            assert error == 0
+            if cookie in reads:
+                offset, length = reads.pop(cookie)
+                assert got == data[offset : offset + length]
+            else:
+                answered.append(cookie)
+        assert not reads and sorted(answered) == sorted(written)
+        on_disk = path.read_bytes()
+        assert all(on_disk[offset : offset + len(payload)] == payload for offset, payload in written.values())
+        cl.close()
+        assert wait_for(lambda: srv.server.budget.used == 0)
+        assert peak[1] and peak[0] <= budget
     finally:
         srv.stop()
         disk.close()

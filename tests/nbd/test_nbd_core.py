@@ -25,10 +25,13 @@ from cachemode.nbd.requests import (
     FIRST_READ_AFTER_STREAM,
     Disconnect,
     PayloadFollows,
+    ReadRun,
     Rejected,
     Request,
     Transmission,
     Violation,
+    WriteRun,
+    scan_reads,
 )
 
 SIZE = 1 << 20
@@ -503,6 +506,8 @@ def test_stream_min_leaves_a_large_plain_write_payload_on_the_stream() -> None:
     assert events[0].cookie == 2 and follows.request.cookie == 3
     assert bytes(follows.head) == payload[:1000] and follows.request.length == len(payload)
     assert len(t.get_buffer()) == FIRST_READ_AFTER_STREAM  # the next read takes little more than a header
+    assert t.buffer_updated(0) == []  # a read that found nothing (EAGAIN) ...
+    assert len(t.get_buffer()) == FIRST_READ_AFTER_STREAM  # ... leaves the next one short too
     # the caller took the rest off the stream itself; the parser goes on with the next header
     assert [e.cookie for e in t.receive_data(req(c.CMD_READ, 0, 512, cookie=4))] == [4]
 
@@ -572,3 +577,96 @@ def test_block_status_reply_is_capped_and_charged_its_largest_size() -> None:
     assert len(out) == c.MAX_EXTENTS and all(length == 512 for length, _ in out)
     reply = replies.block_status(1, 1, out)
     assert len(reply) <= cost(c.CMD_BLOCK_STATUS, count * 512)
+
+
+# -- runs of small READs (the C scanner) ---------------------------------------------------------------------
+def expand(events: list) -> list:
+    out = []
+    for e in events:
+        out += e.requests() if isinstance(e, ReadRun | WriteRun) else [e]
+    return out
+
+
+def same_events(a: list, b: list) -> bool:
+    def key(e: object) -> tuple:
+        if isinstance(e, Request):
+            data = None if e.data is None else bytes(e.data)
+            return (Request, e.command, e.flags, e.cookie, e.offset, e.length, data)
+        return (type(e), getattr(e, "cookie", None), getattr(e, "reply", None))
+
+    return [key(e) for e in a] == [key(e) for e in b]
+
+
+@pytest.mark.skipif(scan_reads is None, reason="the C extension is not built")
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([c.CMD_READ] * 6 + [c.CMD_WRITE, c.CMD_FLUSH, c.CMD_TRIM, 99]),
+            st.sampled_from([0, 0, 0, c.CMD_FLAG_FUA, c.CMD_FLAG_DF, 1 << 9]),
+            st.sampled_from([0, 4096, 512, 1, SIZE - 4096, SIZE, SIZE + 4096, 1 << 63]),
+            st.sampled_from([4096, 512, 1, 0, 65535, 65536, 70000, SIZE, c.MAX_PAYLOAD + 1, 1 << 31]),
+        ),
+        min_size=1,
+        max_size=24,
+    ),
+    st.integers(1, 200),
+    st.booleans(),
+    st.sampled_from([1, 512]),
+    st.sampled_from([c.MAX_PAYLOAD, 4096]),
+)
+def test_read_and_write_runs_are_exactly_the_requests_the_core_accepts(
+    reqs: list[tuple[int, int, int, int]], cut: int, structured: bool, min_block: int, max_block: int
+) -> None:
+    """With ``batch_reads``/``batch_writes`` the parser hands out runs of plain READs and of complete plain WRITEs
+    shorter than those as ReadRun/WriteRun events; expanded into Requests, the events are exactly those of the
+    parser without them -- whatever the commands, flags, ranges (invalid ones included: the C scanners leave
+    those to the core's validation), alignment and cuts."""
+    export = ExportInfo(name="disk", size=SIZE, min_block=min_block, max_block=max_block)
+    stream = b""
+    for i, (cmd, flags, offset, length) in enumerate(reqs):
+        if cmd == c.CMD_WRITE:
+            length = min(length, 5000)
+        stream += req(cmd, offset, length, flags, cookie=i, data=b"\x02" * length if cmd == c.CMD_WRITE else b"")
+    negotiated = Negotiated(export, structured, 1, export.transmission_flags(structured), True, "GO")
+    plain = Transmission(negotiated).receive_data(stream)
+    batched_tx = Transmission(negotiated, batch_reads=65536, batch_writes=4097)
+    batched = []
+    for pos in range(0, len(stream), cut):
+        batched += batched_tx.receive_data(stream[pos : pos + cut])
+    assert same_events(plain, expand(batched))
+    for e in batched:
+        if isinstance(e, ReadRun | WriteRun):
+            limit = 65536 if isinstance(e, ReadRun) else 4097
+            assert len(e) >= 1
+            assert all(r.length < limit and r.flags == 0 and r.offset + r.length <= SIZE for r in e.requests())
+            assert all(not (r.offset | r.length) % min_block for r in e.requests())
+
+
+@pytest.mark.skipif(scan_reads is None, reason="the C extension is not built")
+def test_a_read_run_stops_at_the_first_other_request() -> None:
+    t = Transmission(Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO"), batch_reads=65536)
+    stream = b"".join(req(c.CMD_READ, 4096 * i, 4096, cookie=i) for i in range(5))
+    stream += req(c.CMD_FLUSH, cookie=5) + req(c.CMD_READ, 0, 65536, cookie=6) + req(c.CMD_READ, 0, 512, cookie=7)
+    events = t.receive_data(stream)
+    assert [type(e) for e in events] == [ReadRun, Request, Request, ReadRun]
+    assert [(r.cookie, r.offset, r.length) for r in events[0].requests()] == [(i, 4096 * i, 4096) for i in range(5)]
+    assert events[0].request(3).cookie == 3 and events[0].requests(4)[0].cookie == 4
+    assert events[2].length == 65536  # not shorter than batch_reads: a Request of its own
+
+
+@pytest.mark.skipif(scan_reads is None, reason="the C extension is not built")
+def test_a_write_run_takes_only_complete_payloads_and_not_on_a_read_only_export() -> None:
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    t = Transmission(negotiated, batch_writes=8192)
+    stream = b"".join(req(c.CMD_WRITE, 512 * i, 100 + i, cookie=i, data=bytes([i]) * (100 + i)) for i in range(4))
+    events = t.receive_data(stream + req(c.CMD_WRITE, 0, 5000, cookie=9, data=b"z" * 10))
+    assert [type(e) for e in events] == [WriteRun]  # the fifth one's payload is still to come
+    assert [(r.cookie, r.offset, bytes(r.data)) for r in events[0].requests()] == [
+        (i, 512 * i, bytes([i]) * (100 + i)) for i in range(4)
+    ]
+    (last,) = t.receive_data(b"z" * 4990)
+    assert isinstance(last, Request) and bytes(last.data) == b"z" * 5000
+    ro = ExportInfo(name="disk", size=SIZE, read_only=True)
+    t = Transmission(Negotiated(ro, True, 1, ro.transmission_flags(True), True, "GO"), batch_writes=8192)
+    assert [type(e) for e in t.receive_data(stream)] == [Rejected] * 4

@@ -18,12 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd.budget import TRANSPORT_HIGH_WATER, cost
-from cachemode.nbd.direct import LARGE_REPLY, DirectPaths
+from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
+from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
-from cachemode.nbd.requests import PayloadFollows, Rejected, Request, Transmission, Violation
+from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
+from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation, WriteRun
 from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
+
+try:  # runs of small READs and WRITEs served in C (optional: without it they are served one by one)
+    from cachemode.nbd._batch import read_batch, write_batch
+except ImportError:  # pragma: no cover - the extension is built at install time
+    read_batch = write_batch = None
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -42,6 +48,11 @@ SEND_EARLY = 1024 * 1024
 """Inline read data queued in one batch before it is handed to the transport (so back-pressure is seen)."""
 SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_SNDBUF asked for each connection (the kernel doubles it)."""
+REPLY_ARENA = 256 * 1024
+"""The arena the replies to small inline READs and WRITEs of one batch are built in, READ data read straight
+in behind its header: one buffer for the transport instead of one per reply."""
+READ_AHEAD = 16
+"""Requests read straight from the socket after a spliced WRITE, at most, before the event loop gets a turn."""
 SENDFILE_MIN = 128 * 1024
 """Buffered reads at least this long go from the image to the socket with sendfile(2), no copy in Python."""
 
@@ -91,6 +102,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._sock_fd = -1
         self._splicer: Any = None  # a PayloadSplicer once this connection splices its first WRITE payload
         self._splicing: Request | None = None  # the WRITE being spliced: the transport must not read meanwhile
+        self._arena_sent = False  # _out holds part of the server's reply arena (see _send)
+        self._read_on = False  # a payload was spliced whole in this callback: read the next request at once
+        self._note_pending = False  # inline writes not yet reported to the mode layer (see _note_writes)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,6 +147,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closed = True
         self.closing = True
         self._out.clear()
+        if self._note_pending:
+            self._note_writes()
         # Payloads paid for when their buffers were handed out and never executed: the one being received, and
         # requests held back with their payloads complete (prepaid: ``buffer`` set).
         unpaid = [ev.length for ev in self._backlog if ev.__class__ is Request and ev.buffer is not None]
@@ -177,6 +193,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self._handshake_data(bytes(self.server.scratch[:nbytes]))
             elif not self.tx.closed:
                 self._receive(self.tx.buffer_updated(nbytes))
+                if self._read_on:
+                    self._read_ahead()
         except ProtocolError as err:
             log.info("%s: closing: %s", self.peer, err)
             self._abort()
@@ -199,6 +217,28 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self.closing = True
         self._maybe_close()
         return None if self.tls else True
+
+    def _read_ahead(self) -> None:
+        """A large WRITE's payload was just spliced whole, so its client is streaming and the next request is
+        probably in the socket already: read it here, into the parser's buffer as the transport would, and
+        go on while that keeps being so -- a few times at most, so that other connections get their turn --
+        instead of a round through the event loop (a poll, a read callback, the transport's pause and
+        resume) per request. Only where the connection splices, i.e. owns its socket (never under TLS)."""
+        tx = self.tx
+        fd = self._sock_fd
+        for _ in range(READ_AHEAD):
+            self._read_on = False
+            if self.closed or self.closing or self._paused_reading or tx is None or tx.closed or fd < 0:
+                return
+            try:
+                n = os.readv(fd, [tx.get_buffer()])
+            except OSError:  # nothing there (or the socket failed): the transport takes over, and sees it too
+                return
+            if not n:  # end of stream: left for the transport to see
+                return
+            self._receive(tx.buffer_updated(n))
+            if not self._read_on:
+                return
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -230,6 +270,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     allocate_alone=True,
                     stream_min=stream_min,
                     stream_max=PIPE_SIZE,
+                    batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
+                    batch_writes=INLINE_WRITE_MAX if write_batch is not None and self.server.write_fd >= 0 else 0,
                 )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
@@ -275,6 +317,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         aio_align = server.aio_align
         inline_write = server.inline_writes
         write_inline = server.write_inline
+        write_fd = server.write_fd
+        pwrite = os.pwrite
+        simple_into = replies.simple_into
         structured = self.structured
         read_header = replies.read_header
         read_header_into = replies.read_header_into
@@ -282,10 +327,15 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         preadv = os.preadv
         nowait = getattr(os, "RWF_NOWAIT", 0)
         ledger = self.ledger
+        # Replies to small inline READs and WRITEs are built in the server's reply arena: [astart, apos) is this
+        # batch's.
+        arena = self.server.reply_arena
+        arena_size = len(arena) if arena is not None else 0
+        apos = astart = 0
         for index, ev in enumerate(events):
             if ev.__class__ is Request:
                 cmd = ev.command
-                amount = cost(cmd, ev.length)
+                amount = ev.length + SMALL_REPLY if cmd <= c.CMD_WRITE else cost(cmd, ev.length)
                 # A WRITE whose payload buffer was allocated was charged then; anything else is admitted
                 # only while it fits in the connection's budget and the server's (see budget.py).
                 if self.in_flight >= MAX_IN_FLIGHT or (ev.buffer is None and not ledger.admit(amount)):
@@ -300,6 +350,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     continue
                 if cmd == c.CMD_READ and read_inline is not None:
                     if ev.length >= SENDFILE_MIN and sendfile_fd is not None:
+                        if apos > astart:
+                            out.append(arena[astart:apos])
+                            self._arena_sent = True
+                            astart = apos
                         if out:
                             self._send()
                         if self._sendfile(ev, sendfile_fd):
@@ -307,24 +361,37 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     if nowait_fd is not None:
                         # Page-cache hit or not? RWF_NOWAIT answers without waiting: a miss (or a partly
                         # cached range) is read with io_uring (else on the pool), so a cold cache does not
-                        # stall the event loop. A small reply is read straight in behind its header: one
-                        # buffer, no join.
+                        # stall the event loop. Small replies are read straight into the server's reply
+                        # arena, each behind its header: the batch's replies go out as one buffer.
                         length = ev.length
                         offset = ev.offset
-                        small = length < LARGE_REPLY
-                        skip = header_size if small else 0
-                        data_out = bytearray(skip + length)
+                        if length < LARGE_REPLY:
+                            end = apos + header_size + length
+                            if end > arena_size:
+                                arena = self._next_arena(arena, astart, apos)
+                                arena_size = len(arena)
+                                apos = astart = 0
+                                end = header_size + length
+                            try:
+                                got = preadv(nowait_fd, [arena[apos + header_size : end]], offset, nowait)
+                            except OSError:
+                                got = -1
+                            if got == length:
+                                read_header_into(arena, structured, ev.cookie, offset, length, apos)
+                                apos = end
+                                continue
+                            data_out = bytearray(header_size + length)
+                            if uring is None or not self._uring_read(ev, uring, data_out, header_size):
+                                self._submit(ev)
+                            continue
+                        data_out = bytearray(length)
                         try:
-                            got = preadv(nowait_fd, [memoryview(data_out)[skip:]], offset, nowait)
+                            got = preadv(nowait_fd, [data_out], offset, nowait)
                         except OSError:
                             got = -1
                         if got != length:
-                            if uring is None or not self._uring_read(ev, uring, data_out, skip):
+                            if uring is None or not self._uring_read(ev, uring, data_out, 0):
                                 self._submit(ev)
-                            continue
-                        if small:
-                            read_header_into(data_out, structured, ev.cookie, offset, length)
-                            out.append(data_out)
                             continue
                     else:
                         try:
@@ -341,6 +408,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         out.append(data_out)
                         self._out_size += ev.length
                         if self._out_size >= SEND_EARLY:
+                            if apos > astart:
+                                out.append(arena[astart:apos])
+                                self._arena_sent = True
+                                astart = apos
                             self._send()  # lets the transport report back-pressure before the next read
                     else:
                         out.append(hdr + data_out)
@@ -351,7 +422,16 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     and ev.length < INLINE_WRITE_MAX
                 ):
                     try:
-                        write_inline(ev.data, ev.offset)
+                        if write_fd >= 0:
+                            # One pwrite on the image's fd (the plain stack would only pass it down); the mode
+                            # layer is told once before any reply or flush goes out (see _note_writes).
+                            self._note_pending = True
+                            data = ev.data
+                            done = pwrite(write_fd, data, ev.offset)
+                            if done != ev.length:
+                                pwrite_all(write_fd, data, ev.offset, done)
+                        else:
+                            write_inline(ev.data, ev.offset)
                     except Exception as exc:
                         server.stats.errors += 1
                         out.append(replies.simple(ev.cookie, replies.error_of(exc, cmd)))
@@ -359,12 +439,95 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     finally:
                         if ev.buffer is not None:
                             self._recycle(ev)
-                    out.append(replies.simple(ev.cookie))
+                    end = apos + SIMPLE_HEADER_SIZE
+                    if end > arena_size:
+                        arena = self._next_arena(arena, astart, apos)
+                        arena_size = len(arena)
+                        apos = astart = 0
+                        end = SIMPLE_HEADER_SIZE
+                    simple_into(arena, apos, ev.cookie)
+                    apos = end
                 elif aio is not None and cmd <= c.CMD_WRITE and not (ev.offset | ev.length) % aio_align:
                     if not self._aio(ev, aio, aio_fd):
                         self._submit(ev)
                 else:
                     self._submit(ev)
+            elif ev.__class__ is ReadRun:
+                # Small plain READs, served from the page cache into the arena by one C call per stretch (as
+                # far as the budget, the in-flight bound and the arena allow: the call takes only what fits);
+                # what is left goes on below one by one, as Requests.
+                count = len(ev)
+                server.stats.requests += count - 1
+                i = 0
+                if read_batch is not None and nowait_fd is not None and not server.shutting_down:
+                    budget = ledger.budget
+                    while i < count:
+                        if not arena_size:
+                            arena = self._next_arena(None, 0, 0)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        stop = i + MAX_IN_FLIGHT - self.in_flight
+                        if room <= 0 or stop <= i:
+                            break
+                        taken, apos, charged, misses = read_batch(
+                            nowait_fd, ev.entries, i, stop, arena, apos, structured, room, SMALL_REPLY
+                        )
+                        if charged:
+                            ledger.charge(charged)
+                            self._batch_cost += charged
+                        for miss in misses:  # not in the page cache: read asynchronously
+                            req = ev.request(miss)
+                            data_out = bytearray(header_size + req.length)
+                            if uring is None or not self._uring_read(req, uring, data_out, header_size):
+                                self._submit(req)
+                        if taken == i:  # the arena is full (take the next one), else no room: one by one
+                            if not apos:
+                                break
+                            arena = self._next_arena(arena, astart, apos)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                            continue
+                        i = taken
+                if i < count:
+                    events[index + 1 : index + 1] = ev.requests(i)
+            elif ev.__class__ is WriteRun:
+                # Small plain WRITEs with their payloads, written to the image by one C call per stretch, their
+                # replies into the arena (as far as the budget and the arena allow); the rest one by one below.
+                count = len(ev)
+                server.stats.requests += count - 1
+                i = 0
+                if write_batch is not None and write_fd >= 0 and inline_write and not server.shutting_down:
+                    budget = ledger.budget
+                    while i < count:
+                        if not arena_size:
+                            arena = self._next_arena(None, 0, 0)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        if room <= 0:
+                            break
+                        self._note_pending = True  # before anything is written (see _note_writes)
+                        taken, apos, charged, failed = write_batch(
+                            write_fd, ev.entries, ev.payload, i, arena, apos, room, SMALL_REPLY
+                        )
+                        if charged:
+                            ledger.charge(charged)
+                            self._batch_cost += charged
+                        for which, error in failed:
+                            server.stats.errors += 1
+                            code = replies.error_of(OSError(error, os.strerror(error)), c.CMD_WRITE)
+                            out.append(replies.simple(ev.request(which).cookie, code))
+                        if taken == i:  # the arena is full (take the next one), else no room: one by one
+                            if not apos:
+                                break
+                            arena = self._next_arena(arena, astart, apos)
+                            arena_size = len(arena)
+                            apos = astart = 0
+                            continue
+                        i = taken
+                if i < count:
+                    events[index + 1 : index + 1] = ev.requests(i)
             elif ev.__class__ is PayloadFollows:
                 # Its payload is still in the socket, but the request is admitted like any WRITE (and charged
                 # its length: what of the payload the server does hold -- the head, a full pipe read out --
@@ -387,6 +550,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 self.closing = True
             else:  # Disconnect
                 self.closing = True
+        if apos > astart:
+            out.append(arena[astart:apos])
+            self._arena_sent = True
         if uring is not None:
             uring.submit()
         if aio is not None:
@@ -398,6 +564,25 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         else:
             self._update_reading()
 
+    def _next_arena(self, arena: memoryview | None, start: int, end: int) -> memoryview:
+        """The server's reply arena, empty, once ``arena[start:end]`` (this batch's replies in it so far, if
+        any) has been handed to the transport. One arena is shared by every connection (the loop runs one
+        batch at a time); a fresh one replaces it whenever a transport keeps part of it (see :meth:`_send`)."""
+        if arena is not None and end > start:
+            self._out.append(arena[start:end])
+            self._arena_sent = True
+            self._send()
+        arena = self.server.reply_arena
+        if arena is None:
+            arena = self.server.reply_arena = memoryview(bytearray(REPLY_ARENA))
+        return arena
+
+    def _note_writes(self) -> None:
+        """Tell the mode layer that inline writes happened (so the next FLUSH syncs them): once per batch,
+        before any of their replies is handed on and before any request goes to the pool (a FLUSH)."""
+        self._note_pending = False
+        self.server.note_write()
+
     def _after_completion(self) -> None:
         self._send()  # releases the charge of the reply just handed on, and retries what waited for it
         if self.closing:
@@ -405,6 +590,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
 
     def _start(self, req: Request) -> None:
         """``req`` goes in flight (pool or AIO): its charge stays held until its reply is handed on."""
+        if self._note_pending:
+            self._note_writes()
         self.in_flight += 1
         if self.closed:  # the rest of a short write, resubmitted after the client left: a fresh charge
             self.ledger.charge(cost(req.command, req.length))
@@ -531,7 +718,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._out.extend(result)
         else:
             self._out.append(result)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._draining:  # inside a batch, its end sends it
             self._flush_scheduled = True
             self.loop.call_soon(self._send)
         if self.closing:
@@ -542,6 +729,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         """Hand the replies in ``_out`` to the transport; their charge becomes the transport's queued bytes."""
         self._flush_scheduled = False
         self._out_size = 0
+        if self._note_pending:
+            self._note_writes()
         out = self._out
         if out and not self.closed and self.transport is not None:
             if len(out) == 1:
@@ -549,6 +738,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             else:
                 self.transport.writelines(out)
         out.clear()
+        if self._arena_sent:
+            # The transport wrote the arena's bytes at once, or it holds a view of them: then the arena is
+            # the transport's until sent, and the server starts a fresh one.
+            self._arena_sent = False
+            if self._sock_fd < 0 or self.closed or self.transport is None or self.transport.get_write_buffer_size():
+                self.server.reply_arena = None
         released = self._batch_cost + self._out_cost
         self._batch_cost = self._out_cost = 0
         self.ledger.release(released)

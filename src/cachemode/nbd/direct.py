@@ -49,6 +49,7 @@ class DirectPaths:
     _splicer: PayloadSplicer | None
     _splicing: Request | None
     _batch_cost: int
+    _read_on: bool
     loop: Any
     tx: Any
 
@@ -74,8 +75,11 @@ class DirectPaths:
             error = OSError(errno.ESHUTDOWN, "server shutting down")
         self._splicing = req
         self._start(req)
-        self._update_reading()
         self._splicer.start(req, ev.head, self._splice_done, error)
+        if self._splicing is not None:  # waiting for the socket: the transport must not read meanwhile
+            self._update_reading()
+        elif error is None:  # the whole payload was there already
+            self._read_on = True
 
     def _splice_done(self, req: Request, error: OSError | None, fatal: bool) -> None:
         self._splicing = None
@@ -318,15 +322,16 @@ class DirectPaths:
         return True
 
 
-def pwrite_all(fd: int, note_write: Callable[[], None], data: Any, offset: int) -> None:
-    """A plain page-cache write straight to the image's fd (what the plain stack would do, minus its layers),
-    then counted as a write by the mode layer (so the next FLUSH syncs)."""
-    done = os.pwrite(fd, data, offset)
+def pwrite_all(fd: int, data: Any, offset: int, done: int = 0) -> None:
+    """Write all of ``data`` at ``offset``, of which the first ``done`` bytes are written already (a plain
+    page-cache write straight to the image's fd, what the plain stack would do, minus its layers; the caller
+    tells the mode layer)."""
+    if not done:
+        done = os.pwrite(fd, data, offset)
     if done < len(data):
         with memoryview(data) as view:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
-    note_write()
 
 
 def nowait_works(fd: int | None) -> bool:

@@ -26,6 +26,11 @@ def simple(cookie: int, error: int = 0) -> bytes:
     return _SIMPLE.pack(c.SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+def simple_into(buf: bytearray | memoryview, at: int, cookie: int) -> None:
+    """Write a successful :func:`simple` reply into ``buf`` at ``at``."""
+    _SIMPLE.pack_into(buf, at, c.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
 def read_header(structured: bool, cookie: int, offset: int, length: int) -> bytes:
     """What precedes ``length`` bytes of READ data: a simple reply, or one OFFSET_DATA chunk with DONE."""
     if structured:
@@ -40,14 +45,16 @@ def read_header_size(structured: bool) -> int:
     return _DATA_CHUNK.size if structured else _SIMPLE.size
 
 
-def read_header_into(buf: bytearray, structured: bool, cookie: int, offset: int, length: int) -> None:
-    """Write :func:`read_header` at the start of ``buf``, so a small READ reply is one buffer, not a join."""
+def read_header_into(
+    buf: bytearray | memoryview, structured: bool, cookie: int, offset: int, length: int, at: int = 0
+) -> None:
+    """Write :func:`read_header` into ``buf`` at ``at``, so a small READ reply is one buffer, not a join."""
     if structured:
         _DATA_CHUNK.pack_into(
-            buf, 0, c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset
+            buf, at, c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset
         )
     else:
-        _SIMPLE.pack_into(buf, 0, c.SIMPLE_REPLY_MAGIC, 0, cookie)
+        _SIMPLE.pack_into(buf, at, c.SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
 def structured_done(cookie: int) -> bytes:

@@ -6,6 +6,8 @@
             case Request(): ...        # valid: dispatch it to the disk, build the reply with ``replies``
             case Rejected(): ...       # invalid: send ``event.reply`` (a WRITE's payload is already skipped)
             case PayloadFollows(): ... # only with stream_min: a large WRITE whose rest the caller reads
+            case ReadRun(): ...        # only with batch_reads: consecutive small plain READs, packed
+            case WriteRun(): ...       # only with batch_writes: consecutive small plain WRITEs, packed
             case Disconnect(): ...     # NBD_CMD_DISC: finish in-flight requests, then close
             case Violation(): ...      # bad request magic: finish what came before it, then close
 
@@ -86,6 +88,64 @@ class PayloadFollows:
         return f"PayloadFollows({self.request!r}, {len(self.head)} received)"
 
 
+class ReadRun:
+    """Consecutive plain READs (no flags) shorter than ``Transmission(batch_reads=...)``, each valid: ``entries``
+    packs (cookie, offset, length) as native unsigned 64-bit triples, for a transport that serves them in one
+    call (``cachemode.nbd._batch.read_batch``); :meth:`requests` turns them into :class:`Request` events."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: bytes) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries) // _ENTRY.size
+
+    def request(self, index: int) -> Request:
+        """The ``index``-th READ as a :class:`Request`."""
+        cookie, offset, length = _ENTRY.unpack_from(self.entries, index * _ENTRY.size)
+        return Request(c.CMD_READ, 0, cookie, offset, length)
+
+    def requests(self, start: int = 0) -> list[Request]:
+        """The READs from the ``start``-th on, as :class:`Request` events."""
+        return [
+            Request(c.CMD_READ, 0, cookie, offset, length)
+            for cookie, offset, length in _ENTRY.iter_unpack(memoryview(self.entries)[start * _ENTRY.size :])
+        ]
+
+    def __repr__(self) -> str:
+        return f"ReadRun({len(self)} READs)"
+
+
+class WriteRun:
+    """Consecutive plain WRITEs (no flags) shorter than ``Transmission(batch_writes=...)``, each valid and with
+    its whole payload: ``entries`` packs (cookie, offset, length, start of the payload in ``payload``) as native
+    unsigned 64-bit quadruples; ``payload`` holds the run's bytes from its first header on. For a transport
+    that writes them in one call (``cachemode.nbd._batch.write_batch``); :meth:`requests` turns them into
+    :class:`Request` events."""
+
+    __slots__ = ("entries", "payload")
+
+    def __init__(self, entries: bytes, payload: bytes | memoryview) -> None:
+        self.entries = entries
+        self.payload = payload
+
+    def __len__(self) -> int:
+        return len(self.entries) // _WRITE_ENTRY.size
+
+    def request(self, index: int) -> Request:
+        """The ``index``-th WRITE as a :class:`Request`."""
+        cookie, offset, length, start = _WRITE_ENTRY.unpack_from(self.entries, index * _WRITE_ENTRY.size)
+        return Request(c.CMD_WRITE, 0, cookie, offset, length, self.payload[start : start + length])
+
+    def requests(self, start: int = 0) -> list[Request]:
+        """The WRITEs from the ``start``-th on, as :class:`Request` events."""
+        return [self.request(i) for i in range(start, len(self))]
+
+    def __repr__(self) -> str:
+        return f"WriteRun({len(self)} WRITEs)"
+
+
 class Disconnect:
     """NBD_CMD_DISC: no reply; finish what is in flight, then close."""
 
@@ -107,7 +167,14 @@ class Violation:
         return f"Violation({self.message!r})"
 
 
-Event = Request | Rejected | PayloadFollows | Disconnect | Violation
+Event = Request | Rejected | PayloadFollows | ReadRun | WriteRun | Disconnect | Violation
+
+_ENTRY = struct.Struct("=QQQ")
+_WRITE_ENTRY = struct.Struct("=QQQQ")
+try:  # the run scanners in C (optional: without them every READ and WRITE is a Request)
+    from cachemode.nbd._batch import scan_reads, scan_writes
+except ImportError:  # pragma: no cover - the extension is built at install time
+    scan_reads = scan_writes = None
 
 
 SCRATCH_SIZE = 256 * 1024
@@ -139,8 +206,15 @@ class Transmission:
         allocate_alone: bool = False,
         stream_min: int = 0,
         stream_max: int = c.MAX_PAYLOAD,
+        batch_reads: int = 0,
+        batch_writes: int = 0,
     ) -> None:
         self.negotiated = negotiated
+        # Runs of plain READs shorter than batch_reads come as one ReadRun event, of plain WRITEs shorter than
+        # batch_writes with their whole payload at hand as one WriteRun (0, or the C scanners missing: never).
+        # The scanners take exactly the requests the fast path below accepts without error, nothing else.
+        self.batch_reads = batch_reads if scan_reads is not None else 0
+        self.batch_writes = batch_writes if scan_writes is not None and not negotiated.export.read_only else 0
         # Plain WRITEs (no flags) from stream_min to stream_max bytes long whose payload has not fully arrived
         # are handed out as PayloadFollows, their payload left on the stream for the caller; stream_min 0:
         # never. Longer ones get a buffer from ``allocate`` as usual (and may wait for it).
@@ -187,8 +261,7 @@ class Transmission:
         self._into_payload = False
         if self._scratch is None:
             self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        if self._short_read:
-            self._short_read = False
+        if self._short_read:  # until bytes arrive: a read that found nothing asks again
             return self._scratch[:FIRST_READ_AFTER_STREAM]
         return self._scratch
 
@@ -202,6 +275,8 @@ class Transmission:
                 self._complete_payload(events)
             return events
         assert self._scratch is not None
+        if nbytes:
+            self._short_read = False
         return self.receive_data(self._scratch[:nbytes])
 
     def resume(self) -> list[Event]:
@@ -292,8 +367,24 @@ class Transmission:
         max_block = export.max_block
         writable = not export.read_only
         unaligned = export.min_block - 1  # a power of two: offset and length must have none of these bits
+        batch = self.batch_reads
+        batch_writes = self.batch_writes
         while end - pos >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = unpack(src, pos)
+            if batch and command == c.CMD_READ and not flags and length < batch:
+                entries, after = scan_reads(src, pos, size, max_block, unaligned, batch)  # type: ignore[misc]
+                if entries:
+                    events.append(ReadRun(entries))
+                    pos = after
+                    continue
+            elif batch_writes and command == c.CMD_WRITE and not flags and length < batch_writes:
+                entries, after = scan_writes(src, pos, size, max_block, unaligned, batch_writes)  # type: ignore[misc]
+                if entries:
+                    # bytes are immutable and may be viewed; the parser's own bytearray changes after this
+                    run = memoryview(src)[pos:after] if isinstance(src, bytes) else bytes(src[pos:after])
+                    events.append(WriteRun(entries, run))
+                    pos = after
+                    continue
             if magic != c.REQUEST_MAGIC:
                 self.closed = True
                 events.append(Violation(f"bad request magic {magic:#x}"))

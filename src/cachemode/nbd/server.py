@@ -49,7 +49,7 @@ from typing import Any
 from cachemode.nbd import budget
 from cachemode.nbd.aio import BufferPool, open_aio
 from cachemode.nbd.connection import HANDSHAKE_LIMIT, NBDConnection, Stats
-from cachemode.nbd.direct import nowait_works, pwrite_all
+from cachemode.nbd.direct import nowait_works
 from cachemode.nbd.export import ExportInfo
 from cachemode.nbd.handshake import TLSMode
 from cachemode.nbd.pool import IOPool
@@ -109,6 +109,9 @@ class Server:
         self.budget = budget.ServerBudget(self.loop, server_budget, connection_budget)
         # Where every connection receives what is not a WRITE payload: one buffer for all (see get_buffer).
         self.scratch = memoryview(bytearray(SCRATCH_SIZE))
+        # Where the replies to small inline READs and WRITEs of one batch are built (NBDConnection._next_arena):
+        # allocated on first use, replaced when a transport keeps part of it.
+        self.reply_arena: memoryview | None = None
         self.shutting_down = False
         self._connections: set[NBDConnection] = set()
         self._refused_unlogged = 0
@@ -137,9 +140,10 @@ class Server:
         # An inline write is one pwrite on the image's fd with the plain stack (the stack would only pass it
         # down unchanged: no FUA, no O_DSYNC, nothing emulated), reported to the mode layer's write counter.
         self.write_inline: Callable[[Any, int], None] = disk.pwrite
+        self.write_fd = -1  # the image's fd where an inline write may be a pwrite on it (the plain stack)
         if self.recycle and self.inline_writes:
             self._note_write = disk.top.note_write
-            self.write_inline = functools.partial(pwrite_all, disk.image.fd, disk.top.note_write)
+            self.write_fd = disk.image.fd
             if splice_available():
                 self.splice_fd = disk.image.fd
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
