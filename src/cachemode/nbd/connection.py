@@ -23,7 +23,7 @@ from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
 from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation, WriteRun
-from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
+from cachemode.nbd.splice import SPLICE_MAX, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
 
 try:  # runs of small READs and WRITEs served in C (optional: without it they are served one by one)
@@ -269,7 +269,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     self.server.scratch,
                     allocate_alone=True,
                     stream_min=stream_min,
-                    stream_max=PIPE_SIZE,
+                    stream_max=SPLICE_MAX,
                     batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
                     batch_writes=INLINE_WRITE_MAX if write_batch is not None and self.server.write_fd >= 0 else 0,
                 )
