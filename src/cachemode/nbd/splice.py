@@ -89,11 +89,22 @@ class PayloadSplicer:
         """Whether the rest of this payload fits in the first pipe (the second is for its slots)."""
         return bool(self._pipes) and req.length - len(head) <= self.capacity
 
+    @property
+    def pipes(self) -> tuple[int, int, int, int]:
+        """The two pipes' read and write ends, -1 for one that is missing."""
+        first, second = [*self._pipes, (-1, -1), (-1, -1)][:2]
+        return (*first, *second)
+
     def start(self, req: Request, head: bytes | memoryview, done: Done, error: OSError | None = None) -> None:
         """Splice the payload bytes after ``head`` into the pipes, then write head and pipes to the image;
         ``done`` is called once the payload is consumed (maybe before this returns). With ``error`` the
         payload is only consumed. The caller checked :meth:`fits`."""
         self._begin(req, head, done, error, 0, 0)
+
+    def resume(self, req: Request, in_first: int, in_second: int, done: Done) -> None:
+        """Go on with a payload whose first bytes are in the pipes already (``_batch.splice_writes`` took its
+        header and spliced what had arrived): as :meth:`start` from there."""
+        self._begin(req, b"", done, None, in_first, in_second)
 
     def _begin(
         self, req: Request, head: bytes | memoryview, done: Done, error: OSError | None, first: int, second: int
