@@ -372,21 +372,29 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
         charged += length + small_reply;
         count++;
         uint64_t in[2] = {0, 0};
-        int cur = 0;
+        int cur = 0, retried = 0;
         while (in[0] + in[1] < length) {
             ssize_t n = splice(sock, NULL, writers[cur], NULL, (size_t)(length - in[0] - in[1]),
                                SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n < 0 && errno == EINTR)
                 continue;
-            if (n < 0 && errno == EAGAIN && cur + 1 < pipes) {
+            if (n < 0 && errno == EAGAIN) {
                 int queued = 0;
-                if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) { /* this pipe's slots are full */
-                    cur++;
-                    continue;
+                if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) {
+                    if (!retried) { /* the bytes may have come after the splice found none: once more first */
+                        retried = 1;
+                        continue;
+                    }
+                    retried = 0;
+                    if (cur + 1 < pipes) { /* this pipe's slots are full */
+                        cur++;
+                        continue;
+                    }
                 }
             }
             if (n <= 0) /* not all there yet, full pipes, the end of the stream or an error: the caller's splicer */
                 break;
+            retried = 0;
             in[cur] += (uint64_t)n;
         }
         if (in[0] + in[1] < length) {

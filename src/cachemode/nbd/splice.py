@@ -121,6 +121,7 @@ class PayloadSplicer:
     def _pump(self) -> None:
         """Splice whatever the socket has, until the payload is complete or the socket runs dry."""
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        retried = False
         while self._remaining:
             try:
                 n = os.splice(self._sock_fd, self._pipes[self._cur][1], self._remaining, flags=flags)
@@ -128,6 +129,10 @@ class PayloadSplicer:
                 if not self._socket_has_data():
                     self._watch()
                     return
+                if not retried:  # the bytes may have come after the splice found none: once more first
+                    retried = True
+                    continue
+                retried = False
                 if self._cur + 1 < len(self._pipes):  # this pipe is full, not the socket empty: the next one
                     self._cur += 1
                     continue
@@ -140,6 +145,7 @@ class PayloadSplicer:
             if n == 0:
                 self._finish(ConnectionResetError("end of stream inside a WRITE payload"), fatal=True)
                 return
+            retried = False
             self._remaining -= n
             self._in[self._cur] += n
         self._unwatch()
