@@ -9,6 +9,7 @@ import re
 import signal
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -272,3 +273,76 @@ def test_native_aio_submits_a_burst_in_one_call(tmp_path: Path) -> None:
     assert len(counts) < 128 and max(counts) > 1, counts
     data = image.read_bytes()
     assert all(data[i * 65536 : i * 65536 + 4096] == random.Random(i).randbytes(4096) for i in range(64))
+
+
+def test_a_stream_of_large_writes_is_spliced_by_the_c_loop(tmp_path: Path) -> None:
+    """A client that streams 1 MiB WRITEs after a FUA one, with a bad one (past the end) among them: the
+    server's C loop takes the plain ones whole from the socket (peeked headers), the core answers the bad one
+    with its error and the FUA one goes through the stack; every payload lands where it belongs, and the FLUSH
+    after them syncs."""
+    need_strace()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "splice,recvfrom,fdatasync", "--cache", "writeback")
+    payloads = [random.Random(i).randbytes(MIB) for i in range(8)]
+    plan = (
+        [(0, 0, c.CMD_FLAG_FUA)]
+        + [(i, i * MIB, 0) for i in range(1, 5)]
+        + [(5, 16 * MIB, 0), (6, 6 * MIB, 0), (7, 7 * MIB, 0)]
+    )
+    stream = b"".join(
+        struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, c.CMD_WRITE, cookie, offset, MIB) + payloads[cookie]
+        for cookie, offset, flags in plan
+    )
+    try:
+        with client_for(srv.uri) as cl:
+            sender = threading.Thread(target=cl.sock.sendall, args=(stream,))
+            sender.start()
+            got = {}
+            for _ in plan:
+                reply = cl.read_reply()
+                got[reply.cookie] = reply.error
+            sender.join()
+            cl.flush()
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    assert got == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: c.ENOSPC, 6: 0, 7: 0}
+    data = image.read_bytes()
+    for cookie, offset, _ in plan:
+        if cookie != 5:
+            assert data[offset : offset + MIB] == payloads[cookie], cookie
+    text = trace.read_text()
+    assert re.search(r"recvfrom\(\d+, .*, 28, MSG_PEEK\|MSG_DONTWAIT, NULL, NULL\) = 28", text), text
+    # The FLUSH synced after the last payload went into the image: the mode layer was told of the spliced writes.
+    last_splice = max(m.start() for m in re.finditer(r"splice\(\d+, NULL, \d+, \[\d+\]", text))
+    assert any(m.start() > last_splice for m in re.finditer(r"\bfdatasync\(", text)), text
+
+
+def test_a_client_that_vanishes_inside_a_payload_the_c_loop_took(tmp_path: Path) -> None:
+    """A whole 1 MiB WRITE, then the next one's header and half its payload, then the client is gone: the C loop
+    takes that header and hands the half payload on to the splicer, which sees the end of the stream -- the
+    first payload is in the image, nothing of the second, and the server goes on serving."""
+    need_strace()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "recvfrom", "--cache", "writeback")
+    first, second = random.Random(1).randbytes(MIB), random.Random(2).randbytes(MIB)
+    try:
+        with client_for(srv.uri) as cl:
+            cl.sock.sendall(
+                struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1, 0, MIB)
+                + first
+                + struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 2, 4 * MIB, MIB)
+                + second[: MIB // 2]
+            )
+            assert cl.read_reply().cookie == 1
+        with client_for(srv.uri) as cl:  # still serving
+            assert cl.pread(MIB, 0) == first
+            assert cl.pread(MIB, 4 * MIB) == bytes(MIB)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    assert image.read_bytes()[4 * MIB : 5 * MIB] == bytes(MIB)
+    text = trace.read_text()
+    assert re.search(r"recvfrom\(\d+, .*, 28, MSG_PEEK\|MSG_DONTWAIT, NULL, NULL\) = 28", text), text

@@ -512,6 +512,25 @@ def test_stream_min_leaves_a_large_plain_write_payload_on_the_stream() -> None:
     assert [e.cookie for e in t.receive_data(req(c.CMD_READ, 0, 512, cookie=4))] == [4]
 
 
+def test_splice_limits_only_at_a_request_boundary_of_a_streaming_parser() -> None:
+    """What the C splicer may take (``_batch.splice_writes``): the export's bounds and the streaming range, and
+    nothing while the parser holds part of the stream."""
+    negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
+    assert Transmission(negotiated).splice_limits() is None  # not streaming (e.g. TLS)
+    t = Transmission(negotiated, stream_min=64 * 1024, stream_max=1 << 20)
+    assert t.splice_limits() == (EXPORT.size, EXPORT.max_block, EXPORT.min_block - 1, 64 * 1024, 1 << 20)
+    head = req(c.CMD_WRITE, 0, 4096, cookie=1, data=b"x" * 4096)
+    assert t.receive_data(head[:20]) == []
+    assert t.splice_limits() is None  # half a header held
+    assert [e.cookie for e in t.receive_data(head[20:100])] == []
+    assert t.splice_limits() is None  # a payload being received
+    assert [e.cookie for e in t.receive_data(head[100:])] == [1]
+    assert t.splice_limits() is not None
+    bad = req(c.CMD_WRITE, SIZE, 70000, cookie=2, data=b"y" * 100)
+    assert t.receive_data(bad) == []
+    assert t.splice_limits() is None  # a rejected payload being skipped
+
+
 def test_collect_takes_a_streamed_payload_back() -> None:
     negotiated = Negotiated(EXPORT, True, 1, EXPORT.transmission_flags(True), True, "GO")
     t = Transmission(negotiated, stream_min=64 * 1024)

@@ -31,13 +31,15 @@ class CountingSplicer(PayloadSplicer):
 
 
 def splice_one(image_fd: int, head: bytes, chunks: list[bytes], pipe_slots: int | None = None) -> tuple:
-    """Feed ``chunks`` through a unix socket pair while a splicer consumes them; return (error, fatal, spills)."""
+    """Feed ``chunks`` through a unix socket pair while a splicer consumes them (its pipes cut down to
+    ``pipe_slots``); return (error, fatal, spills)."""
     loop = asyncio.new_event_loop()
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     splicer = CountingSplicer(loop, ours.fileno(), image_fd)
     if pipe_slots:
-        fcntl.fcntl(splicer._pipe_w, fcntl.F_SETPIPE_SZ, pipe_slots * 4096)
+        for _, pipe_w in splicer._pipes:
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, pipe_slots * 4096)
     finished = loop.create_future()
     req = Request(1, 0, 1, 4096, len(head) + sum(map(len, chunks)))
 
@@ -73,6 +75,33 @@ def test_a_pipe_that_fills_is_read_out_and_splicing_goes_on(tmp_path: Path) -> N
         os.close(fd)
     assert (error, fatal) == (None, False)
     assert spills > 0
+    assert image.read_bytes()[4096 : 4096 + len(PAYLOAD)] == PAYLOAD
+
+
+def test_the_second_pipe_takes_what_the_first_has_no_slots_for(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(bytes(1 << 20))
+    fd = os.open(image, os.O_RDWR)
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    ours.setblocking(False)
+    splicer = CountingSplicer(loop, ours.fileno(), fd)
+    try:
+        # 256 segments of 1 KiB, all sent before: more than the first pipe's 128 slots, fewer than both pipes'
+        for (_, pipe_w), slots in zip(splicer._pipes, (128, 256), strict=True):
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, slots * 4096)
+        for i in range(100, len(PAYLOAD), 1024):
+            theirs.sendall(PAYLOAD[i : i + 1024])
+        outcome: list = []
+        splicer.start(Request(1, 0, 1, 4096, len(PAYLOAD)), PAYLOAD[:100], lambda _r, e, f: outcome.append((e, f)))
+    finally:
+        splicer.close()
+        ours.close()
+        theirs.close()
+        loop.close()
+        os.close(fd)
+    assert (outcome, splicer.spills) == ([(None, False)], 0)
     assert image.read_bytes()[4096 : 4096 + len(PAYLOAD)] == PAYLOAD
 
 

@@ -27,6 +27,20 @@
  *       pwrite each WRITE's payload (``payload`` is ``src`` from the first header on) to ``fd`` and write its
  *       simple reply into ``arena``; the same stops as read_batch. ``errors`` lists (index, errno) of writes
  *       that failed (charged, no reply written: the caller answers them).
+ *
+ *   splice_writes(sock, pipe_r, pipe_w, pipe2_r, pipe2_w, fd, arena, at, size, max_block, unaligned,
+ *                 min_length, max_length, room, small_reply, most) -> (count, at, charged, errors, partial)
+ *       for the transport, at a request boundary of a connection that owns its socket (never TLS): while the
+ *       socket holds (MSG_PEEK) another whole header of a plain WRITE the core would hand out as
+ *       PayloadFollows (its fast path's checks, min_length <= length <= max_length, no flags), take it,
+ *       splice its payload socket -> pipe without blocking (into the second pipe, if any (-1: none), once the
+ *       first one's slots are full) and, once all of it is in the pipes, pipes -> ``fd``
+ *       at its offset (nothing is written before the payload is whole), and write its simple reply into
+ *       ``arena``. Stops, the header left unread, at anything else: fewer than 28 bytes, a header it does not
+ *       take, ``most`` requests, ``room`` (charges as read_batch) or a full arena. ``errors`` lists (cookie,
+ *       errno) of payloads consumed but not written. ``partial``: None, or (cookie, offset, length, in_first,
+ *       in_second) of a request taken (and charged) whose payload had not all arrived or did not fit in the
+ *       pipes: its first bytes are in them, so many in each, and the caller's splicer goes on from there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,6 +48,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -277,11 +294,153 @@ fail:
     return NULL;
 }
 
+/* Moves ``length`` bytes out of pipes[0] then pipes[1] (in[] each) into ``fd`` at ``offset``; on a write error
+ * the rest is read out and dropped (the payload is consumed all the same). Returns 0 or the write's errno; -1
+ * with errno set when a pipe itself failed. */
+static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_t offset) {
+    int err = 0;
+    for (int p = 0; p < 2; p++) {
+        uint64_t left = in[p];
+        while (left) {
+            ssize_t n;
+            if (!err) {
+                loff_t pos = (loff_t)offset;
+                n = splice(pipes[p], NULL, fd, &pos, (size_t)left, SPLICE_F_MOVE);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0) {
+                    err = n < 0 ? errno : EIO;
+                    continue;
+                }
+            } else {
+                unsigned char sink[65536];
+                n = read(pipes[p], sink, left < sizeof sink ? (size_t)left : sizeof sink);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0) {
+                    if (n == 0)
+                        errno = EIO;
+                    return -1;
+                }
+            }
+            left -= (uint64_t)n;
+            offset += (uint64_t)n;
+        }
+    }
+    return err;
+}
+
+static PyObject *splice_writes(PyObject *self, PyObject *args) {
+    int sock, fd, ends[4];
+    Py_buffer arena;
+    Py_ssize_t at, most;
+    unsigned long long size, max_block, unaligned, min_length, max_length, room, small_reply;
+    if (!PyArg_ParseTuple(args, "iiiiiiw*nKKKKKKKn", &sock, &ends[0], &ends[1], &ends[2], &ends[3], &fd, &arena, &at,
+                          &size, &max_block, &unaligned, &min_length, &max_length, &room, &small_reply, &most))
+        return NULL;
+    PyObject *errors = PyList_New(0), *partial = NULL;
+    if (errors == NULL)
+        goto fail;
+    if (at < 0 || at > arena.len || ends[0] < 0 || ends[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "at out of range or no pipe");
+        goto fail;
+    }
+    int readers[2] = {ends[0], ends[2]}, writers[2] = {ends[1], ends[3]};
+    int pipes = ends[3] >= 0 ? 2 : 1;
+    unsigned char *a = arena.buf;
+    unsigned long long charged = 0;
+    Py_ssize_t count = 0;
+    unsigned char h[REQUEST_SIZE];
+    while (count < most && at + SIMPLE_HEADER <= arena.len) {
+        ssize_t got = recv(sock, h, REQUEST_SIZE, MSG_PEEK | MSG_DONTWAIT);
+        if (got != REQUEST_SIZE)
+            break;
+        uint16_t flags = get16(h + 4), command = get16(h + 6);
+        uint64_t cookie = get64(h + 8), offset = get64(h + 16);
+        uint32_t length = get32(h + 24);
+        if (get32(h) != REQUEST_MAGIC || command != CMD_WRITE || flags || length < min_length ||
+            length > max_length || length == 0 || length > max_block || offset > size || length > size - offset ||
+            ((offset | length) & unaligned) || charged + length + small_reply > room)
+            break;
+        do
+            got = recv(sock, h, REQUEST_SIZE, MSG_DONTWAIT);
+        while (got < 0 && errno == EINTR);
+        if (got != REQUEST_SIZE) { /* a peeked header cannot vanish; should it, the caller sees the socket */
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        charged += length + small_reply;
+        count++;
+        uint64_t in[2] = {0, 0};
+        int cur = 0, retried = 0;
+        while (in[0] + in[1] < length) {
+            ssize_t n = splice(sock, NULL, writers[cur], NULL, (size_t)(length - in[0] - in[1]),
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && errno == EAGAIN) {
+                int queued = 0;
+                if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) {
+                    if (!retried) { /* the bytes may have come after the splice found none: once more first */
+                        retried = 1;
+                        continue;
+                    }
+                    retried = 0;
+                    if (cur + 1 < pipes) { /* this pipe's slots are full */
+                        cur++;
+                        continue;
+                    }
+                }
+            }
+            if (n <= 0) /* not all there yet, full pipes, the end of the stream or an error: the caller's splicer */
+                break;
+            retried = 0;
+            in[cur] += (uint64_t)n;
+        }
+        if (in[0] + in[1] < length) {
+            partial = Py_BuildValue("KKKKK", (unsigned long long)cookie, (unsigned long long)offset,
+                                    (unsigned long long)length, (unsigned long long)in[0], (unsigned long long)in[1]);
+            if (partial == NULL)
+                goto fail;
+            break;
+        }
+        int err = drain_pipes(readers, in, fd, offset);
+        if (err < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (err) {
+            PyObject *item = Py_BuildValue("Ki", (unsigned long long)cookie, err);
+            if (item == NULL || PyList_Append(errors, item) < 0) {
+                Py_XDECREF(item);
+                goto fail;
+            }
+            Py_DECREF(item);
+            continue;
+        }
+        unsigned char *r = a + at;
+        put32(r, SIMPLE_REPLY_MAGIC);
+        put32(r + 4, 0);
+        put64(r + 8, cookie);
+        at += SIMPLE_HEADER;
+    }
+    PyBuffer_Release(&arena);
+    if (partial == NULL)
+        partial = Py_NewRef(Py_None);
+    return Py_BuildValue("nnKNN", count, at, charged, errors, partial);
+fail:
+    Py_XDECREF(errors);
+    Py_XDECREF(partial);
+    PyBuffer_Release(&arena);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"scan_reads", scan_reads, METH_VARARGS, "The run of plain READ headers at pos: (entries, pos)."},
     {"read_batch", read_batch, METH_VARARGS, "Serve a run of READs from the page cache into a reply arena."},
     {"scan_writes", scan_writes, METH_VARARGS, "The run of plain WRITEs with their payloads at pos: (entries, pos)."},
     {"write_batch", write_batch, METH_VARARGS, "Write a run of WRITEs to a file, replies into a reply arena."},
+    {"splice_writes", splice_writes, METH_VARARGS, "Splice a run of large plain WRITEs from a socket into a file."},
     {NULL, NULL, 0, NULL},
 };
 

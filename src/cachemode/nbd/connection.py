@@ -23,13 +23,13 @@ from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
 from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
 from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation, WriteRun
-from cachemode.nbd.splice import PIPE_SIZE, SPLICE_MIN
+from cachemode.nbd.splice import SPLICE_MAX, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
 
 try:  # runs of small READs and WRITEs served in C (optional: without it they are served one by one)
-    from cachemode.nbd._batch import read_batch, write_batch
+    from cachemode.nbd._batch import read_batch, splice_writes, write_batch
 except ImportError:  # pragma: no cover - the extension is built at install time
-    read_batch = write_batch = None
+    read_batch = splice_writes = write_batch = None
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -230,6 +230,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._read_on = False
             if self.closed or self.closing or self._paused_reading or tx is None or tx.closed or fd < 0:
                 return
+            if splice_writes is not None:
+                self._splice_run(tx)
+                if self.closed or self._paused_reading or self._splicing is not None:
+                    return
             try:
                 n = os.readv(fd, [tx.get_buffer()])
             except OSError:  # nothing there (or the socket failed): the transport takes over, and sees it too
@@ -239,6 +243,53 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._receive(tx.buffer_updated(n))
             if not self._read_on:
                 return
+
+    def _splice_run(self, tx: Transmission) -> None:
+        """Large plain WRITEs waiting whole in the socket, one after another, spliced into the image by one C
+        call (``_batch.splice_writes``: the header peeked, taken only where the core would take it the same
+        way, its payload socket -> pipe -> image, its reply into the arena), as far as the in-flight bound, the
+        budget and the arena allow; what it does not take is left in the socket for the core. A payload not
+        all there yet goes on in the splicer, from what the C call put in the pipe."""
+        splicer = self._splicer
+        limits = tx.splice_limits()
+        if limits is None or splicer is None or self._splicing is not None or self._backlog:
+            return
+        server = self.server
+        pipes = splicer.pipes
+        most = MAX_IN_FLIGHT - self.in_flight
+        ledger = self.ledger
+        budget = ledger.budget
+        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+        if pipes[1] < 0 or most <= 0 or room <= 0 or server.shutting_down or server.splice_fd is None:
+            return
+        size, max_block, unaligned, low, high = limits
+        arena = self._next_arena(None, 0, 0)
+        count, apos, charged, errors, partial = splice_writes(
+            self._sock_fd, *pipes, server.splice_fd, arena, 0, size, max_block, unaligned, low,
+            min(high, splicer.capacity), room, SMALL_REPLY, most,
+        )  # fmt: skip
+        if not count:
+            return
+        server.stats.requests += count
+        self._note_pending = True  # the mode layer is told before any of the replies goes out (_note_writes)
+        ledger.charge(charged)
+        self._batch_cost += charged
+        for cookie, error in errors:
+            server.stats.errors += 1
+            code = replies.error_of(OSError(error, os.strerror(error)), c.CMD_WRITE)
+            self._out.append(replies.simple(cookie, code))
+        if apos:
+            self._out.append(arena[:apos])
+            self._arena_sent = True
+        if partial is not None:
+            cookie, offset, length, in_first, in_second = partial
+            req = Request(c.CMD_WRITE, 0, cookie, offset, length)
+            self._splicing = req
+            self._start(req)
+            splicer.resume(req, in_first, in_second, self._splice_done)
+        self._send()
+        if self._splicing is not None:  # waiting for the socket: the transport must not read meanwhile
+            self._update_reading()
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -269,7 +320,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     self.server.scratch,
                     allocate_alone=True,
                     stream_min=stream_min,
-                    stream_max=PIPE_SIZE,
+                    stream_max=SPLICE_MAX,
                     batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
                     batch_writes=INLINE_WRITE_MAX if write_batch is not None and self.server.write_fd >= 0 else 0,
                 )

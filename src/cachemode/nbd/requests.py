@@ -449,6 +449,25 @@ class Transmission:
                 events.append(Request(command, flags, cookie, offset, length))
         return pos
 
+    def splice_limits(self) -> tuple[int, int, int, int, int] | None:
+        """``(size, max_block, unaligned, stream_min, stream_max)`` for ``_batch.splice_writes``, which may then
+        take from the stream exactly the requests this parser would hand out as :class:`PayloadFollows` (plain
+        WRITEs within the export, aligned, stream_min to stream_max long) and nothing else; None where it must
+        not take any: streaming off, a read-only export, closed, or not at a request boundary (bytes held, a
+        payload being received or skipped, a header waiting for memory)."""
+        if (
+            not self.stream_min
+            or self.export.read_only
+            or self.closed
+            or self.waiting
+            or self._buf
+            or self._pending is not None
+            or self._skip
+        ):
+            return None
+        export = self.export
+        return (export.size, export.max_block, export.min_block - 1, self.stream_min, self.stream_max)
+
     def _reject(self, command: int, cookie: int, error: tuple[int, str]) -> Rejected:
         errno, message = error
         return Rejected(

@@ -25,8 +25,12 @@ from cachemode.nbd.requests import Request
 
 SPLICE_MIN = 256 * 1024
 """WRITE payloads at least this long (and not yet fully received) are spliced."""
-PIPE_SIZE = 1024 * 1024
-"""Pipe capacity asked for (the default /proc/sys/fs/pipe-max-size); a payload must fit in it."""
+SPLICE_MAX = 1024 * 1024
+"""WRITE payloads at most this long are spliced (longer ones are received into a buffer)."""
+PIPE_SIZE = SPLICE_MAX
+"""Capacity asked for each of a connection's two pipes (the default ``/proc/sys/fs/pipe-max-size``, which binds
+all but privileged users). A pipe counts the socket's page fragments, not bytes: a 1 MiB payload often needs
+more than one pipe's 256 slots, and without a second pipe it would be read out into memory (a second copy)."""
 
 Done = Callable[[Request, "OSError | None", bool], None]
 """``done(request, error, fatal)``: error None when the payload is in the image; fatal when the stream
@@ -44,11 +48,12 @@ class PayloadSplicer:
     """Moves the rest of one WRITE payload at a time from a socket into the image, for one connection.
 
     The whole payload is gathered before any of it is written, so a client that vanishes in the middle of a
-    WRITE leaves the image untouched, as on the ordinary path. The pipe's capacity counts the kernel's page
-    fragments, not bytes: should it fill before the payload is complete, what it holds is read out into
-    memory (one copy, as an ordinary receive would make) and splicing goes on. The socket's own fd belongs
-    to the transport, whose reading is paused meanwhile; readiness is watched on a duplicate of it (an event
-    loop refuses a second watcher on a transport's fd).
+    WRITE leaves the image untouched, as on the ordinary path. It goes into the first pipe, then, once that
+    one's slots (which count the kernel's page fragments, not bytes) are full, into the second; should both
+    fill before the payload is complete, what they hold is read out into memory (one copy, as an ordinary
+    receive would make) and splicing goes on. The socket's own fd belongs to the transport, whose reading is
+    paused meanwhile; readiness is watched on a duplicate of it (an event loop refuses a second watcher on a
+    transport's fd).
     """
 
     def __init__(self, loop: Any, sock_fd: int, image_fd: int) -> None:
@@ -61,43 +66,77 @@ class PayloadSplicer:
         self._head: bytes | memoryview = b""
         self._done: Done | None = None
         self._spilled: list[bytes] = []
-        self._in_pipe = 0
+        self._pipes: list[tuple[int, int]] = []
+        self._in = [0, 0]  # payload bytes in each pipe
+        self._cur = 0  # the pipe being filled
         self._remaining = 0
         self._error: OSError | None = None
-        self._pipe_r, self._pipe_w = os.pipe2(os.O_CLOEXEC)
         self.capacity = 0
-        try:
-            self.capacity = fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the user's pipe allowance: this connection receives the ordinary way
+        for _ in range(2):
+            pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                size = fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:  # over the user's pipe allowance
+                os.close(pipe_r)
+                os.close(pipe_w)
+                break
+            self._pipes.append((pipe_r, pipe_w))
+            self.capacity = self.capacity or size
+        if not self._pipes:  # this connection receives the ordinary way
             self.close()
 
     def fits(self, req: Request, head: bytes | memoryview) -> bool:
-        """Whether the rest of this payload fits in the pipe."""
-        return self._pipe_w >= 0 and req.length - len(head) <= self.capacity
+        """Whether the rest of this payload fits in the first pipe (the second is for its slots)."""
+        return bool(self._pipes) and req.length - len(head) <= self.capacity
+
+    @property
+    def pipes(self) -> tuple[int, int, int, int]:
+        """The two pipes' read and write ends, -1 for one that is missing."""
+        first, second = [*self._pipes, (-1, -1), (-1, -1)][:2]
+        return (*first, *second)
 
     def start(self, req: Request, head: bytes | memoryview, done: Done, error: OSError | None = None) -> None:
-        """Splice the payload bytes after ``head`` into the pipe, then write head and pipe to the image;
+        """Splice the payload bytes after ``head`` into the pipes, then write head and pipes to the image;
         ``done`` is called once the payload is consumed (maybe before this returns). With ``error`` the
         payload is only consumed. The caller checked :meth:`fits`."""
+        self._begin(req, head, done, error, 0, 0)
+
+    def resume(self, req: Request, in_first: int, in_second: int, done: Done) -> None:
+        """Go on with a payload whose first bytes are in the pipes already (``_batch.splice_writes`` took its
+        header and spliced what had arrived): as :meth:`start` from there."""
+        self._begin(req, b"", done, None, in_first, in_second)
+
+    def _begin(
+        self, req: Request, head: bytes | memoryview, done: Done, error: OSError | None, first: int, second: int
+    ) -> None:
         self._req = req
         self._head = head
         self._done = done
         self._error = error
-        self._in_pipe = 0
-        self._remaining = req.length - len(head)
+        self._in = [first, second]
+        self._cur = 1 if second else 0
+        self._remaining = req.length - len(head) - first - second
         self._pump()
 
     def _pump(self) -> None:
         """Splice whatever the socket has, until the payload is complete or the socket runs dry."""
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        retried = False
         while self._remaining:
             try:
-                n = os.splice(self._sock_fd, self._pipe_w, self._remaining, flags=flags)
+                n = os.splice(self._sock_fd, self._pipes[self._cur][1], self._remaining, flags=flags)
             except BlockingIOError:
                 if not self._socket_has_data():
                     self._watch()
                     return
-                if not self._spill():  # the pipe is full, not the socket empty
+                if not retried:  # the bytes may have come after the splice found none: once more first
+                    retried = True
+                    continue
+                retried = False
+                if self._cur + 1 < len(self._pipes):  # this pipe is full, not the socket empty: the next one
+                    self._cur += 1
+                    continue
+                if not self._spill():
                     return
                 continue
             except OSError as exc:
@@ -106,8 +145,9 @@ class PayloadSplicer:
             if n == 0:
                 self._finish(ConnectionResetError("end of stream inside a WRITE payload"), fatal=True)
                 return
+            retried = False
             self._remaining -= n
-            self._in_pipe += n
+            self._in[self._cur] += n
         self._unwatch()
         self._write()
 
@@ -118,8 +158,8 @@ class PayloadSplicer:
             return False
 
     def _write(self) -> None:
-        """Write the bytes taken out of the pipe (head first), then move the pipe's into the image behind
-        them -- or discard them all after an error."""
+        """Write the bytes taken out of the pipes (head first), then move the pipes' into the image behind
+        them, first pipe first -- or discard them all after an error."""
         req = self._req
         assert req is not None
         pos = req.offset
@@ -133,36 +173,37 @@ class PayloadSplicer:
             except OSError as exc:
                 self._error = exc
         pos += len(self._head) + sum(len(chunk) for chunk in self._spilled)
-        n = self._in_pipe
         try:
-            while n:
-                if self._error is None:
-                    try:
-                        moved = os.splice(self._pipe_r, self._image_fd, n, offset_dst=pos)
-                    except OSError as exc:
-                        self._error = exc
-                        continue
-                else:
-                    moved = len(os.read(self._pipe_r, n))
-                n -= moved
-                pos += moved
-        except OSError as exc:  # the pipe itself failed: nothing sensible is left to do
+            for (pipe_r, _), n in zip(self._pipes, self._in, strict=False):
+                while n:
+                    if self._error is None:
+                        try:
+                            moved = os.splice(pipe_r, self._image_fd, n, offset_dst=pos)
+                        except OSError as exc:
+                            self._error = exc
+                            continue
+                    else:
+                        moved = len(os.read(pipe_r, n))
+                    n -= moved
+                    pos += moved
+        except OSError as exc:  # a pipe itself failed: nothing sensible is left to do
             self._finish(exc, fatal=True)
             return
         self._finish(self._error, fatal=False)
 
     def _spill(self) -> bool:
-        """Read the full pipe out into memory so splicing can go on; False if the pipe failed."""
+        """Read the full pipes out into memory so splicing can go on; False if a pipe failed."""
         try:
-            n = self._in_pipe
-            while n:
-                chunk = os.read(self._pipe_r, n)
-                self._spilled.append(chunk)
-                n -= len(chunk)
+            for (pipe_r, _), n in zip(self._pipes, self._in, strict=False):
+                while n:
+                    chunk = os.read(pipe_r, n)
+                    self._spilled.append(chunk)
+                    n -= len(chunk)
         except OSError as exc:
             self._finish(exc, fatal=True)
             return False
-        self._in_pipe = 0
+        self._in = [0, 0]
+        self._cur = 0
         return True
 
     def _watch(self) -> None:
@@ -183,7 +224,8 @@ class PayloadSplicer:
         self._head = b""
         self._spilled = []
         self._error = None
-        self._in_pipe = 0
+        self._in = [0, 0]
+        self._cur = 0
 
     def _finish(self, error: OSError | None, *, fatal: bool) -> None:
         self._unwatch()
@@ -193,11 +235,12 @@ class PayloadSplicer:
             done(req, error, fatal)
 
     def close(self) -> None:
-        """Stop watching and release the pipe (the connection is gone; a payload in progress is dropped)."""
+        """Stop watching and release the pipes (the connection is gone; a payload in progress is dropped)."""
         self._unwatch()
         self._clear()
-        for fd in (self._pipe_r, self._pipe_w, self._watch_fd):
+        for fd in (*(end for pipe in self._pipes for end in pipe), self._watch_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._pipe_r = self._pipe_w = self._watch_fd = -1
+        self._pipes = []
+        self._watch_fd = -1

@@ -1,0 +1,159 @@
+"""``_batch.splice_writes`` on its own, on a real socket pair, a real pipe and a real image file: it takes only
+whole-header large plain WRITEs the core would stream, writes each payload only once all of it is in the pipe,
+leaves everything else in the socket, and stops at the budget, the count and the arena."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachemode.nbd import constants as c
+from cachemode.nbd import replies
+
+batch = pytest.importorskip("cachemode.nbd._batch")
+
+KIB = 1024
+SIZE = 8 << 20
+LOW, HIGH = 256 * KIB, 1 << 20
+SMALL_REPLY = 4096
+
+
+def header(cookie: int, offset: int, length: int, command: int = c.CMD_WRITE, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int], int]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    ends: list[int] = []
+    for _ in range(2):
+        pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, HIGH)
+        ends += [pipe_r, pipe_w]
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    yield ours, theirs, tuple(ends), fd
+    for f in (*ends, fd):
+        os.close(f)
+    ours.close()
+    theirs.close()
+
+
+def call(
+    rig: tuple, arena: bytearray, *, room: int = 1 << 30, most: int = 64, fd: int | None = None, pipes: int = 2
+) -> tuple:
+    ours, _, ends, image_fd = rig
+    ends = ends if pipes == 2 else (*ends[:2], -1, -1)
+    return batch.splice_writes(
+        ours.fileno(), *ends, image_fd if fd is None else fd, arena, 0, SIZE, 32 << 20, 511, LOW, HIGH,
+        room, SMALL_REPLY, most,
+    )  # fmt: skip
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """Everything queued on the peer's side before the call (a socket pair has no network in between)."""
+    sock.setblocking(True)
+    sock.sendall(data)
+
+
+def test_a_run_of_whole_writes_is_written_and_answered_up_to_the_first_other_header(rig: tuple) -> None:
+    ours, theirs, _, fd = rig
+    a, b = random.Random(1).randbytes(HIGH), random.Random(2).randbytes(LOW)
+    read = header(9, 0, 4096, c.CMD_READ)
+    send_all(theirs, header(1, 2 << 20, len(a)) + a + header(2, 512, len(b)) + b + read)
+    arena = bytearray(4096)
+    count, at, charged, errors, partial = call(rig, arena)
+    assert (count, errors, partial) == (2, [], None)
+    assert charged == len(a) + len(b) + 2 * SMALL_REPLY
+    assert bytes(arena[:at]) == replies.simple(1) + replies.simple(2)
+    assert os.pread(fd, len(a), 2 << 20) == a
+    assert os.pread(fd, len(b), 512) == b
+    assert ours.recv(64) == read  # left for the core, whole
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        header(3, 0, HIGH, flags=c.CMD_FLAG_FUA),  # needs the stack
+        header(3, 0, LOW - 512),  # too short to stream
+        header(3, 0, HIGH + 512),  # longer than the pipe
+        header(3, 100, LOW),  # unaligned
+        header(3, SIZE - LOW + 512, LOW),  # past the end
+        header(3, 0, LOW, command=c.CMD_WRITE_ZEROES),
+        struct.pack(">IHHQQI", 0xDEADBEEF, 0, c.CMD_WRITE, 3, 0, LOW),  # bad magic: the core's to answer
+    ],
+    ids=["fua", "short", "long", "unaligned", "past-end", "zeroes", "magic"],
+)
+def test_anything_the_core_must_judge_is_left_in_the_socket(rig: tuple, bad: bytes) -> None:
+    ours, theirs, _, fd = rig
+    send_all(theirs, bad + bytes(LOW))
+    assert call(rig, bytearray(4096)) == (0, 0, 0, [], None)
+    assert ours.recv(28) == bad
+    assert os.pread(fd, SIZE, 0) == bytes(SIZE)
+
+
+def test_a_payload_not_all_there_is_handed_back_with_nothing_written(rig: tuple) -> None:
+    _, theirs, (pipe_r, *_), fd = rig
+    payload = random.Random(3).randbytes(HIGH)
+    send_all(theirs, header(4, 0, HIGH) + payload[: HIGH // 2])
+    count, at, charged, errors, partial = call(rig, bytearray(4096))
+    assert (count, at, charged, errors) == (1, 0, HIGH + SMALL_REPLY, [])
+    assert partial == (4, 0, HIGH, HIGH // 2, 0)
+    assert os.pread(fd, HIGH, 0) == bytes(HIGH)  # nothing written before the payload is whole
+    assert os.read(pipe_r, HIGH) == payload[: HIGH // 2]
+
+
+def test_stops_at_the_budget_the_count_and_the_arena(rig: tuple) -> None:
+    _, theirs, _, _ = rig
+    payload = bytes(LOW)
+    send_all(theirs, b"".join(header(i, i * LOW, LOW) + payload for i in range(4)))
+    assert call(rig, bytearray(4096), room=LOW + SMALL_REPLY)[:2] == (1, 16)  # room for one charge only
+    assert call(rig, bytearray(4096), most=1)[:2] == (1, 16)
+    assert call(rig, bytearray(16))[:2] == (1, 16)  # arena room for one reply
+    assert call(rig, bytearray(4096))[:2] == (1, 16)  # the last one
+    assert call(rig, bytearray(4096)) == (0, 0, 0, [], None)  # the socket is empty
+
+
+def test_a_failed_write_consumes_its_payload_and_reports_the_error(rig: tuple, tmp_path: Path) -> None:
+    ours, theirs, _, _ = rig
+    read_only = os.open(tmp_path / "disk.img", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        send_all(theirs, header(5, 0, LOW) + bytes(LOW) + header(6, 0, 4096, c.CMD_READ))
+        count, at, charged, errors, partial = call(rig, bytearray(4096), fd=read_only)
+    finally:
+        os.close(read_only)
+    assert (count, at, errors, partial) == (1, 0, [(5, errno.EBADF)], None)
+    assert charged == LOW + SMALL_REPLY
+    assert ours.recv(64) == header(6, 0, 4096, c.CMD_READ)
+
+
+@pytest.mark.parametrize("pipes", [2, 1])
+def test_a_payload_in_more_fragments_than_a_pipe_has_slots(rig: tuple, pipes: int) -> None:
+    """1 MiB in 1 KiB segments needs 1024 slots: the pipes' 512 (256 with one pipe) are full before the
+    payload is in; it is handed back, nothing written, the second pipe used before that."""
+    _, theirs, ends, fd = rig
+    payload = random.Random(4).randbytes(HIGH)
+    theirs.setblocking(True)
+    theirs.sendall(header(7, 0, HIGH))
+    for pos in range(0, HIGH, 1024):
+        theirs.sendall(payload[pos : pos + 1024])
+    count, at, _, errors, partial = call(rig, bytearray(4096), pipes=pipes)
+    assert (count, at, errors) == (1, 0, [])
+    cookie, offset, length, first, second = partial
+    assert (cookie, offset, length) == (7, 0, HIGH)
+    assert first == 256 * 1024 and second == (256 * 1024 if pipes == 2 else 0)
+    assert os.read(ends[0], HIGH) == payload[:first]
+    if pipes == 2:
+        assert os.read(ends[2], HIGH) == payload[first : first + second]
+    assert os.pread(fd, HIGH, 0) == bytes(HIGH)
