@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from cachemode.nbd import _batch as batch
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 from cachemode.nbd.budget import SMALL_REPLY, cost
 
-batch = pytest.importorskip("cachemode.nbd._batch")
 REQUEST = struct.Struct(">IHHQQI")
 SIZE = 1 << 20
 

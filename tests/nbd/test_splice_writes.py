@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cachemode.nbd import _batch as batch
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-
-batch = pytest.importorskip("cachemode.nbd._batch")
 
 KIB = 1024
 SIZE = 8 << 20

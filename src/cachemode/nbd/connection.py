@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
+from cachemode.nbd._batch import read_batch, splice_writes, write_batch
 from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
@@ -25,11 +26,6 @@ from cachemode.nbd.replies import SIMPLE_HEADER_SIZE
 from cachemode.nbd.requests import PayloadFollows, ReadRun, Rejected, Request, Transmission, Violation, WriteRun
 from cachemode.nbd.splice import SPLICE_MAX, SPLICE_MIN
 from cachemode.nbd.tls import start_tls
-
-try:  # runs of small READs and WRITEs served in C (optional: without it they are served one by one)
-    from cachemode.nbd._batch import read_batch, splice_writes, write_batch
-except ImportError:  # pragma: no cover - the extension is built at install time
-    read_batch = splice_writes = write_batch = None
 
 if TYPE_CHECKING:
     from cachemode.nbd.server import Server
@@ -230,10 +226,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             self._read_on = False
             if self.closed or self.closing or self._paused_reading or tx is None or tx.closed or fd < 0:
                 return
-            if splice_writes is not None:
-                self._splice_run(tx)
-                if self.closed or self._paused_reading or self._splicing is not None:
-                    return
+            self._splice_run(tx)
+            if self.closed or self._paused_reading or self._splicing is not None:
+                return
             try:
                 n = os.readv(fd, [tx.get_buffer()])
             except OSError:  # nothing there (or the socket failed): the transport takes over, and sees it too
@@ -321,8 +316,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                     allocate_alone=True,
                     stream_min=stream_min,
                     stream_max=SPLICE_MAX,
-                    batch_reads=LARGE_REPLY if read_batch is not None and self.server.nowait_fd is not None else 0,
-                    batch_writes=INLINE_WRITE_MAX if write_batch is not None and self.server.write_fd >= 0 else 0,
+                    batch_reads=LARGE_REPLY if self.server.nowait_fd is not None else 0,
+                    batch_writes=INLINE_WRITE_MAX if self.server.write_fd >= 0 else 0,
                 )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
@@ -510,7 +505,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 count = len(ev)
                 server.stats.requests += count - 1
                 i = 0
-                if read_batch is not None and nowait_fd is not None and not server.shutting_down:
+                if nowait_fd is not None and not server.shutting_down:
                     budget = ledger.budget
                     while i < count:
                         if not arena_size:
@@ -548,7 +543,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 count = len(ev)
                 server.stats.requests += count - 1
                 i = 0
-                if write_batch is not None and write_fd >= 0 and inline_write and not server.shutting_down:
+                if write_fd >= 0 and inline_write and not server.shutting_down:
                     budget = ledger.budget
                     while i < count:
                         if not arena_size:

@@ -29,6 +29,7 @@ from typing import Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies, validate
+from cachemode.nbd._batch import scan_reads, scan_writes
 from cachemode.nbd.handshake import Negotiated
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -171,10 +172,6 @@ Event = Request | Rejected | PayloadFollows | ReadRun | WriteRun | Disconnect | 
 
 _ENTRY = struct.Struct("=QQQ")
 _WRITE_ENTRY = struct.Struct("=QQQQ")
-try:  # the run scanners in C (optional: without them every READ and WRITE is a Request)
-    from cachemode.nbd._batch import scan_reads, scan_writes
-except ImportError:  # pragma: no cover - the extension is built at install time
-    scan_reads = scan_writes = None
 
 
 SCRATCH_SIZE = 256 * 1024
@@ -211,10 +208,10 @@ class Transmission:
     ) -> None:
         self.negotiated = negotiated
         # Runs of plain READs shorter than batch_reads come as one ReadRun event, of plain WRITEs shorter than
-        # batch_writes with their whole payload at hand as one WriteRun (0, or the C scanners missing: never).
+        # batch_writes with their whole payload at hand as one WriteRun (0: never).
         # The scanners take exactly the requests the fast path below accepts without error, nothing else.
-        self.batch_reads = batch_reads if scan_reads is not None else 0
-        self.batch_writes = batch_writes if scan_writes is not None and not negotiated.export.read_only else 0
+        self.batch_reads = batch_reads
+        self.batch_writes = 0 if negotiated.export.read_only else batch_writes
         # Plain WRITEs (no flags) from stream_min to stream_max bytes long whose payload has not fully arrived
         # are handed out as PayloadFollows, their payload left on the stream for the caller; stream_min 0:
         # never. Longer ones get a buffer from ``allocate`` as usual (and may wait for it).
@@ -372,13 +369,13 @@ class Transmission:
         while end - pos >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = unpack(src, pos)
             if batch and command == c.CMD_READ and not flags and length < batch:
-                entries, after = scan_reads(src, pos, size, max_block, unaligned, batch)  # type: ignore[misc]
+                entries, after = scan_reads(src, pos, size, max_block, unaligned, batch)
                 if entries:
                     events.append(ReadRun(entries))
                     pos = after
                     continue
             elif batch_writes and command == c.CMD_WRITE and not flags and length < batch_writes:
-                entries, after = scan_writes(src, pos, size, max_block, unaligned, batch_writes)  # type: ignore[misc]
+                entries, after = scan_writes(src, pos, size, max_block, unaligned, batch_writes)
                 if entries:
                     # bytes are immutable and may be viewed; the parser's own bytearray changes after this
                     run = memoryview(src)[pos:after] if isinstance(src, bytes) else bytes(src[pos:after])
