@@ -80,21 +80,42 @@ static inline void put32(unsigned char *p, uint32_t v) {
 }
 static inline void put64(unsigned char *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
 
-static PyObject *scan_reads(PyObject *self, PyObject *args) {
+/* What the protocol core's own fast path accepts without error, for one command: the export's size, its
+ * maximum block, the minimum block's alignment mask, and the lengths this run takes (shortest..longest). */
+struct bounds {
+    uint64_t size, max_block, unaligned, shortest, longest;
+};
+
+/* Whether the request header at h is a plain ``command`` (no flags) within ``b``; its fields in the rest. */
+static inline int plain_request(const unsigned char *h, uint16_t command, const struct bounds *b, uint64_t *cookie,
+                                uint64_t *offset, uint32_t *length) {
+    *cookie = get64(h + 8);
+    *offset = get64(h + 16);
+    *length = get32(h + 24);
+    return get32(h) == REQUEST_MAGIC && get16(h + 6) == command && get16(h + 4) == 0 && *length != 0 &&
+           *length >= b->shortest && *length <= b->longest && *length <= b->max_block && *offset <= b->size &&
+           *length <= b->size - *offset && ((*offset | *length) & b->unaligned) == 0;
+}
+
+/* scan_reads and scan_writes: READ entries are (cookie, offset, length); WRITE entries add where the payload
+ * starts, counted from the first header, and a WRITE is taken only with its whole payload in ``src``. */
+static PyObject *scan(PyObject *args, uint16_t command) {
     Py_buffer src;
     Py_ssize_t pos;
     unsigned long long size, max_block, unaligned, max_length;
     if (!PyArg_ParseTuple(args, "y*nKKKK", &src, &pos, &size, &max_block, &unaligned, &max_length))
         return NULL;
+    const struct bounds b = {size, max_block, unaligned, 1, max_length ? max_length - 1 : 0}; /* length < max_length */
+    const int width = command == CMD_WRITE ? 4 : 3;
     const unsigned char *p = src.buf;
-    Py_ssize_t end = src.len;
+    Py_ssize_t end = src.len, start = pos;
     if (pos < 0 || pos > end) {
         PyBuffer_Release(&src);
         PyErr_SetString(PyExc_ValueError, "pos out of range");
         return NULL;
     }
     Py_ssize_t most = (end - pos) / REQUEST_SIZE;
-    PyObject *entries = PyBytes_FromStringAndSize(NULL, most * 3 * (Py_ssize_t)sizeof(uint64_t));
+    PyObject *entries = PyBytes_FromStringAndSize(NULL, most * width * (Py_ssize_t)sizeof(uint64_t));
     if (entries == NULL) {
         PyBuffer_Release(&src);
         return NULL;
@@ -102,24 +123,29 @@ static PyObject *scan_reads(PyObject *self, PyObject *args) {
     uint64_t *out = (uint64_t *)PyBytes_AS_STRING(entries);
     Py_ssize_t n = 0;
     while (end - pos >= REQUEST_SIZE) {
-        const unsigned char *h = p + pos;
-        uint16_t flags = get16(h + 4), command = get16(h + 6);
-        uint64_t cookie = get64(h + 8), offset = get64(h + 16);
-        uint32_t length = get32(h + 24);
-        if (get32(h) != REQUEST_MAGIC || command != CMD_READ || flags || length == 0 || length > max_block ||
-            length >= max_length || offset > size || length > size - offset || ((offset | length) & unaligned))
+        uint64_t cookie, offset;
+        uint32_t length;
+        if (!plain_request(p + pos, command, &b, &cookie, &offset, &length))
             break;
-        out[3 * n] = cookie;
-        out[3 * n + 1] = offset;
-        out[3 * n + 2] = length;
+        Py_ssize_t payload = command == CMD_WRITE ? (Py_ssize_t)length : 0;
+        if (end - pos - REQUEST_SIZE < payload)
+            break;
+        uint64_t *e = out + width * n;
+        e[0] = cookie;
+        e[1] = offset;
+        e[2] = length;
+        if (command == CMD_WRITE)
+            e[3] = (uint64_t)(pos + REQUEST_SIZE - start);
         n++;
-        pos += REQUEST_SIZE;
+        pos += REQUEST_SIZE + payload;
     }
     PyBuffer_Release(&src);
-    if (_PyBytes_Resize(&entries, n * 3 * (Py_ssize_t)sizeof(uint64_t)) < 0)
+    if (_PyBytes_Resize(&entries, n * width * (Py_ssize_t)sizeof(uint64_t)) < 0)
         return NULL;
     return Py_BuildValue("Nn", entries, pos);
 }
+
+static PyObject *scan_reads(PyObject *self, PyObject *args) { return scan(args, CMD_READ); }
 
 static PyObject *read_batch(PyObject *self, PyObject *args) {
     int fd, structured;
@@ -184,48 +210,7 @@ fail:
     return NULL;
 }
 
-static PyObject *scan_writes(PyObject *self, PyObject *args) {
-    Py_buffer src;
-    Py_ssize_t pos;
-    unsigned long long size, max_block, unaligned, max_length;
-    if (!PyArg_ParseTuple(args, "y*nKKKK", &src, &pos, &size, &max_block, &unaligned, &max_length))
-        return NULL;
-    const unsigned char *p = src.buf;
-    Py_ssize_t end = src.len, start = pos;
-    if (pos < 0 || pos > end) {
-        PyBuffer_Release(&src);
-        PyErr_SetString(PyExc_ValueError, "pos out of range");
-        return NULL;
-    }
-    Py_ssize_t most = (end - pos) / REQUEST_SIZE;
-    PyObject *entries = PyBytes_FromStringAndSize(NULL, most * 4 * (Py_ssize_t)sizeof(uint64_t));
-    if (entries == NULL) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    uint64_t *out = (uint64_t *)PyBytes_AS_STRING(entries);
-    Py_ssize_t n = 0;
-    while (end - pos >= REQUEST_SIZE) {
-        const unsigned char *h = p + pos;
-        uint16_t flags = get16(h + 4), command = get16(h + 6);
-        uint64_t cookie = get64(h + 8), offset = get64(h + 16);
-        uint32_t length = get32(h + 24);
-        if (get32(h) != REQUEST_MAGIC || command != CMD_WRITE || flags || length == 0 || length > max_block ||
-            length >= max_length || offset > size || length > size - offset || ((offset | length) & unaligned) ||
-            end - pos - REQUEST_SIZE < (Py_ssize_t)length)
-            break;
-        out[4 * n] = cookie;
-        out[4 * n + 1] = offset;
-        out[4 * n + 2] = length;
-        out[4 * n + 3] = (uint64_t)(pos + REQUEST_SIZE - start);
-        n++;
-        pos += REQUEST_SIZE + (Py_ssize_t)length;
-    }
-    PyBuffer_Release(&src);
-    if (_PyBytes_Resize(&entries, n * 4 * (Py_ssize_t)sizeof(uint64_t)) < 0)
-        return NULL;
-    return Py_BuildValue("Nn", entries, pos);
-}
+static PyObject *scan_writes(PyObject *self, PyObject *args) { return scan(args, CMD_WRITE); }
 
 static PyObject *write_batch(PyObject *self, PyObject *args) {
     int fd;
@@ -338,6 +323,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiiiiiw*nKKKKKKKn", &sock, &ends[0], &ends[1], &ends[2], &ends[3], &fd, &arena, &at,
                           &size, &max_block, &unaligned, &min_length, &max_length, &room, &small_reply, &most))
         return NULL;
+    const struct bounds b = {size, max_block, unaligned, min_length, max_length};
     PyObject *errors = PyList_New(0), *partial = NULL;
     if (errors == NULL)
         goto fail;
@@ -355,12 +341,9 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
         ssize_t got = recv(sock, h, REQUEST_SIZE, MSG_PEEK | MSG_DONTWAIT);
         if (got != REQUEST_SIZE)
             break;
-        uint16_t flags = get16(h + 4), command = get16(h + 6);
-        uint64_t cookie = get64(h + 8), offset = get64(h + 16);
-        uint32_t length = get32(h + 24);
-        if (get32(h) != REQUEST_MAGIC || command != CMD_WRITE || flags || length < min_length ||
-            length > max_length || length == 0 || length > max_block || offset > size || length > size - offset ||
-            ((offset | length) & unaligned) || charged + length + small_reply > room)
+        uint64_t cookie, offset;
+        uint32_t length;
+        if (!plain_request(h, CMD_WRITE, &b, &cookie, &offset, &length) || charged + length + small_reply > room)
             break;
         do
             got = recv(sock, h, REQUEST_SIZE, MSG_DONTWAIT);
