@@ -80,6 +80,23 @@ static inline void put32(unsigned char *p, uint32_t v) {
 }
 static inline void put64(unsigned char *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
 
+/* A simple reply without error (cachemode.nbd.replies.simple) for ``cookie`` at h: SIMPLE_HEADER bytes. */
+static inline void put_simple_reply(unsigned char *h, uint64_t cookie) {
+    put32(h, SIMPLE_REPLY_MAGIC);
+    put32(h + 4, 0);
+    put64(h + 8, cookie);
+}
+
+/* Append ``item``, a new reference (NULL when building it failed), to ``list`` and drop the reference:
+ * 0, or -1 with the exception set. */
+static int append_new(PyObject *list, PyObject *item) {
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(list, item);
+    Py_DECREF(item);
+    return failed;
+}
+
 /* What the protocol core's own fast path accepts without error, for one command: the export's size, its
  * maximum block, the minimum block's alignment mask, and the lengths this run takes (shortest..longest). */
 struct bounds {
@@ -178,12 +195,8 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
         struct iovec iov = {h + header, (size_t)length};
         ssize_t got = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
         if (got != (ssize_t)length) {
-            PyObject *i = PyLong_FromSsize_t(index);
-            if (i == NULL || PyList_Append(misses, i) < 0) {
-                Py_XDECREF(i);
+            if (append_new(misses, PyLong_FromSsize_t(index)) < 0)
                 goto fail;
-            }
-            Py_DECREF(i);
             continue;
         }
         if (structured) {
@@ -194,9 +207,7 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
             put32(h + 16, (uint32_t)(8 + length));
             put64(h + 20, offset);
         } else {
-            put32(h, SIMPLE_REPLY_MAGIC);
-            put32(h + 4, 0);
-            put64(h + 8, cookie);
+            put_simple_reply(h, cookie);
         }
         at += header + (Py_ssize_t)length;
     }
@@ -253,18 +264,11 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
             done += (uint64_t)w;
         }
         if (err) {
-            PyObject *item = Py_BuildValue("ni", index, err);
-            if (item == NULL || PyList_Append(errors, item) < 0) {
-                Py_XDECREF(item);
+            if (append_new(errors, Py_BuildValue("ni", index, err)) < 0)
                 goto fail;
-            }
-            Py_DECREF(item);
             continue;
         }
-        unsigned char *h = a + at;
-        put32(h, SIMPLE_REPLY_MAGIC);
-        put32(h + 4, 0);
-        put64(h + 8, cookie);
+        put_simple_reply(a + at, cookie);
         at += SIMPLE_HEADER;
     }
     PyBuffer_Release(&entries);
@@ -393,18 +397,11 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
             goto fail;
         }
         if (err) {
-            PyObject *item = Py_BuildValue("Ki", (unsigned long long)cookie, err);
-            if (item == NULL || PyList_Append(errors, item) < 0) {
-                Py_XDECREF(item);
+            if (append_new(errors, Py_BuildValue("Ki", (unsigned long long)cookie, err)) < 0)
                 goto fail;
-            }
-            Py_DECREF(item);
             continue;
         }
-        unsigned char *r = a + at;
-        put32(r, SIMPLE_REPLY_MAGIC);
-        put32(r + 4, 0);
-        put64(r + 8, cookie);
+        put_simple_reply(a + at, cookie);
         at += SIMPLE_HEADER;
     }
     PyBuffer_Release(&arena);

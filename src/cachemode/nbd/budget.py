@@ -120,6 +120,12 @@ class Ledger:
         """Whether this connection has used its budget (reading should pause)."""
         return self.held + self.queued >= self.budget.per_connection
 
+    def room(self) -> int:
+        """How much more this connection may be charged now: the least of what is left of its own budget and
+        of the server's (the C loops take runs of requests up to it, then leave the rest to :meth:`admit`)."""
+        budget = self.budget
+        return min(budget.per_connection - self.held - self.queued, budget.limit - budget.used)
+
     def admit(self, amount: int) -> bool:
         """Charge ``amount`` if it fits; otherwise charge nothing, arrange a wake-up, and return False."""
         budget = self.budget

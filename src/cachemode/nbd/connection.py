@@ -253,8 +253,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         pipes = splicer.pipes
         most = MAX_IN_FLIGHT - self.in_flight
         ledger = self.ledger
-        budget = ledger.budget
-        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+        room = ledger.room()
         if pipes[1] < 0 or most <= 0 or room <= 0 or server.shutting_down or server.splice_fd is None:
             return
         size, max_block, unaligned, low, high = limits
@@ -506,13 +505,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 server.stats.requests += count - 1
                 i = 0
                 if nowait_fd is not None and not server.shutting_down:
-                    budget = ledger.budget
                     while i < count:
                         if not arena_size:
                             arena = self._next_arena(None, 0, 0)
                             arena_size = len(arena)
                             apos = astart = 0
-                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        room = ledger.room()
                         stop = i + MAX_IN_FLIGHT - self.in_flight
                         if room <= 0 or stop <= i:
                             break
@@ -544,13 +542,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 server.stats.requests += count - 1
                 i = 0
                 if write_fd >= 0 and inline_write and not server.shutting_down:
-                    budget = ledger.budget
                     while i < count:
                         if not arena_size:
                             arena = self._next_arena(None, 0, 0)
                             arena_size = len(arena)
                             apos = astart = 0
-                        room = min(budget.per_connection - ledger.held - ledger.queued, budget.limit - budget.used)
+                        room = ledger.room()
                         if room <= 0:
                             break
                         self._note_pending = True  # before anything is written (see _note_writes)
