@@ -31,9 +31,11 @@ def need_strace() -> None:
         pytest.skip("strace cannot trace here (ptrace not permitted)")
 
 
-def traced(image: Path, trace: Path, calls: str, *args: str) -> ServeProcess:
+def traced(image: Path, trace: Path, calls: str, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
     return ServeProcess(
-        [str(image), "--create", "16M", *args], prefix=["strace", "-f", "-qq", "-e", f"trace={calls}", "-o", str(trace)]
+        [str(image), "--create", "16M", *args],
+        prefix=["strace", "-f", "-qq", "-e", f"trace={calls}", "-o", str(trace)],
+        env=env,
     )
 
 
@@ -212,11 +214,7 @@ def test_reads_that_miss_the_page_cache(tmp_path: Path, mode: str, uring: str) -
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     env = {**os.environ, "CACHEMODE_NBD_URING": uring}
-    srv = ServeProcess(
-        [str(image), "--create", "16M", "--cache", mode],
-        prefix=["strace", "-f", "-qq", "-e", "trace=io_uring_enter,pread64", "-o", str(trace)],
-        env=env,
-    )
+    srv = traced(image, trace, "io_uring_enter,pread64", "--cache", mode, env=env)
     try:
         write = "import random\nh.pwrite(random.Random(3).randbytes(1 << 20), 4 << 20)\n"
         nbdsh(srv.uri, write)
