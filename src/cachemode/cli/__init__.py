@@ -46,7 +46,7 @@ def _dinero(args: list[str]) -> None:
     from cachemode.errors import CachemodeError
 
     try:
-        run_cli(["-help" if arg in ("--help", "-h") else arg for arg in args])
+        run_cli(args)
     except CachemodeError as exc:
         print(f"cachemode: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -225,7 +225,7 @@ def dinero(args: tuple[str, ...]) -> None:
     """Dinero IV compatible front end: reads the trace on stdin, prints Dinero IV's report (-help)."""
     from cachemode.cpu.dinero import run_cli
 
-    run_cli(["-help" if arg in ("--help", "-h") else arg for arg in args])
+    run_cli(list(args))
 
 
 @click.group("trace", context_settings={"help_option_names": ["-h", "--help"]})

@@ -569,6 +569,7 @@ def main_text(argv: list[str], data: bytes) -> tuple[str, list[str]]:
 
 
 def run_cli(argv: list[str]) -> None:
-    warnings = run(argv, "-", sys.stdout)
+    """``cachemode dinero ARGS``: Dinero's own options (``--help`` and ``-h`` as its ``-help``), stdin to stdout."""
+    warnings = run(["-help" if arg in ("--help", "-h") else arg for arg in argv], "-", sys.stdout)
     for w in warnings:
         print(f"cachemode dinero: warning: {w}", file=sys.stderr)
