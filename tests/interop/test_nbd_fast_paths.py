@@ -352,27 +352,35 @@ def test_a_stream_of_large_writes_is_spliced_by_the_c_loop(tmp_path: Path) -> No
 def test_a_client_that_vanishes_inside_a_payload_the_c_loop_took(tmp_path: Path) -> None:
     """A whole 1 MiB WRITE, then the next one's header and half its payload, then the client is gone: the C loop
     takes that header and hands the half payload on to the splicer, which sees the end of the stream -- the
-    first payload is in the image, nothing of the second, and the server goes on serving."""
+    first payload is in the image, nothing of the second, and the server goes on serving.
+
+    The C loop runs only when the first payload was spliced in one go; on a loaded machine the socket may run
+    dry inside it (the splicer then finishes it on a wake-up and the core reads the next header), so the
+    scenario is repeated, each time checked in full, until the C loop has taken the header (5 tries at most)."""
     need_strace()
-    image = tmp_path / "disk.img"
-    trace = tmp_path / "trace.txt"
-    srv = traced(image, trace, "recvfrom", "--cache", "writeback")
+    peeked = re.compile(r"recvfrom\(\d+, .*, 28, MSG_PEEK\|MSG_DONTWAIT, NULL, NULL\) = 28")
     first, second = random.Random(1).randbytes(MIB), random.Random(2).randbytes(MIB)
-    try:
-        with client_for(srv.uri) as cl:
-            cl.sock.sendall(
-                struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1, 0, MIB)
-                + first
-                + struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 2, 4 * MIB, MIB)
-                + second[: MIB // 2]
-            )
-            assert cl.read_reply().cookie == 1
-        with client_for(srv.uri) as cl:  # still serving
-            assert cl.pread(MIB, 0) == first
-            assert cl.pread(MIB, 4 * MIB) == bytes(MIB)
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
-    assert image.read_bytes()[4 * MIB : 5 * MIB] == bytes(MIB)
-    text = trace.read_text()
-    assert re.search(r"recvfrom\(\d+, .*, 28, MSG_PEEK\|MSG_DONTWAIT, NULL, NULL\) = 28", text), text
+    for attempt in range(5):
+        image = tmp_path / f"disk{attempt}.img"
+        trace = tmp_path / f"trace{attempt}.txt"
+        srv = traced(image, trace, "recvfrom", "--cache", "writeback")
+        try:
+            with client_for(srv.uri) as cl:
+                cl.sock.sendall(
+                    struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 1, 0, MIB)
+                    + first
+                    + struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, 2, 4 * MIB, MIB)
+                    + second[: MIB // 2]
+                )
+                assert cl.read_reply().cookie == 1
+            with client_for(srv.uri) as cl:  # still serving
+                assert cl.pread(MIB, 0) == first
+                assert cl.pread(MIB, 4 * MIB) == bytes(MIB)
+        finally:
+            rc, _, err = srv.stop(signal.SIGTERM)
+        assert rc == 0, err
+        assert image.read_bytes()[4 * MIB : 5 * MIB] == bytes(MIB)
+        text = trace.read_text()
+        if peeked.search(text):
+            return
+    raise AssertionError(f"the C loop never took the second header in 5 tries; the last trace:\n{text}")
