@@ -346,10 +346,11 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         taken, need = self._splice_run(tx)
         if not taken and need == lowat and not self.closed:
             # Woken with less than that (the kernel does so under memory pressure, or when the receive window
-            # is nearly shut): take what is there, as without waiting, so that this does not spin.
+            # is nearly shut): take what is there, as without waiting, so that this does not spin; if even
+            # that takes nothing (part of a header), the transport reads it.
             self._splicer.unwatch(self._on_awaited)  # type: ignore[union-attr]
-            self._splice_run(tx, wait=False)
-            need = 0 if self._splicing is not None else self._splice_run(tx)[1]
+            taken = self._splice_run(tx, wait=False)[0]
+            need = self._splice_run(tx)[1] if taken and self._splicing is None else 0
         self._await_payload(need)
 
     # -- handshake ----------------------------------------------------------------------------------------------
