@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -351,14 +352,15 @@ def test_a_stream_of_large_writes_is_spliced_by_the_c_loop(tmp_path: Path) -> No
 
 def test_a_client_that_vanishes_inside_a_payload_the_c_loop_took(tmp_path: Path) -> None:
     """A whole 1 MiB WRITE, then the next one's header and half its payload, then the client is gone: the C loop
-    takes that header and hands the half payload on to the splicer, which sees the end of the stream -- the
-    first payload is in the image, nothing of the second, and the server goes on serving.
+    waits for that payload to be whole; the end of the stream wakes it, it takes the header and hands the half
+    payload on to the splicer, which sees the end of the stream -- the first payload is in the image, nothing of
+    the second, and the server goes on serving.
 
     The C loop runs only when the first payload was spliced in one go; on a loaded machine the socket may run
     dry inside it (the splicer then finishes it on a wake-up and the core reads the next header), so the
     scenario is repeated, each time checked in full, until the C loop has taken the header (5 tries at most)."""
     need_strace()
-    peeked = re.compile(r"recvfrom\(\d+, .*, 28, MSG_PEEK\|MSG_DONTWAIT, NULL, NULL\) = 28")
+    taken = re.compile(r"recvfrom\(\d+, .*, 28, MSG_DONTWAIT, NULL, NULL\) = 28")  # not a peek: the C loop took it
     first, second = random.Random(1).randbytes(MIB), random.Random(2).randbytes(MIB)
     for attempt in range(5):
         image = tmp_path / f"disk{attempt}.img"
@@ -381,6 +383,47 @@ def test_a_client_that_vanishes_inside_a_payload_the_c_loop_took(tmp_path: Path)
         assert rc == 0, err
         assert image.read_bytes()[4 * MIB : 5 * MIB] == bytes(MIB)
         text = trace.read_text()
-        if peeked.search(text):
+        if taken.search(text):
             return
     raise AssertionError(f"the C loop never took the second header in 5 tries; the last trace:\n{text}")
+
+
+def test_after_a_spliced_write_the_next_one_is_awaited_whole_and_reading_is_handed_back(tmp_path: Path) -> None:
+    """A streaming client: once a large WRITE was spliced, the server sleeps until the socket holds the next
+    request (SO_RCVLOWAT: a header's worth, then header and payload) instead of being woken for every segment.
+    Here the next payload stops halfway for a moment: no reply until it is whole, then one splice takes it.
+    The low-water mark goes back to 1 before the transport reads again, so a lone small request that follows
+    is answered (with the mark left up, it would never be)."""
+    need_strace()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "setsockopt,splice", "--cache", "writeback")
+    first, second = random.Random(5).randbytes(MIB), random.Random(6).randbytes(MIB)
+    header = struct.Struct(">IHHQQI")
+    try:
+        with client_for(srv.uri) as cl:
+            cl.pwrite(first, 0)  # spliced: the server now waits for whole requests
+            cl.sock.sendall(header.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 8, 3 * MIB, MIB) + second[: MIB // 2])
+            cl.sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):  # no reply before the payload is whole
+                cl.sock.recv(1, socket.MSG_PEEK)
+            cl.sock.settimeout(10)
+            cl.sock.sendall(second[MIB // 2 :])
+            reply = cl.read_reply()
+            assert (reply.error, reply.cookie) == (0, 8)
+            time.sleep(0.2)  # the server is waiting for a header now, then it is a lone READ of 4 KiB
+            assert cl.pread(4096, 3 * MIB) == second[:4096]
+            cl.flush()
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert data[:MIB] == first and data[3 * MIB : 4 * MIB] == second
+    text = trace.read_text()
+    marks = [int(n) for n in re.findall(r"SO_RCVLOWAT, \[(\d+)\]", text)]
+    assert 28 + MIB in marks and marks[-1] == 1, marks
+    # Once woken, the payload was all there: socket -> pipes in one call per pipe at most, none finding it dry.
+    awaited = text[text.index(f"SO_RCVLOWAT, [{28 + MIB}]") :]
+    awaited = awaited[: awaited.index("SO_RCVLOWAT", 20)]
+    into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = (\S+)", awaited)
+    assert 1 <= len(into_pipe) <= 2 and "-1" not in into_pipe, awaited

@@ -50,14 +50,26 @@ def rig(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket, tuple[in
 
 
 def call(
-    rig: tuple, arena: bytearray, *, room: int = 1 << 30, most: int = 64, fd: int | None = None, pipes: int = 2
+    rig: tuple,
+    arena: bytearray,
+    *,
+    room: int = 1 << 30,
+    most: int = 64,
+    fd: int | None = None,
+    pipes: int = 2,
+    wait: bool = False,
 ) -> tuple:
+    """``splice_writes``' result; without ``wait``, less its ``need`` (which is then always 0)."""
     ours, _, ends, image_fd = rig
     ends = ends if pipes == 2 else (*ends[:2], -1, -1)
-    return batch.splice_writes(
+    result = batch.splice_writes(
         ours.fileno(), *ends, image_fd if fd is None else fd, arena, 0, SIZE, 32 << 20, 511, LOW, HIGH,
-        room, SMALL_REPLY, most,
+        room, SMALL_REPLY, most, wait,
     )  # fmt: skip
+    if wait:
+        return result
+    assert result[-1] == 0
+    return result[:-1]
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
@@ -156,3 +168,29 @@ def test_a_payload_in_more_fragments_than_a_pipe_has_slots(rig: tuple, pipes: in
     if pipes == 2:
         assert os.read(ends[2], HIGH) == payload[first : first + second]
     assert os.pread(fd, HIGH, 0) == bytes(HIGH)
+
+
+def test_waiting_takes_a_write_only_with_its_whole_payload_and_says_how_much_to_wait_for(rig: tuple) -> None:
+    """With ``wait`` a header is left in the socket until its payload is all there: ``need`` is what the
+    socket must hold for it, so the caller can sleep on SO_RCVLOWAT; with a header or less, a header's worth."""
+    ours, theirs, _, fd = rig
+    payload = random.Random(5).randbytes(HIGH)
+    assert call(rig, bytearray(4096), wait=True) == (0, 0, 0, [], None, 28)  # nothing there yet
+    send_all(theirs, header(8, 0, HIGH)[:10])
+    assert call(rig, bytearray(4096), wait=True) == (0, 0, 0, [], None, 28)  # part of a header
+    send_all(theirs, header(8, 0, HIGH)[10:] + payload[: HIGH - 1])
+    assert call(rig, bytearray(4096), wait=True) == (0, 0, 0, [], None, 28 + HIGH)  # one byte short
+    assert os.pread(fd, HIGH, 0) == bytes(HIGH)
+    assert ours.recv(28, socket.MSG_PEEK) == header(8, 0, HIGH)  # still the core's, should it come to that
+    send_all(theirs, payload[HIGH - 1 :] + header(9, HIGH, LOW) + payload[:100])
+    arena = bytearray(4096)
+    count, at, charged, errors, partial, need = call(rig, arena, wait=True)
+    assert (count, errors, partial, need) == (1, [], None, 28 + LOW)  # the next one is not all there
+    assert (bytes(arena[:at]), charged) == (replies.simple(8), HIGH + SMALL_REPLY)
+    assert os.pread(fd, HIGH, 0) == payload
+    send_all(theirs, payload[100:LOW] + header(10, 0, 4096, c.CMD_READ))
+    assert call(rig, bytearray(4096), wait=True)[::5] == (1, 0)  # then a READ: nothing to wait for
+    assert os.pread(fd, LOW, HIGH) == payload[:LOW]
+    assert ours.recv(64) == header(10, 0, 4096, c.CMD_READ)
+    theirs.shutdown(socket.SHUT_WR)
+    assert call(rig, bytearray(4096), wait=True) == (0, 0, 0, [], None, 0)  # the end of the stream

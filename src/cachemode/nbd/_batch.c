@@ -29,7 +29,8 @@
  *       that failed (charged, no reply written: the caller answers them).
  *
  *   splice_writes(sock, pipe_r, pipe_w, pipe2_r, pipe2_w, fd, arena, at, size, max_block, unaligned,
- *                 min_length, max_length, room, small_reply, most) -> (count, at, charged, errors, partial)
+ *                 min_length, max_length, room, small_reply, most, wait)
+ *       -> (count, at, charged, errors, partial, need)
  *       for the transport, at a request boundary of a connection that owns its socket (never TLS): while the
  *       socket holds (MSG_PEEK) another whole header of a plain WRITE the core would hand out as
  *       PayloadFollows (its fast path's checks, min_length <= length <= max_length, no flags), take it,
@@ -41,6 +42,11 @@
  *       errno) of payloads consumed but not written. ``partial``: None, or (cookie, offset, length, in_first,
  *       in_second) of a request taken (and charged) whose payload had not all arrived or did not fit in the
  *       pipes: its first bytes are in them, so many in each, and the caller's splicer goes on from there.
+ *       With ``wait`` set, a header is taken only once its whole payload is in the socket (FIONREAD), so
+ *       ``partial`` stays None: the call stops there instead, the header left unread, with ``need`` the bytes
+ *       (header and payload) the socket must hold for it; ``need`` is REQUEST_SIZE where the socket holds less
+ *       than a header (and is not at its end), else 0. The caller may then sleep until the socket holds that
+ *       much (SO_RCVLOWAT) and be woken once per request, not once per segment that arrives.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -324,8 +330,10 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
     Py_buffer arena;
     Py_ssize_t at, most;
     unsigned long long size, max_block, unaligned, min_length, max_length, room, small_reply;
-    if (!PyArg_ParseTuple(args, "iiiiiiw*nKKKKKKKn", &sock, &ends[0], &ends[1], &ends[2], &ends[3], &fd, &arena, &at,
-                          &size, &max_block, &unaligned, &min_length, &max_length, &room, &small_reply, &most))
+    int wait;
+    if (!PyArg_ParseTuple(args, "iiiiiiw*nKKKKKKKnp", &sock, &ends[0], &ends[1], &ends[2], &ends[3], &fd, &arena,
+                          &at, &size, &max_block, &unaligned, &min_length, &max_length, &room, &small_reply, &most,
+                          &wait))
         return NULL;
     const struct bounds b = {size, max_block, unaligned, min_length, max_length};
     PyObject *errors = PyList_New(0), *partial = NULL;
@@ -340,15 +348,26 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
     unsigned char *a = arena.buf;
     unsigned long long charged = 0;
     Py_ssize_t count = 0;
+    unsigned long long need = 0;
     unsigned char h[REQUEST_SIZE];
     while (count < most && at + SIMPLE_HEADER <= arena.len) {
         ssize_t got = recv(sock, h, REQUEST_SIZE, MSG_PEEK | MSG_DONTWAIT);
-        if (got != REQUEST_SIZE)
+        if (got != REQUEST_SIZE) {
+            if (wait && (got > 0 || (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))))
+                need = REQUEST_SIZE;
             break;
+        }
         uint64_t cookie, offset;
         uint32_t length;
         if (!plain_request(h, CMD_WRITE, &b, &cookie, &offset, &length) || charged + length + small_reply > room)
             break;
+        if (wait) {
+            int queued = 0;
+            if (ioctl(sock, FIONREAD, &queued) != 0 || (uint64_t)queued < REQUEST_SIZE + (uint64_t)length) {
+                need = REQUEST_SIZE + (unsigned long long)length;
+                break;
+            }
+        }
         do
             got = recv(sock, h, REQUEST_SIZE, MSG_DONTWAIT);
         while (got < 0 && errno == EINTR);
@@ -407,7 +426,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
     PyBuffer_Release(&arena);
     if (partial == NULL)
         partial = Py_NewRef(Py_None);
-    return Py_BuildValue("nnKNN", count, at, charged, errors, partial);
+    return Py_BuildValue("nnKNNK", count, at, charged, errors, partial, need);
 fail:
     Py_XDECREF(errors);
     Py_XDECREF(partial);

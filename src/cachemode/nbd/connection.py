@@ -101,6 +101,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._arena_sent = False  # _out holds part of the server's reply arena (see _send)
         self._read_on = False  # a payload was spliced whole in this callback: read the next request at once
         self._note_pending = False  # inline writes not yet reported to the mode layer (see _note_writes)
+        self._awaiting = False  # reading paused until the socket holds the next large WRITE whole (_await_payload)
+        self._lowat = 1  # the socket's SO_RCVLOWAT
+        self._splice_running = False  # inside _splice_run (whose replies sit in the shared arena, unsent)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -224,9 +227,12 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         fd = self._sock_fd
         for _ in range(READ_AHEAD):
             self._read_on = False
-            if self.closed or self.closing or self._paused_reading or tx is None or tx.closed or fd < 0:
+            if self.closed or self.closing or self._must_pause() or tx is None or tx.closed or fd < 0:
                 return
-            self._splice_run(tx)
+            need = self._splice_run(tx)[1]
+            if need:
+                self._await_payload(need)
+                return
             if self.closed or self._paused_reading or self._splicing is not None:
                 return
             try:
@@ -239,31 +245,35 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if not self._read_on:
                 return
 
-    def _splice_run(self, tx: Transmission) -> None:
+    def _splice_run(self, tx: Transmission, wait: bool = True) -> tuple[int, int]:
         """Large plain WRITEs waiting whole in the socket, one after another, spliced into the image by one C
         call (``_batch.splice_writes``: the header peeked, taken only where the core would take it the same
         way, its payload socket -> pipe -> image, its reply into the arena), as far as the in-flight bound, the
-        budget and the arena allow; what it does not take is left in the socket for the core. A payload not
-        all there yet goes on in the splicer, from what the C call put in the pipe."""
+        budget and the arena allow; what it does not take is left in the socket for the core.
+
+        Returns how many requests it took, and how many bytes the socket must hold for the next one (see
+        ``splice_writes``), for :meth:`_await_payload`: with ``wait``, a WRITE is taken only with its whole
+        payload in the socket; 0 where there is nothing to wait for. Without, a payload not all there yet goes
+        on in the splicer, from what the C call put in the pipes."""
         splicer = self._splicer
         limits = tx.splice_limits()
         if limits is None or splicer is None or self._splicing is not None or self._backlog:
-            return
+            return 0, 0
         server = self.server
         pipes = splicer.pipes
         most = MAX_IN_FLIGHT - self.in_flight
         ledger = self.ledger
         room = ledger.room()
         if pipes[1] < 0 or most <= 0 or room <= 0 or server.shutting_down or server.splice_fd is None:
-            return
+            return 0, 0
         size, max_block, unaligned, low, high = limits
         arena = self._next_arena(None, 0, 0)
-        count, apos, charged, errors, partial = splice_writes(
+        count, apos, charged, errors, partial, need = splice_writes(
             self._sock_fd, *pipes, server.splice_fd, arena, 0, size, max_block, unaligned, low,
-            min(high, splicer.capacity), room, SMALL_REPLY, most,
+            min(high, splicer.capacity), room, SMALL_REPLY, most, wait,
         )  # fmt: skip
         if not count:
-            return
+            return 0, need
         server.stats.requests += count
         self._note_pending = True  # the mode layer is told before any of the replies goes out (_note_writes)
         ledger.charge(charged)
@@ -280,10 +290,68 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             req = Request(c.CMD_WRITE, 0, cookie, offset, length)
             self._splicing = req
             self._start(req)
-            splicer.resume(req, in_first, in_second, self._splice_done)
+            self._splice_running = True  # should the rest be there now, no read-ahead from inside this call
+            try:
+                splicer.resume(req, in_first, in_second, self._splice_done)
+            finally:
+                self._splice_running = False
         self._send()
         if self._splicing is not None:  # waiting for the socket: the transport must not read meanwhile
             self._update_reading()
+        return count, 0 if self.closed else need
+
+    def _await_payload(self, need: int) -> None:
+        """Sleep until the socket holds ``need`` bytes (the next large WRITE whole, or a header), then splice
+        on (:meth:`_on_awaited`); with ``need`` 0, hand reading back to the transport.
+
+        A streaming client's 1 MiB payload arrives in dozens of segments. Woken by the transport for each, the
+        server would receive header and first bytes into memory and splice the rest as it trickles in, through
+        the event loop each time; with SO_RCVLOWAT the kernel wakes it once the whole request is there, and
+        one C call takes it. The transport stays paused meanwhile (it would read the payload into memory), and
+        the socket's low-water mark goes back to 1 before it reads again."""
+        splicer = self._splicer
+        if not need or splicer is None or self.closing or self.closed:
+            self._stop_awaiting()
+            return
+        if self._lowat != need:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+            except OSError:  # the socket failed: the transport finds out
+                self._stop_awaiting()
+                return
+            self._lowat = need
+        splicer.watch(self._on_awaited)
+        if not self._awaiting:
+            self._awaiting = True
+            self._update_reading()
+
+    def _stop_awaiting(self) -> None:
+        if self._splicer is not None:
+            self._splicer.unwatch(self._on_awaited)
+        if self._lowat != 1 and not self.closed:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            self._lowat = 1
+        if self._awaiting:
+            self._awaiting = False
+            self._update_reading()
+
+    def _on_awaited(self) -> None:
+        """The socket holds what :meth:`_await_payload` waited for (or came to its end, or failed)."""
+        tx = self.tx
+        if self.closed or tx is None or tx.closed:
+            self._stop_awaiting()
+            return
+        lowat = self._lowat
+        taken, need = self._splice_run(tx)
+        if not taken and need == lowat and not self.closed:
+            # Woken with less than that (the kernel does so under memory pressure, or when the receive window
+            # is nearly shut): take what is there, as without waiting, so that this does not spin; if even
+            # that takes nothing (part of a header), the transport reads it.
+            self._splicer.unwatch(self._on_awaited)  # type: ignore[union-attr]
+            taken = self._splice_run(tx, wait=False)[0]
+            need = self._splice_run(tx)[1] if taken and self._splicing is None else 0
+        self._await_payload(need)
 
     # -- handshake ----------------------------------------------------------------------------------------------
     def _handshake_data(self, data: bytes) -> None:
@@ -799,16 +867,21 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         elif self._paused_reading:
             self._update_reading()
 
-    def _update_reading(self) -> None:
-        if self.closed or self.transport is None:
-            return
-        pause = (
+    def _must_pause(self) -> bool:
+        """Whether reading must wait: held-back requests, the in-flight bound, the budget, a payload the parser
+        waits to have room for, or one being spliced."""
+        return (
             bool(self._backlog)
             or self.in_flight >= MAX_IN_FLIGHT
             or self.ledger.full()
             or (self.tx is not None and self.tx.waiting)
             or self._splicing is not None
         )
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        pause = self._awaiting or self._must_pause()
         if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -853,6 +926,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
     def begin_shutdown(self) -> None:
         """Refuse new work (ESHUTDOWN), finish what is in flight, then close."""
         self.closing = True
+        self._stop_awaiting()  # what is in the socket is read by the transport and answered
         if self.tx is None:
             self._close()
         else:

@@ -50,6 +50,8 @@ class DirectPaths:
     _splicing: Request | None
     _batch_cost: int
     _read_on: bool
+    _draining: bool
+    _splice_running: bool
     loop: Any
     tx: Any
 
@@ -95,6 +97,9 @@ class DirectPaths:
             self.server.stats.errors += 1
             reply = replies.simple(req.cookie, replies.error_of(error, c.CMD_WRITE))
         self._completed(req, reply)
+        if not self._draining and not self._splice_running:
+            # The payload trickled in and this is the event loop's callback: splice on from here.
+            self._read_ahead()
 
     def _sendfile(self, req: Request, image_fd: int) -> bool:
         """Send a READ reply straight from the image with sendfile(2), bypassing the transport's buffer.

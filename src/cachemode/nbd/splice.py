@@ -61,7 +61,7 @@ class PayloadSplicer:
         self._sock_fd = sock_fd
         self._image_fd = image_fd
         self._watch_fd = -1
-        self._watching = False
+        self._watching: Callable[[], None] | None = None  # the callback watching the socket, if any
         self._req: Request | None = None
         self._head: bytes | memoryview = b""
         self._done: Done | None = None
@@ -127,7 +127,7 @@ class PayloadSplicer:
                 n = os.splice(self._sock_fd, self._pipes[self._cur][1], self._remaining, flags=flags)
             except BlockingIOError:
                 if not self._socket_has_data():
-                    self._watch()
+                    self.watch(self._pump)
                     return
                 if not retried:  # the bytes may have come after the splice found none: once more first
                     retried = True
@@ -148,7 +148,7 @@ class PayloadSplicer:
             retried = False
             self._remaining -= n
             self._in[self._cur] += n
-        self._unwatch()
+        self.unwatch(self._pump)
         self._write()
 
     def _socket_has_data(self) -> bool:
@@ -206,17 +206,20 @@ class PayloadSplicer:
         self._cur = 0
         return True
 
-    def _watch(self) -> None:
-        if self._watching:
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the socket is readable: this splicer's own pump while a payload trickles in,
+        or the connection's while it waits between payloads (see ``NBDConnection._await_payload``)."""
+        if self._watching == callback:
             return
         if self._watch_fd < 0:
             self._watch_fd = os.dup(self._sock_fd)
-        self.loop.add_reader(self._watch_fd, self._pump)
-        self._watching = True
+        self.loop.add_reader(self._watch_fd, callback)  # replaces any other watcher of it
+        self._watching = callback
 
-    def _unwatch(self) -> None:
-        if self._watching:
-            self._watching = False
+    def unwatch(self, callback: Callable[[], None] | None = None) -> None:
+        """Stop watching the socket (only if ``callback``, when given, is the one watching)."""
+        if self._watching is not None and (callback is None or self._watching == callback):
+            self._watching = None
             self.loop.remove_reader(self._watch_fd)
 
     def _clear(self) -> None:
@@ -228,7 +231,7 @@ class PayloadSplicer:
         self._cur = 0
 
     def _finish(self, error: OSError | None, *, fatal: bool) -> None:
-        self._unwatch()
+        self.unwatch(self._pump)
         req, done = self._req, self._done
         self._clear()
         if req is not None and done is not None:
@@ -236,7 +239,7 @@ class PayloadSplicer:
 
     def close(self) -> None:
         """Stop watching and release the pipes (the connection is gone; a payload in progress is dropped)."""
-        self._unwatch()
+        self.unwatch()
         self._clear()
         for fd in (*(end for pipe in self._pipes for end in pipe), self._watch_fd):
             if fd >= 0:
