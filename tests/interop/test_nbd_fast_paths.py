@@ -384,3 +384,47 @@ def test_a_client_that_vanishes_inside_a_payload_the_c_loop_took(tmp_path: Path)
         if peeked.search(text):
             return
     raise AssertionError(f"the C loop never took the second header in 5 tries; the last trace:\n{text}")
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "pwrite"])
+def test_small_writes_to_cached_pages_are_stored_through_the_mapped_image(tmp_path: Path, mapped: str) -> None:
+    """libnbd fills 1 MiB (now in the page cache), then writes 64 blocks of 4 KiB into it in bursts of 16:
+    the server stores them through its mapping of the image (mincore, no pwrite64 for most of them; with
+    CACHEMODE_NBD_MAP=0 each is a pwrite64), the FLUSH syncs them, and the client and the image file hold
+    every byte."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    env = {**os.environ, "CACHEMODE_NBD_MAP": mapped}
+    srv = traced(image, trace, "pwrite64,mincore,fdatasync", "--cache", "writeback", env=env)
+    try:
+        script = (
+            "import random\n"
+            f"h.pwrite(random.Random(9).randbytes(1 << 20), {4 * MIB})\n"
+            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+            "for first in range(0, 64, 16):\n"
+            "    for i in range(first, first + 16):\n"
+            f"        h.aio_pwrite(blocks[i], {4 * MIB} + i * 16384)\n"
+            "    while h.aio_in_flight() > 0:\n"
+            "        h.poll(-1)\n"
+            "h.flush()\n"
+            f"assert [h.pread(4096, {4 * MIB} + i * 16384) for i in range(64)] == blocks\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert all(
+        data[4 * MIB + i * 16384 : 4 * MIB + i * 16384 + 4096] == random.Random(i).randbytes(4096) for i in range(64)
+    )
+    text = trace.read_text()
+    pwritten = {int(off) - 4 * MIB for off in re.findall(r"pwrite64\(\d+, .*, 4096, (\d+)\)", text)}
+    assert re.search(r"\bfdatasync\(", text), text  # the mode layer was told of the writes it did not see
+    if mapped == "1":
+        assert re.search(r"\bmincore\(", text), text
+        assert len(pwritten) < 32, text  # a payload split across reads takes the one-by-one path: pwritten
+    else:
+        assert pwritten == {i * 16384 for i in range(64)}, text
+        assert not re.search(r"\bmincore\(", text), text
