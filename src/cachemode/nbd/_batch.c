@@ -30,7 +30,7 @@
  *       writable mapping of ``fd`` from offset 0, e.g. an mmap.mmap; None: none) a payload whose pages are
  *       all in the page cache (mincore) is copied into the mapping instead (mapped_copy), else pwritten.
  *       Why: the kernel's buffered write walks every block of the folio it writes into, and a page cache
- *       filled by sequential I/O holds large folios (up to 2 MiB on ext4 since Linux 6.16) -- a 4 KiB pwrite
+ *       filled by sequential I/O holds large folios (ext4 on this machine's Linux 6.18) -- a 4 KiB pwrite
  *       into one cost ~18 us of CPU here, the same bytes stored through a mapping ~1 us (the folio is made
  *       writable once, at the first write fault after it was cleaned). The page-cache check keeps a cold
  *       page from being read in on the caller's thread (a full-block pwrite needs no read).
