@@ -18,10 +18,12 @@ from cachemode.nbd import _batch as batch
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 from cachemode.nbd.budget import SMALL_REPLY, cost
-from tests.interop.test_nbd_fast_paths import evict
+from cachemode.nbd.server import EXT4_SUPER_MAGIC, filesystem_magic, map_image
+from tests.interop.test_nbd_fast_paths import evict, on_filesystem
 
 REQUEST = struct.Struct(">IHHQQI")
 SIZE = 1 << 20
+TMPFS_MAGIC = 0x01021994
 
 
 def headers(reads: list[tuple[int, int, int]]) -> bytes:
@@ -221,3 +223,33 @@ def test_a_copy_that_faults_is_refused_and_other_faults_still_kill(tmp_path: Pat
     assert proc.returncode == -signal.SIGBUS, proc.stderr
     with pytest.raises(ValueError):
         batch.mapped_copy(mmap.mmap(-1, 4096), 4000, b"x" * 100)
+
+
+def test_the_image_is_mapped_only_on_ext4_and_when_not_switched_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """map_image maps an image on ext2/3/4 (where it pays: the buffer-head walk), not one elsewhere (tmpfs in
+    /dev/shm), and not with CACHEMODE_NBD_MAP=0."""
+    here = tmp_path / "img"
+    here.write_bytes(bytes(65536))
+    fd = os.open(here, os.O_RDWR)
+    try:
+        mapping = map_image(fd, 65536)
+        if filesystem_magic(fd) == EXT4_SUPER_MAGIC:
+            assert mapping is not None and len(mapping) == 65536
+            mapping.close()
+            monkeypatch.setenv("CACHEMODE_NBD_MAP", "0")
+            assert map_image(fd, 65536) is None
+        else:
+            assert mapping is None
+    finally:
+        os.close(fd)
+    if os.path.isdir("/dev/shm") and on_filesystem(Path("/dev/shm")) == TMPFS_MAGIC:
+        monkeypatch.delenv("CACHEMODE_NBD_MAP", raising=False)
+        fd = os.open(f"/dev/shm/cachemode-map-test-{os.getpid()}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, 65536)
+            assert map_image(fd, 65536) is None
+        finally:
+            os.unlink(f"/dev/shm/cachemode-map-test-{os.getpid()}")
+            os.close(fd)
