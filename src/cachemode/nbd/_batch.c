@@ -243,7 +243,7 @@ static PyObject *scan_writes(PyObject *self, PyObject *args) { return scan(args,
 /* The guard of mapped_copy: the copy in progress on this thread (NULL: none) and the handler found before. */
 static __thread sigjmp_buf *volatile copy_guard; /* volatile: its stores around memcpy are not dropped */
 static struct sigaction previous_sigbus;
-static int sigbus_guarded;
+static volatile sig_atomic_t sigbus_guarded;
 
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
     sigjmp_buf *guard = copy_guard;
@@ -251,8 +251,10 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
         copy_guard = NULL;
         siglongjmp(*guard, 1);
     }
-    /* Not a guarded copy: put the previous handler back and return; the fault recurs and reaches it. */
+    /* Not a guarded copy: put the previous handler back and return; the fault recurs and reaches it (should
+     * the process live on, the next guarded copy installs this handler again). */
     sigaction(SIGBUS, &previous_sigbus, NULL);
+    sigbus_guarded = 0;
 }
 
 /* Install on_sigbus once (SA_NODEFER: SIGBUS is not left blocked after the jump out). 0, or -1 with errno. */
