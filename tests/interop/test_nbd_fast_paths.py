@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cachemode.nbd import constants as c
+from cachemode.nbd.server import EXT4_SUPER_MAGIC, filesystem_magic
 from tests.interop.test_serve_cli import client_for
 from tests.nbd.serving import MIB, ServeProcess, nbdsh, need, need_libnbd_python
 
@@ -427,3 +428,58 @@ def test_after_a_spliced_write_the_next_one_is_awaited_whole_and_reading_is_hand
     awaited = awaited[: awaited.index("SO_RCVLOWAT", 20)]
     into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = (\S+)", awaited)
     assert 1 <= len(into_pipe) <= 2 and "-1" not in into_pipe, awaited
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "pwrite"])
+def test_small_writes_to_cached_pages_are_stored_through_the_mapped_image(tmp_path: Path, mapped: str) -> None:
+    """libnbd fills 1 MiB (now in the page cache), then writes 64 blocks of 4 KiB into it in bursts of 16:
+    the server stores them through its mapping of the image (mincore, no pwrite64 for most of them; with
+    CACHEMODE_NBD_MAP=0 each is a pwrite64), the FLUSH syncs them, and the client and the image file hold
+    every byte."""
+    need_strace()
+    need_libnbd_python()
+    if mapped == "1" and on_filesystem(tmp_path) != EXT4_SUPER_MAGIC:
+        pytest.skip("the image is mapped only on ext2/3/4, and the test directory is elsewhere")
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    env = {**os.environ, "CACHEMODE_NBD_MAP": mapped}
+    srv = traced(image, trace, "pwrite64,mincore,fdatasync", "--cache", "writeback", env=env)
+    try:
+        script = (
+            "import random\n"
+            f"h.pwrite(random.Random(9).randbytes(1 << 20), {4 * MIB})\n"
+            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+            "for first in range(0, 64, 16):\n"
+            "    for i in range(first, first + 16):\n"
+            f"        h.aio_pwrite(blocks[i], {4 * MIB} + i * 16384)\n"
+            "    while h.aio_in_flight() > 0:\n"
+            "        h.poll(-1)\n"
+            "h.flush()\n"
+            f"assert [h.pread(4096, {4 * MIB} + i * 16384) for i in range(64)] == blocks\n"
+        )
+        nbdsh(srv.uri, script)
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    assert all(
+        data[4 * MIB + i * 16384 : 4 * MIB + i * 16384 + 4096] == random.Random(i).randbytes(4096) for i in range(64)
+    )
+    text = trace.read_text()
+    pwritten = {int(off) - 4 * MIB for off in re.findall(r"pwrite64\(\d+, .*, 4096, (\d+)\)", text)}
+    assert re.search(r"\bfdatasync\(", text), text  # the mode layer was told of the writes it did not see
+    if mapped == "1":
+        assert re.search(r"\bmincore\(", text), text
+        assert len(pwritten) < 32, text  # a payload split across reads takes the one-by-one path: pwritten
+    else:
+        assert pwritten == {i * 16384 for i in range(64)}, text
+        assert not re.search(r"\bmincore\(", text), text
+
+
+def on_filesystem(path: Path) -> int | None:
+    """The statfs magic of the filesystem ``path`` is on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return filesystem_magic(fd)
+    finally:
+        os.close(fd)

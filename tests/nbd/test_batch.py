@@ -4,8 +4,12 @@ those of ``replies``, and they take no more than the budget, the arena and ``sto
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +18,12 @@ from cachemode.nbd import _batch as batch
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 from cachemode.nbd.budget import SMALL_REPLY, cost
+from cachemode.nbd.server import EXT4_SUPER_MAGIC, filesystem_magic, map_image
+from tests.interop.test_nbd_fast_paths import evict, on_filesystem
 
 REQUEST = struct.Struct(">IHHQQI")
 SIZE = 1 << 20
+TMPFS_MAGIC = 0x01021994
 
 
 def headers(reads: list[tuple[int, int, int]]) -> bytes:
@@ -145,3 +152,104 @@ def test_a_write_run_is_written_and_answered_as_the_core_would(tmp_path: Path) -
         assert (index, at) == (3, 0) and [i for i, _ in failed] == [0, 1, 2] and failed[0][1] == errno.EBADF
     finally:
         os.close(fd)
+
+
+def test_writes_to_cached_pages_are_stored_through_the_mapping(tmp_path: Path) -> None:
+    """With a mapping, a WRITE whose pages are all in the page cache is copied into it, any other is pwritten.
+    Seen through an fd that cannot write (pwrite fails, EBADF) beside a writable mapping of the same file:
+    the cached ones succeed, the cold one and the one past the mapping's end fail."""
+    path = tmp_path / "img"
+    path.write_bytes(os.urandom(SIZE))
+    items = [(1, 0, os.urandom(4096)), (2, 8192, os.urandom(512)), (3, 65536, os.urandom(8192)), (4, 3 * 65536, b"x")]
+    items.append((5, SIZE - 4096, os.urandom(4096)))
+    stream = writes(items)
+    entries, _ = batch.scan_writes(stream, 0, SIZE, 32 << 20, 0, 65536)
+    evict(path, 65536, 65536)  # the third WRITE's pages are cold
+    rw = os.open(path, os.O_RDWR)
+    ro = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(rw, 4096, 0)  # cached
+        os.pread(rw, 4096, 8192)
+        os.pread(rw, 4096, 3 * 65536)
+        os.pread(rw, 4096, SIZE - 4096)
+        mapping = mmap.mmap(rw, SIZE - 4096)  # the last WRITE lies past its end
+        arena = memoryview(bytearray(4096))
+        index, at, charged, failed = batch.write_batch(ro, entries, stream, 0, arena, 0, 1 << 30, SMALL_REPLY, mapping)
+        assert (index, charged) == (5, sum(cost(c.CMD_WRITE, len(d)) for _, _, d in items))
+        assert failed == [(2, errno.EBADF), (4, errno.EBADF)]
+        assert bytes(arena[:at]) == b"".join(replies.simple(cookie) for cookie, _, _ in items[:2] + items[3:4])
+        mapping.close()
+        data = path.read_bytes()
+        assert all(data[offset : offset + len(d)] == d for _, offset, d in items[:2] + items[3:4])
+        assert data[65536 : 65536 + 8192] != items[2][2]
+        # with a writable fd the cold WRITE and the one past the mapping are pwritten: every WRITE lands
+        evict(path, 65536, 65536)
+        mapping = mmap.mmap(rw, SIZE - 4096)
+        index, at, _, failed = batch.write_batch(rw, entries, stream, 0, arena, 0, 1 << 30, SMALL_REPLY, mapping)
+        assert (index, at, failed) == (5, 5 * 16, [])
+        mapping.close()
+        data = path.read_bytes()
+        assert all(data[offset : offset + len(d)] == d for _, offset, d in items)
+    finally:
+        os.close(ro)
+        os.close(rw)
+
+
+GUARD = """
+import mmap, os, sys
+from cachemode.nbd._batch import mapped_copy
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+os.ftruncate(fd, 1 << 20)
+m = mmap.mmap(fd, 1 << 20)
+assert mapped_copy(m, 8192, b"a" * 4096) is True and os.pread(fd, 4096, 8192) == b"a" * 4096
+os.ftruncate(fd, 4096)  # the mapping now reaches past the end of the file: touching the rest is a SIGBUS
+assert mapped_copy(m, 65536, b"b" * 4096) is False
+assert mapped_copy(m, 0, b"c" * 100) is True and os.pread(fd, 100, 0) == b"c" * 100
+assert mapped_copy(m, 65536, b"b" * 4096) is False
+print("guarded", flush=True)
+m[65536] = 1  # not a guarded copy: the fault reaches the handler that was there before (the default: death)
+print("survived", flush=True)
+"""
+
+
+def test_a_copy_that_faults_is_refused_and_other_faults_still_kill(tmp_path: Path) -> None:
+    """mapped_copy into a mapping whose file was truncated returns False (the process lives on, the next copy
+    works); a SIGBUS anywhere else still ends the process as before. A process of its own: the last step
+    kills it, and pytest's faulthandler would report the guarded faults."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARD, str(tmp_path / "img")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "guarded\n", proc.stderr
+    assert proc.returncode == -signal.SIGBUS, proc.stderr
+    with pytest.raises(ValueError):
+        batch.mapped_copy(mmap.mmap(-1, 4096), 4000, b"x" * 100)
+
+
+def test_the_image_is_mapped_only_on_ext4_and_when_not_switched_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """map_image maps an image on ext2/3/4 (where it pays: the buffer-head walk), not one elsewhere (tmpfs in
+    /dev/shm), and not with CACHEMODE_NBD_MAP=0."""
+    here = tmp_path / "img"
+    here.write_bytes(bytes(65536))
+    fd = os.open(here, os.O_RDWR)
+    try:
+        mapping = map_image(fd, 65536)
+        if filesystem_magic(fd) == EXT4_SUPER_MAGIC:
+            assert mapping is not None and len(mapping) == 65536
+            mapping.close()
+            monkeypatch.setenv("CACHEMODE_NBD_MAP", "0")
+            assert map_image(fd, 65536) is None
+        else:
+            assert mapping is None
+    finally:
+        os.close(fd)
+    if os.path.isdir("/dev/shm") and on_filesystem(Path("/dev/shm")) == TMPFS_MAGIC:
+        monkeypatch.delenv("CACHEMODE_NBD_MAP", raising=False)
+        fd = os.open(f"/dev/shm/cachemode-map-test-{os.getpid()}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, 65536)
+            assert map_image(fd, 65536) is None
+        finally:
+            os.unlink(f"/dev/shm/cachemode-map-test-{os.getpid()}")
+            os.close(fd)

@@ -23,10 +23,24 @@
  *       the same for plain WRITEs (no flags) whose payload is complete in ``src``: quadruples (cookie, offset,
  *       length, where the payload starts counted from the first header), for a writable export only.
  *
- *   write_batch(fd, entries, payload, index, arena, at, room, small_reply) -> (index, at, charged, errors)
+ *   write_batch(fd, entries, payload, index, arena, at, room, small_reply[, mapping]) -> (index, at, charged, errors)
  *       pwrite each WRITE's payload (``payload`` is ``src`` from the first header on) to ``fd`` and write its
  *       simple reply into ``arena``; the same stops as read_batch. ``errors`` lists (index, errno) of writes
- *       that failed (charged, no reply written: the caller answers them).
+ *       that failed (charged, no reply written: the caller answers them). With ``mapping`` (a shared,
+ *       writable mapping of ``fd`` from offset 0, e.g. an mmap.mmap; None: none) a payload whose pages are
+ *       all in the page cache (mincore) is copied into the mapping instead (mapped_copy), else pwritten.
+ *       Why: the kernel's buffered write walks every block of the folio it writes into, and a page cache
+ *       filled by sequential I/O holds large folios (ext4 on this machine's Linux 6.18) -- a 4 KiB pwrite
+ *       into one cost ~18 us of CPU here, the same bytes stored through a mapping ~1 us (the folio is made
+ *       writable once, at the first write fault after it was cleaned). The page-cache check keeps a cold
+ *       page from being read in on the caller's thread (a full-block pwrite needs no read).
+ *
+ *   mapped_copy(mapping, offset, data) -> bool
+ *       copy ``data`` into ``mapping`` at ``offset``, guarded: a SIGBUS while copying (the file was
+ *       truncated under the mapping, a page could not be read or its block not allocated -- ENOSPC on a
+ *       hole) makes it return False, with part of the range possibly written, instead of killing the
+ *       process. The guard is a SIGBUS handler installed at the first call, which passes any fault outside
+ *       a guarded copy on to the handler that was there before.
  *
  *   splice_writes(sock, pipe_r, pipe_w, pipe2_r, pipe2_w, fd, arena, at, size, max_block, unaligned,
  *                 min_length, max_length, room, small_reply, most, wait)
@@ -52,10 +66,13 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <fcntl.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -229,12 +246,98 @@ fail:
 
 static PyObject *scan_writes(PyObject *self, PyObject *args) { return scan(args, CMD_WRITE); }
 
+/* The guard of mapped_copy: the copy in progress on this thread (NULL: none) and the handler found before. */
+static __thread sigjmp_buf *volatile copy_guard; /* volatile: its stores around memcpy are not dropped */
+static struct sigaction previous_sigbus;
+static volatile sig_atomic_t sigbus_guarded;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    sigjmp_buf *guard = copy_guard;
+    if (guard != NULL) {
+        copy_guard = NULL;
+        siglongjmp(*guard, 1);
+    }
+    /* Not a guarded copy: put the previous handler back and return; the fault recurs and reaches it (should
+     * the process live on, the next guarded copy installs this handler again). */
+    sigaction(SIGBUS, &previous_sigbus, NULL);
+    sigbus_guarded = 0;
+}
+
+/* Install on_sigbus once (SA_NODEFER: SIGBUS is not left blocked after the jump out). 0, or -1 with errno. */
+static int guard_sigbus(void) {
+    if (sigbus_guarded)
+        return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &previous_sigbus) < 0)
+        return -1;
+    sigbus_guarded = 1;
+    return 0;
+}
+
+/* Copy n bytes to dst, a shared file mapping: 0, or -1 if a SIGBUS stopped the copy. */
+static int guarded_copy(unsigned char *dst, const unsigned char *src, size_t n) {
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) /* no mask saved: that would be a system call per copy (SA_NODEFER instead) */
+        return -1;
+    copy_guard = &env;
+    __asm__ volatile("" ::: "memory"); /* the copy starts after the guard is set, and ends before it is unset */
+    memcpy(dst, src, n);
+    __asm__ volatile("" ::: "memory");
+    copy_guard = NULL;
+    return 0;
+}
+
+/* Whether every page of [at, at + n) of the mapping base is in the page cache and up to date. */
+static int resident(unsigned char *base, uint64_t at, uint64_t n) {
+    static long page;
+    if (!page)
+        page = sysconf(_SC_PAGESIZE);
+    uint64_t first = at - at % (uint64_t)page, end = at + n;
+    unsigned char vec[128];
+    while (first < end) {
+        uint64_t span = end - first, most = (uint64_t)page * sizeof vec;
+        if (span > most)
+            span = most;
+        if (mincore(base + first, (size_t)span, vec) < 0)
+            return 0;
+        uint64_t pages = (span + (uint64_t)page - 1) / (uint64_t)page;
+        for (uint64_t i = 0; i < pages; i++)
+            if (!(vec[i] & 1))
+                return 0;
+        first += pages * (uint64_t)page;
+    }
+    return 1;
+}
+
+static PyObject *mapped_copy(PyObject *self, PyObject *args) {
+    Py_buffer mapping, data;
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "w*Ky*", &mapping, &offset, &data))
+        return NULL;
+    PyObject *result = NULL;
+    if (offset > (unsigned long long)mapping.len || (unsigned long long)data.len > mapping.len - offset)
+        PyErr_SetString(PyExc_ValueError, "range outside the mapping");
+    else if (guard_sigbus() < 0)
+        PyErr_SetFromErrno(PyExc_OSError);
+    else
+        result = PyBool_FromLong(guarded_copy((unsigned char *)mapping.buf + offset, data.buf, (size_t)data.len) == 0);
+    PyBuffer_Release(&mapping);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *write_batch(PyObject *self, PyObject *args) {
     int fd;
-    Py_buffer entries, payload, arena;
+    Py_buffer entries, payload, arena, mapping = {0};
     Py_ssize_t index, at;
     unsigned long long room, small_reply;
-    if (!PyArg_ParseTuple(args, "iy*y*nw*nKK", &fd, &entries, &payload, &index, &arena, &at, &room, &small_reply))
+    PyObject *map_object = Py_None;
+    if (!PyArg_ParseTuple(args, "iy*y*nw*nKK|O", &fd, &entries, &payload, &index, &arena, &at, &room, &small_reply,
+                          &map_object))
         return NULL;
     PyObject *errors = PyList_New(0);
     if (errors == NULL)
@@ -243,6 +346,16 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "index or at out of range");
         goto fail;
     }
+    if (map_object != Py_None) {
+        if (PyObject_GetBuffer(map_object, &mapping, PyBUF_WRITABLE) < 0)
+            goto fail;
+        if (guard_sigbus() < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+    }
+    unsigned char *map = mapping.buf;
+    uint64_t map_len = map != NULL ? (uint64_t)mapping.len : 0;
     const uint64_t *e = entries.buf;
     Py_ssize_t count = entries.len / (Py_ssize_t)(4 * sizeof(uint64_t));
     const unsigned char *data = payload.buf;
@@ -259,6 +372,9 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
         charged += length + small_reply;
         uint64_t done = 0;
         int err = 0;
+        if (map != NULL && offset <= map_len && length <= map_len - offset && resident(map, offset, length) &&
+            guarded_copy(map + offset, data + from, (size_t)length) == 0)
+            done = length; /* else (a SIGBUS) pwrite it: that reports the error, if it is one, as an errno */
         while (done < length) {
             ssize_t w = pwrite(fd, data + from + done, (size_t)(length - done), (off_t)(offset + done));
             if (w < 0 && errno == EINTR)
@@ -280,12 +396,16 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
     PyBuffer_Release(&entries);
     PyBuffer_Release(&payload);
     PyBuffer_Release(&arena);
+    if (mapping.obj != NULL)
+        PyBuffer_Release(&mapping);
     return Py_BuildValue("nnKN", index, at, charged, errors);
 fail:
     Py_XDECREF(errors);
     PyBuffer_Release(&entries);
     PyBuffer_Release(&payload);
     PyBuffer_Release(&arena);
+    if (mapping.obj != NULL)
+        PyBuffer_Release(&mapping);
     return NULL;
 }
 
@@ -439,6 +559,7 @@ static PyMethodDef methods[] = {
     {"read_batch", read_batch, METH_VARARGS, "Serve a run of READs from the page cache into a reply arena."},
     {"scan_writes", scan_writes, METH_VARARGS, "The run of plain WRITEs with their payloads at pos: (entries, pos)."},
     {"write_batch", write_batch, METH_VARARGS, "Write a run of WRITEs to a file, replies into a reply arena."},
+    {"mapped_copy", mapped_copy, METH_VARARGS, "Copy bytes into a file mapping; False if a SIGBUS stopped it."},
     {"splice_writes", splice_writes, METH_VARARGS, "Splice a run of large plain WRITEs from a socket into a file."},
     {NULL, NULL, 0, NULL},
 };

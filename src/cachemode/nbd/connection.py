@@ -604,8 +604,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 if i < count:
                     events[index + 1 : index + 1] = ev.requests(i)
             elif ev.__class__ is WriteRun:
-                # Small plain WRITEs with their payloads, written to the image by one C call per stretch, their
-                # replies into the arena (as far as the budget and the arena allow); the rest one by one below.
+                # Small plain WRITEs with their payloads, written to the image by one C call per stretch (copied
+                # into the mapped image where their pages are cached: server.map_image), their replies into the
+                # arena (as far as the budget and the arena allow); the rest one by one below.
                 count = len(ev)
                 server.stats.requests += count - 1
                 i = 0
@@ -620,7 +621,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                             break
                         self._note_pending = True  # before anything is written (see _note_writes)
                         taken, apos, charged, failed = write_batch(
-                            write_fd, ev.entries, ev.payload, i, arena, apos, room, SMALL_REPLY
+                            write_fd, ev.entries, ev.payload, i, arena, apos, room, SMALL_REPLY, server.write_map
                         )
                         if charged:
                             ledger.charge(charged)

@@ -12,7 +12,8 @@ only moves bytes and runs disk calls. The hot path is kept lean on purpose:
   page-cache hit costs no thread hand-off, a miss is read with io_uring (:mod:`cachemode.nbd.uring`; the
   pool where that is unavailable) -- and reads of 128 KiB or more go from the image to the socket with
   ``sendfile(2)``;
-* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline; a
+* page-cache modes (``disk.blocking`` false): a plain WRITE below 256 KiB is one ``disk.pwrite`` inline (a
+  copy into the mapped image where its pages are cached, see :func:`map_image`); a
   larger one is spliced from the socket into the image (:mod:`cachemode.nbd.splice`), or, where it cannot
   be (FUA, no splice), goes to the pool so the kernel's copy overlaps the next receive;
 * O_DIRECT with the plain stack: aligned READs and plain WRITEs use Linux native AIO completed through an
@@ -39,9 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
+import mmap
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -141,9 +145,12 @@ class Server:
         # down unchanged: no FUA, no O_DSYNC, nothing emulated), reported to the mode layer's write counter.
         self.write_inline: Callable[[Any, int], None] = disk.pwrite
         self.write_fd = -1  # the image's fd where an inline write may be a pwrite on it (the plain stack)
+        # The image mapped, where inline writes to pages in the page cache are stored instead (see map_image).
+        self.write_map: mmap.mmap | None = None
         if self.recycle and self.inline_writes:
             self._note_write = disk.top.note_write
             self.write_fd = disk.image.fd
+            self.write_map = map_image(disk.image.fd, disk.image.size)
             if splice_available():
                 self.splice_fd = disk.image.fd
         if getattr(getattr(disk, "mode", None), "direct", False) and self.recycle:
@@ -265,6 +272,9 @@ class Server:
             self.aio.close()
         if self.uring is not None:
             self.uring.close()
+        if self.write_map is not None:
+            with contextlib.suppress(BufferError):
+                self.write_map.close()  # its pages stay in the page cache, dirty until flushed as any write's
         await self.pool.run(self.disk.flush)
         self.pool.shutdown()
         if self._trim is not None:
@@ -274,6 +284,43 @@ class Server:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+
+EXT4_SUPER_MAGIC = 0xEF53
+"""ext2/3/4's statfs magic: where a small write into a large folio walks the folio's buffer heads (see
+:func:`map_image`). Elsewhere the mapping is not made: on tmpfs, for one, pwrite and the mapping cost the same
+here (2-3 us per 4 KiB write), and filesystems on iomap keep per-folio bitmaps instead of a walk."""
+
+
+def filesystem_magic(fd: int) -> int | None:
+    """The ``f_type`` of the filesystem ``fd`` lives on (statfs(2)), None where it cannot be told."""
+    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:4], sys.byteorder) if sys.byteorder == "little" else None
+
+
+def map_image(fd: int, size: int) -> mmap.mmap | None:
+    """The image, mapped shared and writable, for small inline writes (``_batch.write_batch``); None where it
+    cannot be mapped, is not on ext2/3/4 (:data:`EXT4_SUPER_MAGIC`), or ``CACHEMODE_NBD_MAP=0``.
+
+    Why: a small pwrite into a large page-cache folio costs the kernel a walk over all of the folio's blocks
+    (about 18 us for 4 KiB on a file filled by 1 MiB writes, ext4 on Linux 6.18, against 1-2 us once its
+    folios are 4 KiB ones), and the page cache holds large folios wherever sequential I/O filled it; stored
+    through a mapping, the same write is a copy, the folio made writable once per time it is cleaned. Only
+    pages already in the page cache are written that way (the others are pwritten, which needs no read of a
+    whole block), under a SIGBUS guard, and the writes are the same page-cache writes, synced by the same
+    fsync. The cost: a page fault at the first write to each page (where folios are small, that write costs
+    a little more than a pwrite), those pages in the server's RSS, and page tables, at most 8 bytes per 4 KiB
+    of the image written (0.2%).
+    """
+    if size <= 0 or os.environ.get("CACHEMODE_NBD_MAP", "1") == "0" or filesystem_magic(fd) != EXT4_SUPER_MAGIC:
+        return None
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError):
+        return None
 
 
 def _plain_stack(disk: Any) -> bool:
