@@ -25,7 +25,8 @@ mode: it is compared in writeback and unsafe (its writeback), and shown for refe
     .venv/bin/python bench/nbd_bench.py --tls --servers cachemode,nbdkit --modes writeback
 
 A/B of one path: ``CACHEMODE_NBD_SPLICE=0`` (no splice of large WRITE payloads), ``CACHEMODE_NBD_URING=0``
-(page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO) in the environment.
+(page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO), ``CACHEMODE_NBD_MAP=0`` (small
+inline writes pwritten, not stored through the mapped image) in the environment.
 
 With ``--tls`` every server requires TLS (cachemode and nbdkit ``--tls=require``, qemu-nbd ``--tls-creds``) with
 certificates made for the run, and fio connects with ``nbds://``. Each run also records ``cpu_us``: the
