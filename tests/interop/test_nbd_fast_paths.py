@@ -423,11 +423,13 @@ def test_after_a_spliced_write_the_next_one_is_awaited_whole_and_reading_is_hand
     text = trace.read_text()
     marks = [int(n) for n in re.findall(r"SO_RCVLOWAT, \[(\d+)\]", text)]
     assert 28 + MIB in marks and marks[-1] == 1, marks
-    # Once woken, the payload was all there: socket -> pipes in one call per pipe at most, none finding it dry.
+    # Once woken, the payload was all there: socket -> pipes in one call per pipe (a pipe whose slots fill says
+    # EAGAIN, tried once more before the next pipe: at most two such), not one call per segment that came in.
     awaited = text[text.index(f"SO_RCVLOWAT, [{28 + MIB}]") :]
     awaited = awaited[: awaited.index("SO_RCVLOWAT", 20)]
     into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = (\S+)", awaited)
-    assert 1 <= len(into_pipe) <= 2 and "-1" not in into_pipe, awaited
+    moved = [int(n) for n in into_pipe if n != "-1"]
+    assert sum(moved) == MIB and len(moved) <= 2 and len(into_pipe) <= 4, awaited
 
 
 @pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "pwrite"])
