@@ -104,9 +104,18 @@ def server_command(server: str, mode: str, image: str, port: int, certs: Path | 
 
 
 def run_fio(
-    port: int, rw: str, bs: str, iodepth: int, runtime: int, size: int, tmp: str, tls: bool = False
+    port: int,
+    rw: str,
+    bs: str,
+    iodepth: int,
+    runtime: int,
+    size: int,
+    tmp: str,
+    tls: bool = False,
+    rate_iops: int = 0,
 ) -> dict[str, float]:
-    """Run one fio job; return its throughput, request and byte counts, and fio's own CPU seconds.
+    """Run one fio job; return its throughput, request and byte counts, and fio's own CPU seconds. With
+    ``rate_iops`` fio is held to that many requests a second (``--rate_iops``).
 
     No ramp time: fio then counts every request of the run, so the server's CPU over the whole run divides
     by the right number. fio's CPU comes from ``wait4`` (its job processes included)."""
@@ -127,6 +136,7 @@ def run_fio(
         f"--runtime={runtime}",
         "--output-format=json",
         f"--output={out_path}",
+        *([f"--rate_iops={rate_iops}"] if rate_iops else []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, rusage = os.wait4(proc.pid, 0)
@@ -185,6 +195,7 @@ def one_run(
     tmp: str,
     cold: bool = False,
     certs: Any = None,
+    rate_iops: int = 0,
 ) -> dict:
     """Start ``server`` afresh (requiring TLS with ``certs``), sync (and with ``cold`` evict the image), run
     one fio job against it, and measure the CPU it took."""
@@ -198,7 +209,7 @@ def one_run(
         if cold:
             evict(image)
         before = Sample.take(proc.pid)
-        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None)
+        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None, rate_iops)
         used = Sample.take(proc.pid).since(before)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -237,6 +248,7 @@ def bench_mode(
     tmp: str,
     cold: bool = False,
     certs: Any = None,
+    rate_iops: int = 0,
 ) -> list[dict]:
     """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
     and the server order rotates from job to job, so no server always inherits the page-cache state another
@@ -246,7 +258,7 @@ def bench_mode(
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for _ in range(repeat):
             for server in order:
-                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs)
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs, rate_iops)
                 runs.append(r)
                 load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
@@ -360,6 +372,12 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where to put the image (O_DIRECT needs a real filesystem)")
     ap.add_argument("--json", dest="json_out", help="write the machine, every run and the medians as JSON here")
     ap.add_argument("--tls", action="store_true", help="every server requires TLS (certificates made for the run)")
+    ap.add_argument(
+        "--rate-iops",
+        type=int,
+        default=0,
+        help="hold fio to this many requests a second (0: as fast as it goes), so no server runs flat out",
+    )
     args = ap.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     known = {j[0]: j for j in JOBS}
@@ -387,7 +405,9 @@ def main() -> int:
 
             certs = make_certificates(Path(tmp) / "certs")
         for mode in [m for m in args.modes.split(",") if m]:
-            runs += bench_mode(mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs)
+            runs += bench_mode(
+                mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs, args.rate_iops
+            )
     summary = summarise(runs)
     report(summary, servers)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
