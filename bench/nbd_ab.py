@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A/B of two versions of ``cachemode serve`` on one fio job: server CPU per request, alternating.
+"""A/B of two versions of ``cachemode serve`` on one fio job: server CPU per request, alternating (ABBA).
 
 On a loaded 2-core machine a change worth 10% of the server's CPU per request disappears in the run-to-run
 noise unless the two versions run back to back, many times, and the medians are compared. Each run starts
@@ -9,12 +9,18 @@ image (``bench/nbd_bench.py``'s jobs, no ramp); the server's user and system CPU
 
     git archive HEAD~1 src | tar -x -C /tmp/before
     .venv/bin/python bench/nbd_ab.py --job randwrite-4k --pairs 7 /tmp/before/src src
+
+``--job randrw-mixed`` is a guest's mix rather than one kind of request: 70% reads, 80% of requests 4 KiB and
+20% 1 MiB, random, queue depth 16 (CPU per request). Its 1 MiB writes leave dirty pages whose writeback makes
+the next run slower, so with it each run gets a fresh copy of the image (``--fresh-image``, which any job
+may use) and, with ``--rate-iops``, a fixed rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -25,10 +31,15 @@ from pathlib import Path
 from nbd_bench import JOBS, cost, fill_image, free_port, run_fio, server_command, unit, wait_port
 from proc_cpu import process_user_system
 
+MIXED = ("randrw-mixed", "randrw", "4k", 16)
+"""A guest's mix (see the module's docstring); fio's options for it are MIXED_FIO."""
+MIXED_FIO = ("--rwmixread=70", "--bssplit=4k/80:1m/20")
 
-def one(src: str, mode: str, image: str, job: tuple, runtime: int, tmp: str) -> dict[str, float]:
+
+def one(src: str, mode: str, image: str, job: tuple, runtime: int, tmp: str, rate_iops: int = 0) -> dict[str, float]:
     """One run of ``job`` against a fresh server imported from ``src``."""
     name, rw, bs, depth = job
+    extra = MIXED_FIO if job == MIXED else ()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
     command = server_command("cachemode", mode, image, port)
@@ -37,7 +48,7 @@ def one(src: str, mode: str, image: str, job: tuple, runtime: int, tmp: str) -> 
         wait_port(port, proc)
         os.sync()
         user0, sys0 = process_user_system(proc.pid)
-        run = run_fio(port, rw, bs, depth, runtime, os.path.getsize(image), tmp)
+        run = run_fio(port, rw, bs, depth, runtime, os.path.getsize(image), tmp, False, rate_iops, extra)
         user1, sys1 = process_user_system(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -53,21 +64,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="source tree A (the directory that holds the cachemode package)")
     ap.add_argument("b", help="source tree B")
-    ap.add_argument("--job", default="randread-4k", choices=[j[0] for j in JOBS])
+    ap.add_argument("--job", default="randread-4k", choices=[j[0] for j in (*JOBS, MIXED)])
     ap.add_argument("--mode", default="writeback")
     ap.add_argument("--pairs", type=int, default=5, help="A, B runs back to back, this many times")
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--rate-iops", type=int, default=0, help="hold fio to this many requests a second")
+    ap.add_argument("--fresh-image", action="store_true", help="every run on a fresh copy of the filled image")
     args = ap.parse_args()
-    job = next(j for j in JOBS if j[0] == args.job)
+    job = next(j for j in (*JOBS, MIXED) if j[0] == args.job)
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbd-ab-") as tmp:
+        template = os.path.join(tmp, "filled.img")
+        fill_image(template, args.size_mib << 20)
         image = os.path.join(tmp, "bench.img")
-        fill_image(image, args.size_mib << 20)
-        for _ in range(args.pairs):
-            for side, src in (("A", args.a), ("B", args.b)):
-                r = one(src, args.mode, image, job, args.runtime, tmp)
+        shutil.copyfile(template, image)
+        for pair in range(args.pairs):
+            # A then B, then B then A: whichever runs second in a pair may inherit the first one's state
+            # (writeback, the CPU's clock), so the order alternates and that cancels out over the pairs.
+            sides = (("A", args.a), ("B", args.b))
+            for side, src in sides if pair % 2 == 0 else sides[::-1]:
+                if args.fresh_image:
+                    shutil.copyfile(template, image)
+                r = one(src, args.mode, image, job, args.runtime, tmp, args.rate_iops)
                 results[side].append(r)
                 print(f"{side} cpu {r['cpu']:8.2f} user {r['user']:8.2f} {unit(args.job)}  load {r['load']:.2f}")
     print(f"{args.mode} {args.job}, {args.pairs} pairs of {args.runtime} s runs, medians ({unit(args.job)}):")

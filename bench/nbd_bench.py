@@ -113,9 +113,11 @@ def run_fio(
     tmp: str,
     tls: bool = False,
     rate_iops: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Run one fio job; return its throughput, request and byte counts, and fio's own CPU seconds. With
-    ``rate_iops`` fio is held to that many requests a second (``--rate_iops``).
+    ``rate_iops`` fio is held to that many requests a second (``--rate_iops``); ``extra`` are more fio options
+    (a mixed job's ``--rwmixread`` and ``--bssplit``), whose reads and writes are then counted together.
 
     No ramp time: fio then counts every request of the run, so the server's CPU over the whole run divides
     by the right number. fio's CPU comes from ``wait4`` (its job processes included)."""
@@ -137,6 +139,7 @@ def run_fio(
         "--output-format=json",
         f"--output={out_path}",
         *([f"--rate_iops={rate_iops}"] if rate_iops else []),
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, rusage = os.wait4(proc.pid, 0)
@@ -146,12 +149,12 @@ def run_fio(
         raise RuntimeError(f"fio failed ({proc.returncode}): {err.strip()}")
     text = Path(out_path).read_text()
     job = json.loads(text[text.index("{") :])["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
+    sides = [job["read"], job["write"]] if rw in ("randrw", "rw") else [job["read"] if "read" in rw else job["write"]]
     return {
-        "iops": float(side["iops"]),
-        "mib_s": float(side["bw_bytes"]) / (1 << 20),
-        "requests": int(side["total_ios"]),
-        "bytes": int(side["io_bytes"]),
+        "iops": sum(float(side["iops"]) for side in sides),
+        "mib_s": sum(float(side["bw_bytes"]) for side in sides) / (1 << 20),
+        "requests": sum(int(side["total_ios"]) for side in sides),
+        "bytes": sum(int(side["io_bytes"]) for side in sides),
         "fio_cpu_s": child_cpu(rusage),
     }
 
@@ -167,13 +170,13 @@ def fill_image(path: str, size: int) -> None:
 
 def cost(job: str, cpu_s: float, run: dict[str, float]) -> float:
     """CPU cost of a job: microseconds per request for 4 KiB jobs, milliseconds per GiB for 1 MiB ones."""
-    if job.endswith("-4k"):
+    if job.endswith(("-4k", "-mixed")):
         return cpu_s * 1e6 / max(run["requests"], 1)
     return cpu_s * 1e3 / max(run["bytes"] / (1 << 30), 1e-12)
 
 
 def unit(job: str) -> str:
-    return "us/req" if job.endswith("-4k") else "ms/GiB"
+    return "us/req" if job.endswith(("-4k", "-mixed")) else "ms/GiB"
 
 
 def evict(image: str) -> None:
