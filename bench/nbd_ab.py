@@ -12,8 +12,10 @@ image (``bench/nbd_bench.py``'s jobs, no ramp); the server's user and system CPU
 
 ``--job randrw-mixed`` is a guest's mix rather than one kind of request: 70% reads, 80% of requests 4 KiB and
 20% 1 MiB, random, queue depth 16 (CPU per request). Its 1 MiB writes leave dirty pages whose writeback makes
-the next run slower, so with it each run gets a fresh copy of the image (``--fresh-image``, which any job
-may use) and, with ``--rate-iops``, a fixed rate.
+the next run slower, so give it ``--fresh-image`` (any job may use it): every run then starts on a fresh copy
+of the filled image. ``--rate-iops`` holds fio to a fixed rate.
+
+    .venv/bin/python bench/nbd_ab.py --job randrw-mixed --fresh-image --size-mib 256 --pairs 6 /tmp/before/src src
 """
 
 from __future__ import annotations
