@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from cachemode.disk import open_disk
 from cachemode.nbd import constants as c
+from cachemode.nbd.client import Client
 from cachemode.nbd.server import EXT4_SUPER_MAGIC, filesystem_magic
 from tests.interop.test_serve_cli import client_for
-from tests.nbd.serving import MIB, ServeProcess, nbdsh, need, need_libnbd_python
+from tests.nbd.serving import MIB, ServeProcess, ThreadServer, nbdsh, need, need_libnbd_python
 
 pytestmark = pytest.mark.interop
 
@@ -485,3 +487,57 @@ def on_filesystem(path: Path) -> int | None:
         return filesystem_magic(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_bursts_of_small_reads_are_served_by_the_fused_call_and_the_rest_by_the_core(
+    tmp_path: Path, structured: bool
+) -> None:
+    """Bursts of 4 KiB READs, each burst in one segment, reach the fused call (``_serve_reads``): served, in the
+    page cache, with the core never seeing them. A WRITE and a FLUSH in the middle of a burst, a READ that
+    misses the page cache and a READ with a flag are left to the core -- the fused call stops before them --
+    and every reply is right."""
+    path = tmp_path / "d.img"
+    content = random.Random(9).randbytes(4 * MIB)
+    path.write_bytes(content)
+    disk = open_disk(path)
+    srv = ThreadServer(disk)
+    try:
+        if srv.server.nowait_fd is None:
+            pytest.skip("RWF_NOWAIT reads do not work on this filesystem: no page-cache READ path")
+        with Client("127.0.0.1", srv.port, structured=structured) as cl:
+            assert cl.structured == structured
+            header = struct.Struct(">IHHQQI")
+            offsets = [4096 * random.Random(i).randrange(256) for i in range(16)]
+
+            def burst(extra: bytes = b"", at: int = 8) -> dict[int, bytes]:
+                reads = [header.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, k + 1, off, 4096) for k, off in enumerate(offsets)]
+                cl.sock.sendall(b"".join(reads[:at]) + extra + b"".join(reads[at:]))
+                got = {}
+                for _ in range(len(offsets) + (2 if extra else 0)):
+                    if structured:
+                        reply = cl.read_reply()
+                        assert reply.error == 0, reply
+                        got[reply.cookie] = reply.data
+                    else:  # a simple reply does not say whether data follows: the cookie does
+                        magic, error, cookie = struct.unpack(">IIQ", cl._recv(16))
+                        assert (magic, error) == (c.SIMPLE_REPLY_MAGIC, 0)
+                        got[cookie] = cl._recv(4096) if cookie <= len(offsets) else b""
+                return got
+
+            assert burst() == {k + 1: content[off : off + 4096] for k, off in enumerate(offsets)}
+            fused = srv.server.stats.fused_reads
+            assert fused >= 8, fused  # the first burst's READs came in one segment or a few: most were fused
+            new = random.Random(10).randbytes(4096)
+            write = header.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 100, 3 * MIB, 4096) + new
+            got = burst(write + header.pack(c.REQUEST_MAGIC, 0, c.CMD_FLUSH, 101, 0, 0), at=5)
+            assert got[100] == b"" and got[101] == b""
+            assert srv.server.stats.fused_reads > fused
+            assert cl.pread(4096, 3 * MIB) == new
+            assert cl.pread(4096, 4096, c.CMD_FLAG_DF if structured else 0) == content[4096:8192]
+            evict(path, MIB, MIB)  # away from the page written through the mapped image, which stays
+            assert cl.pread(4096, MIB + 8192) == content[MIB + 8192 : MIB + 12288]
+    finally:
+        srv.stop()
+        disk.close()
+    assert path.read_bytes()[3 * MIB : 3 * MIB + 4096] == new

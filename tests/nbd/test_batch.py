@@ -253,3 +253,63 @@ def test_the_image_is_mapped_only_on_ext4_and_when_not_switched_off(
         finally:
             os.unlink(f"/dev/shm/cachemode-map-test-{os.getpid()}")
             os.close(fd)
+
+
+def serve(
+    src: bytes,
+    fd: int,
+    arena: memoryview,
+    *,
+    pos: int = 0,
+    at: int = 0,
+    structured: bool = False,
+    room: int = 1 << 30,
+    most: int = 99,
+) -> tuple[int, int, int]:
+    return batch.serve_reads(
+        src, pos, len(src), SIZE, 32 << 20, 0, 65536, fd, arena, at, structured, room, SMALL_REPLY, most
+    )
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_the_fused_call_serves_the_leading_reads_as_the_core_would(image: tuple[int, bytes], structured: bool) -> None:
+    """``serve_reads`` on received bytes: the run of READs the scanner takes is served as read_batch serves it,
+    and it stops at the first header the scanner would not take (here a WRITE, left with the rest for the
+    core); an incomplete header at the end is left too."""
+    fd, data = image
+    reads = [(7, 4096, 4096), (1 << 40, 12345, 777), (3, SIZE - 1, 1), (9, 0, 65535)]
+    write = REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 11, 0, 4) + b"abcd"
+    prefix = b"x" * 5
+    arena = memoryview(bytearray(256 * 1024))
+    expected = b"".join(
+        replies.read_header(structured, cookie, offset, length) + data[offset : offset + length]
+        for cookie, offset, length in reads
+    )
+    src = prefix + headers(reads) + write + headers(reads)
+    pos, at, count = serve(src, fd, arena, pos=len(prefix), at=100, structured=structured)
+    assert (pos, at, count) == (len(prefix) + 4 * REQUEST.size, 100 + len(expected), 4)
+    assert bytes(arena[100:at]) == expected
+    whole = headers(reads[:2])
+    assert serve(whole + whole[:27], fd, arena)[::2] == (2 * REQUEST.size, 2)
+
+
+def test_the_fused_call_stops_at_the_budget_the_arena_most_and_a_miss(image: tuple[int, bytes]) -> None:
+    fd, _ = image
+    src = headers([(i, 4096 * i, 4096) for i in range(8)])
+    arena = memoryview(bytearray(64 * 1024))
+    one = cost(c.CMD_READ, 4096)
+    reply = 16 + 4096
+    assert serve(src, fd, arena, room=2 * one + one // 2) == (2 * REQUEST.size, 2 * reply, 2)
+    small = memoryview(bytearray(100 + 3 * reply + 10))
+    assert serve(src, fd, small, at=100) == (3 * REQUEST.size, 100 + 3 * reply, 3)
+    assert serve(src, fd, arena, most=1) == (REQUEST.size, reply, 1)
+    assert serve(src, fd, arena, room=0) == (0, 0, 0)
+    r, w = os.pipe()  # preadv2 fails on a pipe, as a cold page's RWF_NOWAIT read does: nothing is taken
+    try:
+        assert serve(src, r, arena) == (0, 0, 0)
+    finally:
+        os.close(r)
+        os.close(w)
+    for bad in ({"pos": len(src) + 1}, {"at": len(arena) + 1}, {"pos": -1}):
+        with pytest.raises(ValueError):
+            serve(src, fd, arena, **bad)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachemode.nbd import constants as c
 from cachemode.nbd import replies
-from cachemode.nbd._batch import read_batch, splice_writes, write_batch
+from cachemode.nbd._batch import read_batch, serve_reads, splice_writes, write_batch
 from cachemode.nbd.budget import SMALL_REPLY, TRANSPORT_HIGH_WATER, cost
 from cachemode.nbd.direct import LARGE_REPLY, DirectPaths, pwrite_all
 from cachemode.nbd.handshake import Aborted, Handshake, ProtocolError, Ready, StartTLS
@@ -56,12 +56,13 @@ SENDFILE_MIN = 128 * 1024
 class Stats:
     """Counters a test, the demo or the lab can read."""
 
-    __slots__ = ("connections", "errors", "flushes", "refused", "requests")
+    __slots__ = ("connections", "errors", "flushes", "fused_reads", "refused", "requests")
 
     def __init__(self) -> None:
         self.connections = 0
         self.refused = 0
         self.requests = 0
+        self.fused_reads = 0  # of the requests, READs served by the fused call (_serve_reads)
         self.flushes = 0
         self.errors = 0
 
@@ -191,12 +192,72 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if self.tx is None:
                 self._handshake_data(bytes(self.server.scratch[:nbytes]))
             elif not self.tx.closed:
-                self._receive(self.tx.buffer_updated(nbytes))
+                start = self._serve_reads(nbytes) if self._sock_fd >= 0 else 0
+                if start < nbytes:
+                    self._receive(self.tx.buffer_updated(nbytes, start))
                 if self._read_on:
                     self._read_ahead()
         except ProtocolError as err:
             log.info("%s: closing: %s", self.peer, err)
             self._abort()
+
+    def _serve_reads(self, nbytes: int) -> int:
+        """Serve the leading run of small plain READs among the ``nbytes`` just received into the scratch
+        buffer with one C call (``_batch.serve_reads``: the core's own scan and the READ fast path of
+        :meth:`_dispatch`, fused), and hand their replies to the transport; return how many of the bytes it
+        took (0: none, the core parses them all). Most wakes of a connection reading at random bring nothing
+        else, and the interpreter's work per wake on the core's path -- events, admission, dispatch, the
+        replies' bookkeeping -- cost more CPU than the reads (see docs/nbd.md). Only where nothing else is
+        pending that the core orders or bounds: no requests held back, none beyond the in-flight bound, no
+        payload being spliced or awaited, not closing or shutting down. The charge of the run is taken and
+        released within the call (``room`` bounds it), so the ledger sees only what the transport keeps."""
+        tx = self.tx
+        assert tx is not None
+        limits = tx.read_limits()
+        if (
+            limits is None
+            or self._backlog
+            or self.closing
+            or self._splicing is not None
+            or self._awaiting
+            or self.in_flight >= MAX_IN_FLIGHT
+        ):
+            return 0
+        server = self.server
+        if server.shutting_down:
+            return 0
+        arena = server.reply_arena
+        if arena is None:
+            arena = server.reply_arena = memoryview(bytearray(REPLY_ARENA))
+        scratch, size, max_block, unaligned, max_length = limits
+        pos, at, count = serve_reads(
+            scratch,
+            0,
+            nbytes,
+            size,
+            max_block,
+            unaligned,
+            max_length,
+            server.nowait_fd,
+            arena,
+            0,
+            self.structured,
+            self.ledger.room(),
+            SMALL_REPLY,
+            MAX_IN_FLIGHT - self.in_flight,
+        )
+        if count:
+            stats = server.stats
+            stats.requests += count
+            stats.fused_reads += count
+            transport = self.transport
+            assert transport is not None
+            transport.write(arena[:at])
+            if transport.get_write_buffer_size():  # the transport holds a view of the arena: a fresh one next
+                server.reply_arena = None
+                self._account_queued()
+                self._update_reading()
+        return pos
 
     def data_received(self, data: bytes) -> None:  # a transport without buffered reads
         if self.closed:

@@ -236,6 +236,8 @@ class Transmission:
         self._scratch = scratch
         self._short_read = False  # the next read follows a streamed payload: keep it short
         self._into_payload = False
+        export = negotiated.export
+        self._read_limits = (export.size, export.max_block, export.min_block - 1, batch_reads) if batch_reads else None
 
     @property
     def receiving(self) -> int:
@@ -262,8 +264,30 @@ class Transmission:
             return self._scratch[:FIRST_READ_AFTER_STREAM]
         return self._scratch
 
-    def buffer_updated(self, nbytes: int) -> list[Event]:
-        """``nbytes`` were written into the buffer :meth:`get_buffer` returned."""
+    def read_limits(self) -> tuple[memoryview, int, int, int, int] | None:
+        """``(scratch, size, max_block, unaligned, batch_reads)`` for ``_batch.serve_reads``, which may then take,
+        from the start of the bytes just received into ``scratch`` (:meth:`get_buffer`), exactly the
+        leading run of plain READs this parser would hand out as a :class:`ReadRun`; the caller passes the
+        rest to :meth:`buffer_updated` with ``start``. None where it must not take any: READs not batched, or
+        not at a request boundary (bytes held, a payload being received or skipped, a header waiting for
+        memory, the short read after a streamed payload)."""
+        if (
+            self._into_payload
+            or self._buf
+            or self._pending is not None
+            or self._skip
+            or self.waiting
+            or self._short_read
+            or self.closed
+            or self._read_limits is None
+            or self._scratch is None
+        ):
+            return None
+        return (self._scratch, *self._read_limits)
+
+    def buffer_updated(self, nbytes: int, start: int = 0) -> list[Event]:
+        """``nbytes`` were written into the buffer :meth:`get_buffer` returned; the first ``start`` of them are
+        taken already (see :meth:`read_limits`)."""
         if self._into_payload:
             self._into_payload = False
             events: list[Event] = []
@@ -274,7 +298,7 @@ class Transmission:
         assert self._scratch is not None
         if nbytes:
             self._short_read = False
-        return self.receive_data(self._scratch[:nbytes])
+        return self.receive_data(self._scratch[start:nbytes])
 
     def resume(self) -> list[Event]:
         """Parse on after ``allocate`` refused a payload buffer (call when it may grant it)."""
