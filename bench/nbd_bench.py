@@ -212,7 +212,9 @@ def one_run(
         if cold:
             evict(image)
         before = Sample.take(proc.pid)
+        started = time.monotonic()
         run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None, rate_iops)
+        wall = time.monotonic() - started
         used = Sample.take(proc.pid).since(before)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -234,6 +236,10 @@ def one_run(
         cpu_us=used.server * 1e6 / max(run["requests"], 1),
         kernel_cost=cost(name, used.server_and_kernel, run),
         system_cost=cost(name, system_cpu, run),
+        # Each process's share of one CPU over the run: a server near 100% alongside fio near 100% is
+        # saturated, and its CPU per request is then about one over the rate fio reaches.
+        server_busy=used.server / wall,
+        fio_busy=run["fio_cpu_s"] / wall,
         unit=unit(name),
         loadavg=os.getloadavg(),
     )
@@ -267,7 +273,8 @@ def bench_mode(
                 print(
                     f"  {mode:<12} {job[0]:<13} {server:<10} {r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s"
                     f"  cpu {r['server_cost']:>7.1f} {r['unit']} (+kernel {r['kernel_cost']:>7.1f},"
-                    f" system-fio {r['system_cost']:>7.1f}; {r['cpu_us']:>7.1f} us/req)  load {load}",
+                    f" system-fio {r['system_cost']:>7.1f}; {r['cpu_us']:>7.1f} us/req)"
+                    f"  busy {r['server_busy']:.0%} fio {r['fio_busy']:.0%}  load {load}",
                     flush=True,
                 )
     return runs
