@@ -304,6 +304,7 @@ def test_the_fused_call_stops_at_the_budget_the_arena_most_and_a_miss(image: tup
     assert serve(src, fd, small, at=100) == (3 * REQUEST.size, 100 + 3 * reply, 3)
     assert serve(src, fd, arena, most=1) == (REQUEST.size, reply, 1)
     assert serve(src, fd, arena, room=0) == (0, 0, 0)
+    assert serve(src, fd, arena, room=-one) == (0, 0, 0)  # an overdrawn budget (Ledger.room < 0)
     r, w = os.pipe()  # preadv2 fails on a pipe, as a cold page's RWF_NOWAIT read does: nothing is taken
     try:
         assert serve(src, r, arena) == (0, 0, 0)

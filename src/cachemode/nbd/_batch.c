@@ -265,11 +265,13 @@ fail:
 static PyObject *serve_reads(PyObject *self, PyObject *args) {
     Py_buffer src, arena;
     Py_ssize_t pos, end, at, most;
-    unsigned long long size, max_block, unaligned, max_length, room, small_reply;
+    unsigned long long size, max_block, unaligned, max_length, small_reply;
+    long long signed_room; /* the ledger's room is negative once a budget is overdrawn: then none */
     int fd, structured;
-    if (!PyArg_ParseTuple(args, "y*nnKKKKiw*npKKn", &src, &pos, &end, &size, &max_block, &unaligned, &max_length,
-                          &fd, &arena, &at, &structured, &room, &small_reply, &most))
+    if (!PyArg_ParseTuple(args, "y*nnKKKKiw*npLKn", &src, &pos, &end, &size, &max_block, &unaligned, &max_length,
+                          &fd, &arena, &at, &structured, &signed_room, &small_reply, &most))
         return NULL;
+    const unsigned long long room = signed_room > 0 ? (unsigned long long)signed_room : 0;
     if (pos < 0 || end < pos || end > src.len || at < 0 || at > arena.len) {
         PyBuffer_Release(&src);
         PyBuffer_Release(&arena);
