@@ -24,6 +24,11 @@ mode: it is compared in writeback and unsafe (its writeback), and shown for refe
 
     .venv/bin/python bench/nbd_bench.py --tls --servers cachemode,nbdkit --modes writeback
 
+``--rate-iops N`` holds fio to N requests a second, so that no server runs flat out; ``--connections K`` runs
+K fio jobs, each with its own NBD connection (K guests of one host), sharing that rate equally:
+
+    .venv/bin/python bench/nbd_bench.py --modes writeback --jobs randread-4k --connections 8 --rate-iops 20000
+
 A/B of one path: ``CACHEMODE_NBD_SPLICE=0`` (no splice of large WRITE payloads), ``CACHEMODE_NBD_URING=0``
 (page-cache misses on the thread pool), ``CACHEMODE_NBD_AIO=0`` (no native AIO), ``CACHEMODE_NBD_MAP=0`` (small
 inline writes pwritten, not stored through the mapped image) in the environment.
@@ -199,6 +204,7 @@ def one_run(
     cold: bool = False,
     certs: Any = None,
     rate_iops: int = 0,
+    connections: int = 1,
 ) -> dict:
     """Start ``server`` afresh (requiring TLS with ``certs``), sync (and with ``cold`` evict the image), run
     one fio job against it, and measure the CPU it took."""
@@ -213,7 +219,10 @@ def one_run(
             evict(image)
         before = Sample.take(proc.pid)
         started = time.monotonic()
-        run: dict = run_fio(port, rw, bs, depth, runtime, size, tmp, certs is not None, rate_iops)
+        run: dict = run_fio(
+            port, rw, bs, depth, runtime, size, tmp, certs is not None, -(-rate_iops // connections),
+            ("--numjobs=" + str(connections), "--group_reporting") if connections > 1 else (),
+        )  # fmt: skip
         wall = time.monotonic() - started
         used = Sample.take(proc.pid).since(before)
     finally:
@@ -258,6 +267,7 @@ def bench_mode(
     cold: bool = False,
     certs: Any = None,
     rate_iops: int = 0,
+    connections: int = 1,
 ) -> list[dict]:
     """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
     and the server order rotates from job to job, so no server always inherits the page-cache state another
@@ -267,7 +277,7 @@ def bench_mode(
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for _ in range(repeat):
             for server in order:
-                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs, rate_iops)
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs, rate_iops, connections)
                 runs.append(r)
                 load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
@@ -388,7 +398,16 @@ def main() -> int:
         default=0,
         help="hold fio to this many requests a second (0: as fast as it goes), so no server runs flat out",
     )
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="fio jobs, each with its own NBD connection (as many guests), sharing --rate-iops equally",
+    )
     args = ap.parse_args()
+    if args.connections < 1:
+        print(f"nbd_bench: --connections must be at least 1, not {args.connections}", file=sys.stderr)
+        return 2
     servers = [s for s in args.servers.split(",") if s]
     known = {j[0]: j for j in JOBS}
     try:
@@ -416,8 +435,9 @@ def main() -> int:
             certs = make_certificates(Path(tmp) / "certs")
         for mode in [m for m in args.modes.split(",") if m]:
             runs += bench_mode(
-                mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs, args.rate_iops
-            )
+                mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs, args.rate_iops,
+                args.connections,
+            )  # fmt: skip
     summary = summarise(runs)
     report(summary, servers)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
