@@ -293,6 +293,29 @@ def test_the_fused_call_serves_the_leading_reads_as_the_core_would(image: tuple[
     assert serve(whole + whole[:27], fd, arena)[::2] == (2 * REQUEST.size, 2)
 
 
+def test_the_fused_call_takes_only_what_the_scanner_takes(image: tuple[int, bytes]) -> None:
+    """Every header the scanner refuses (see the test above) stops the fused call before it, unserved."""
+    fd, data = image
+    arena = memoryview(bytearray(64 * 1024))
+    good = headers([(1, 0, 4096)])
+    for bad in (
+        REQUEST.pack(c.REQUEST_MAGIC + 1, 0, c.CMD_READ, 2, 0, 4096),
+        REQUEST.pack(c.REQUEST_MAGIC, c.CMD_FLAG_FUA, c.CMD_READ, 2, 0, 4096),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_WRITE, 2, 0, 4096),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, 0, 0),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, SIZE - 4095, 4096),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, (1 << 64) - 4096, 4096),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, 0, 65536),
+        REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, 100, 512),
+    ):
+        src = good + bad + good
+        pos, at, count = batch.serve_reads(
+            src, 0, len(src), SIZE, 32 << 20, 511, 65536, fd, arena, 0, False, 1 << 30, SMALL_REPLY, 99
+        )
+        assert (pos, at, count) == (REQUEST.size, 16 + 4096, 1)
+        assert bytes(arena[16:at]) == data[:4096]
+
+
 def test_the_fused_call_stops_at_the_budget_the_arena_most_and_a_miss(image: tuple[int, bytes]) -> None:
     fd, _ = image
     src = headers([(i, 4096 * i, 4096) for i in range(8)])
