@@ -207,28 +207,17 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         :meth:`_dispatch`, fused), and hand their replies to the transport; return how many of the bytes it
         took (0: none, the core parses them all). Most wakes of a connection reading at random bring nothing
         else, and the interpreter's work per wake on the core's path -- events, admission, dispatch, the
-        replies' bookkeeping -- cost more CPU than the reads (see docs/nbd.md). Only where nothing else is
-        pending that the core orders or bounds: no requests held back, none beyond the in-flight bound, no
-        payload being spliced or awaited, not closing or shutting down. The charge of the run is taken and
+        replies' bookkeeping -- cost more CPU than the reads (see docs/nbd.md). Only where reading need not
+        wait (:meth:`_must_pause`: nothing held back, below the in-flight bound, budget left, no payload being
+        spliced) and no payload is awaited, not closing or shutting down. The charge of the run is taken and
         released within the call (``room`` bounds it), so the ledger sees only what the transport keeps."""
         tx = self.tx
         assert tx is not None
         limits = tx.read_limits()
-        if (
-            limits is None
-            or self._backlog
-            or self.closing
-            or self._splicing is not None
-            or self._awaiting
-            or self.in_flight >= MAX_IN_FLIGHT
-        ):
-            return 0
         server = self.server
-        if server.shutting_down:
+        if limits is None or self.closing or server.shutting_down or self._awaiting or self._must_pause():
             return 0
-        arena = server.reply_arena
-        if arena is None:
-            arena = server.reply_arena = memoryview(bytearray(REPLY_ARENA))
+        arena = self._next_arena(None, 0, 0)
         scratch, size, max_block, unaligned, max_length = limits
         pos, at, count = serve_reads(
             scratch,
