@@ -175,7 +175,7 @@ def fill_image(path: str, size: int) -> None:
 
 def cost(job: str, cpu_s: float, run: dict[str, float]) -> float:
     """CPU cost of a job: microseconds per request for 4 KiB jobs, milliseconds per GiB for 1 MiB ones."""
-    if job.endswith(("-4k", "-mixed")):
+    if unit(job) == "us/req":
         return cpu_s * 1e6 / max(run["requests"], 1)
     return cpu_s * 1e3 / max(run["bytes"] / (1 << 30), 1e-12)
 
