@@ -273,17 +273,19 @@ class Transmission:
         memory, the short read after a streamed payload)."""
         if (
             self._into_payload
-            or self._buf
-            or self._pending is not None
-            or self._skip
-            or self.waiting
             or self._short_read
-            or self.closed
             or self._read_limits is None
             or self._scratch is None
+            or not self._at_boundary()
         ):
             return None
         return (self._scratch, *self._read_limits)
+
+    def _at_boundary(self) -> bool:
+        """Whether the stream is at a request boundary with nothing held: open, no bytes buffered, no payload
+        being received or skipped, no header waiting for memory -- where a caller may take whole requests
+        from the stream itself (:meth:`read_limits`, :meth:`splice_limits`)."""
+        return not (self.closed or self.waiting or self._buf or self._pending is not None or self._skip)
 
     def buffer_updated(self, nbytes: int, start: int = 0) -> list[Event]:
         """``nbytes`` were written into the buffer :meth:`get_buffer` returned; the first ``start`` of them are
@@ -476,15 +478,7 @@ class Transmission:
         WRITEs within the export, aligned, stream_min to stream_max long) and nothing else; None where it must
         not take any: streaming off, a read-only export, closed, or not at a request boundary (bytes held, a
         payload being received or skipped, a header waiting for memory)."""
-        if (
-            not self.stream_min
-            or self.export.read_only
-            or self.closed
-            or self.waiting
-            or self._buf
-            or self._pending is not None
-            or self._skip
-        ):
+        if not self.stream_min or self.export.read_only or not self._at_boundary():
             return None
         export = self.export
         return (export.size, export.max_block, export.min_block - 1, self.stream_min, self.stream_max)
