@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nbd_bench import JOBS, cost, fill_image, free_port, run_fio, server_command, unit, wait_port
+from nbd_bench import JOBS, cost, fill_image, free_endpoint, run_fio, server_command, unit, wait_listening
 from proc_cpu import process_user_system
 
 MIXED = ("randrw-mixed", "randrw", "4k", 16)
@@ -38,19 +38,21 @@ MIXED = ("randrw-mixed", "randrw", "4k", 16)
 MIXED_FIO = ("--rwmixread=70", "--bssplit=4k/80:1m/20")
 
 
-def one(src: str, mode: str, image: str, job: tuple, runtime: int, tmp: str, rate_iops: int = 0) -> dict[str, float]:
-    """One run of ``job`` against a fresh server imported from ``src``."""
+def one(
+    src: str, mode: str, image: str, job: tuple, runtime: int, tmp: str, rate_iops: int = 0, unix: bool = False
+) -> dict[str, float]:
+    """One run of ``job`` against a fresh server imported from ``src`` (on a Unix socket with ``unix``)."""
     name, rw, bs, depth = job
     extra = MIXED_FIO if job == MIXED else ()
-    port = free_port()
+    where = free_endpoint(unix, tmp)
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
-    command = server_command("cachemode", mode, image, port)
+    command = server_command("cachemode", mode, image, where)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port, proc)
+        wait_listening(where, proc)
         os.sync()
         user0, sys0 = process_user_system(proc.pid)
-        run = run_fio(port, rw, bs, depth, runtime, os.path.getsize(image), tmp, False, rate_iops, extra)
+        run = run_fio(where, rw, bs, depth, runtime, os.path.getsize(image), tmp, False, rate_iops, extra)
         user1, sys1 = process_user_system(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -74,6 +76,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--rate-iops", type=int, default=0, help="hold fio to this many requests a second")
     ap.add_argument("--fresh-image", action="store_true", help="every run on a fresh copy of the filled image")
+    ap.add_argument("--unix", action="store_true", help="serve on a Unix socket instead of loopback TCP")
     args = ap.parse_args()
     job = next(j for j in (*JOBS, MIXED) if j[0] == args.job)
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
@@ -89,10 +92,12 @@ def main() -> int:
             for side, src in sides if pair % 2 == 0 else sides[::-1]:
                 if args.fresh_image:
                     shutil.copyfile(template, image)
-                r = one(src, args.mode, image, job, args.runtime, tmp, args.rate_iops)
+                r = one(src, args.mode, image, job, args.runtime, tmp, args.rate_iops, args.unix)
                 results[side].append(r)
                 print(f"{side} cpu {r['cpu']:8.2f} user {r['user']:8.2f} {unit(args.job)}  load {r['load']:.2f}")
-    print(f"{args.mode} {args.job}, {args.pairs} pairs of {args.runtime} s runs, medians ({unit(args.job)}):")
+    over = "a Unix socket" if args.unix else "loopback TCP"
+    runs = f"{args.pairs} pairs of {args.runtime} s runs"
+    print(f"{args.mode} {args.job} over {over}, {runs}, medians ({unit(args.job)}):")
     for side, src in (("A", args.a), ("B", args.b)):
         rs = results[side]
         cpu = statistics.median(r["cpu"] for r in rs)

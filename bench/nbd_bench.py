@@ -2,7 +2,8 @@
 """Benchmark ``cachemode serve`` against qemu-nbd and nbdkit's file plugin with the same fio jobs.
 
 For each cache mode, each server in turn serves the same raw image (filled with random data, so reads hit
-data, not holes) on loopback TCP, and fio with ``ioengine=nbd`` runs:
+data, not holes) on loopback TCP (with ``--unix``, on a Unix socket, as QEMU reaches a server on its own host),
+and fio with ``ioengine=nbd`` runs:
 
     randread  4 KiB  iodepth 16      randwrite 4 KiB  iodepth 16
     read      1 MiB  iodepth 4       write     1 MiB  iodepth 4      (sequential)
@@ -70,46 +71,75 @@ NBDKIT_LIKE = ("writeback", "unsafe")
 """Modes where nbdkit's file plugin is a like-for-like peer (it has no unsafe mode: its writeback stands in)."""
 
 
-def free_port() -> int:
+Endpoint = int | str
+"""Where a server listens: a loopback TCP port, or the path of a Unix socket (``--unix``)."""
+
+
+def free_endpoint(unix: bool, tmp: str) -> Endpoint:
+    if unix:
+        path = os.path.join(tmp, "nbd.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def wait_listening(where: Endpoint, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+            if isinstance(where, str):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.5)
+                    s.connect(where)
+            else:
+                socket.create_connection(("127.0.0.1", where), timeout=0.5).close()
+            return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on port {port}")
+    raise RuntimeError(f"server did not listen on {where}")
 
 
-def server_command(server: str, mode: str, image: str, port: int, certs: Path | None = None) -> list[str]:
-    """The server's command line; with ``certs`` (a directory of server certificates) it requires TLS."""
+def server_command(server: str, mode: str, image: str, where: Endpoint, certs: Path | None = None) -> list[str]:
+    """The server's command line, listening on ``where``; with ``certs`` (a directory of server certificates)
+    it requires TLS."""
+    unix = isinstance(where, str)
     if server == "cachemode":
         exe = ROOT / ".venv" / "bin" / "cachemode"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cachemode"]
         tls = ["--tls", "require", "--tls-certificates", str(certs)] if certs else []
-        return [*cmd, "serve", image, "--cache", mode, "--port", str(port), *tls]
+        listen = ["--socket", str(where)] if unix else ["--port", str(where)]
+        return [*cmd, "serve", image, "--cache", mode, *listen, *tls]
     if server == "qemu-nbd":
         creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off"  # as the other two
         tls = ["--object", creds, "--tls-creds", "tls0"] if certs else []
-        listen = ["-b", "127.0.0.1", "-p", str(port)]
+        listen = ["-k", str(where)] if unix else ["-b", "127.0.0.1", "-p", str(where)]
         return ["qemu-nbd", "-f", "raw", f"--cache={mode}", *listen, "-t", "-e", "0", *tls, image]
     if server == "nbdkit":
         extra = ["cache=none"] if mode in ("none", "directsync") else []
         tls = ["--tls=require", f"--tls-certificates={certs}"] if certs else []
-        return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *tls, "file", image, *extra]
+        listen = ["-U", str(where)] if unix else ["-i", "127.0.0.1", "-p", str(where)]
+        return ["nbdkit", "-f", *listen, *tls, "file", image, *extra]
     raise ValueError(server)
 
 
+def fio_uri(where: Endpoint, tls: bool) -> str:
+    """libnbd's URI for ``where``. fio's libnbd may not read local files named in a URI (tls-certificates=),
+    and as root its default certificate directory is /etc/pki/libnbd: the client encrypts without checking
+    the server's certificate."""
+    scheme = "nbds" if tls else "nbd"
+    check = "tls-verify-peer=false" if tls else ""
+    if isinstance(where, str):
+        return f"{scheme}+unix:///?socket={where}" + (f"&{check}" if check else "")
+    return f"{scheme}://127.0.0.1:{where}/" + (f"?{check}" if check else "")
+
+
 def run_fio(
-    port: int,
+    where: Endpoint,
     rw: str,
     bs: str,
     iodepth: int,
@@ -127,9 +157,7 @@ def run_fio(
     No ramp time: fio then counts every request of the run, so the server's CPU over the whole run divides
     by the right number. fio's CPU comes from ``wait4`` (its job processes included)."""
     out_path = os.path.join(tmp, "fio.json")
-    # fio's libnbd may not read local files named in a URI (tls-certificates=), and as root its default
-    # certificate directory is /etc/pki/libnbd: the client encrypts without checking the server's certificate.
-    uri = f"nbds://127.0.0.1:{port}/?tls-verify-peer=false" if tls else f"nbd://127.0.0.1:{port}/"
+    uri = fio_uri(where, tls)
     cmd = [
         "fio",
         "--name=bench",
@@ -205,22 +233,23 @@ def one_run(
     certs: Any = None,
     rate_iops: int = 0,
     connections: int = 1,
+    unix: bool = False,
 ) -> dict:
-    """Start ``server`` afresh (requiring TLS with ``certs``), sync (and with ``cold`` evict the image), run
-    one fio job against it, and measure the CPU it took."""
+    """Start ``server`` afresh (requiring TLS with ``certs``; on a Unix socket with ``unix``), sync (and with
+    ``cold`` evict the image), run one fio job against it, and measure the CPU it took."""
     name, rw, bs, depth = job
-    port = free_port()
-    command = server_command(server, mode, image, port, certs.server if certs else None)
+    where = free_endpoint(unix, tmp)
+    command = server_command(server, mode, image, where, certs.server if certs else None)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_port(port, proc)
+        wait_listening(where, proc)
         os.sync()
         if cold:
             evict(image)
         before = Sample.take(proc.pid)
         started = time.monotonic()
         run: dict = run_fio(
-            port, rw, bs, depth, runtime, size, tmp, certs is not None, -(-rate_iops // connections),
+            where, rw, bs, depth, runtime, size, tmp, certs is not None, -(-rate_iops // connections),
             ("--numjobs=" + str(connections), "--group_reporting") if connections > 1 else (),
         )  # fmt: skip
         wall = time.monotonic() - started
@@ -237,6 +266,7 @@ def one_run(
         mode=mode,
         job=name,
         server=server,
+        transport="unix" if unix else "tcp",
         server_cpu_s=used.server,
         kthreads_cpu_s=used.kthreads,
         interrupts_cpu_s=used.interrupts,
@@ -268,6 +298,7 @@ def bench_mode(
     certs: Any = None,
     rate_iops: int = 0,
     connections: int = 1,
+    unix: bool = False,
 ) -> list[dict]:
     """Run every job against every server, ``repeat`` times. Each run starts its server afresh, after a sync,
     and the server order rotates from job to job, so no server always inherits the page-cache state another
@@ -277,7 +308,7 @@ def bench_mode(
         order = servers[index % len(servers) :] + servers[: index % len(servers)]
         for _ in range(repeat):
             for server in order:
-                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs, rate_iops, connections)
+                r = one_run(server, mode, image, size, runtime, job, tmp, cold, certs, rate_iops, connections, unix)
                 runs.append(r)
                 load = " ".join(f"{x:.2f}" for x in r["loadavg"])
                 print(
@@ -404,6 +435,11 @@ def main() -> int:
         default=1,
         help="fio jobs, each with its own NBD connection (as many guests), sharing --rate-iops equally",
     )
+    ap.add_argument(
+        "--unix",
+        action="store_true",
+        help="every server listens on a Unix socket, as for guests on the same host, instead of loopback TCP",
+    )
     args = ap.parse_args()
     if args.connections < 1:
         print(f"nbd_bench: --connections must be at least 1, not {args.connections}", file=sys.stderr)
@@ -436,7 +472,7 @@ def main() -> int:
         for mode in [m for m in args.modes.split(",") if m]:
             runs += bench_mode(
                 mode, image, size, args.runtime, servers, jobs, args.repeat, tmp, args.cold, certs, args.rate_iops,
-                args.connections,
+                args.connections, args.unix,
             )  # fmt: skip
     summary = summarise(runs)
     report(summary, servers)

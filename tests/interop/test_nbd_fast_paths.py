@@ -35,11 +35,14 @@ def need_strace() -> None:
         pytest.skip("strace cannot trace here (ptrace not permitted)")
 
 
-def traced(image: Path, trace: Path, calls: str, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
+def traced(
+    image: Path, trace: Path, calls: str, *args: str, env: dict[str, str] | None = None, unix: Path | None = None
+) -> ServeProcess:
     return ServeProcess(
         [str(image), "--create", "16M", *args],
         prefix=["strace", "-f", "-qq", "-e", f"trace={calls}", "-o", str(trace)],
         env=env,
+        unix=unix,
     )
 
 
@@ -432,6 +435,42 @@ def test_after_a_spliced_write_the_next_one_is_awaited_whole_and_reading_is_hand
     into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = (\S+)", awaited)
     moved = [int(n) for n in into_pipe if n != "-1"]
     assert sum(moved) == MIB and len(moved) <= 2 and len(into_pipe) <= 4, awaited
+
+
+def test_on_a_unix_socket_large_writes_are_spliced_as_they_come(tmp_path: Path) -> None:
+    """Over a Unix socket -- how QEMU reaches a server on its own host -- libnbd streams 1 MiB WRITEs, four in
+    flight. Such a socket never holds a whole payload (only what the client's send buffer allows) and its poll
+    ignores SO_RCVLOWAT, so the server must not wait for whole payloads there: it splices each as it comes,
+    never raises the low-water mark, and a lone small READ after the stream is answered at once."""
+    need_strace()
+    need_libnbd_python()
+    image = tmp_path / "disk.img"
+    trace = tmp_path / "trace.txt"
+    srv = traced(image, trace, "setsockopt,splice", "--cache", "writeback", unix=tmp_path / "nbd.sock")
+    try:
+        script = (
+            "import random\n"
+            "blocks = [random.Random(i).randbytes(1 << 20) for i in range(12)]\n"
+            "for i, block in enumerate(blocks):\n"
+            "    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(block)), i << 20)\n"
+            "    while h.aio_in_flight() >= 4:\n"
+            "        h.poll(-1)\n"
+            "while h.aio_in_flight():\n"
+            "    h.poll(-1)\n"
+            "assert h.pread(4096, 5 << 20) == blocks[5][:4096]\n"
+            "h.flush()\n"
+            "print('ok')\n"
+        )
+        assert nbdsh(srv.uri, script).stdout.strip() == "ok"
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    data = image.read_bytes()
+    for i in range(12):
+        assert data[i * MIB : (i + 1) * MIB] == random.Random(i).randbytes(MIB), i
+    text = trace.read_text()
+    assert re.search(r"splice\(\d+, NULL, \d+, \[\d+\], \d+", text), text  # payloads went pipe -> image
+    assert "SO_RCVLOWAT" not in text, text
 
 
 @pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "pwrite"])

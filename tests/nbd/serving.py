@@ -84,12 +84,19 @@ def served(
 class ServeProcess:
     """``cachemode serve`` as a subprocess; waits for its ready line and parses the URI from it."""
 
-    def __init__(self, args: list[str], prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-        cmd = [*(prefix or []), sys.executable, "-m", "cachemode", "serve", "--port", "0", *args]
+    def __init__(
+        self,
+        args: list[str],
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        unix: Path | None = None,
+    ) -> None:
+        listen = ["--socket", str(unix)] if unix else ["--port", "0"]
+        cmd = [*(prefix or []), sys.executable, "-m", "cachemode", "serve", *listen, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         assert self.proc.stdout is not None
         self.ready = self.proc.stdout.readline()
-        match = re.search(r"(nbds?://\S+)", self.ready)
+        match = re.search(r"(nbds?(?:\+unix)?://\S+)", self.ready)
         if not match:
             self.proc.kill()
             _, err = self.proc.communicate()

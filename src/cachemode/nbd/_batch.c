@@ -69,9 +69,10 @@
  *       pipes: its first bytes are in them, so many in each, and the caller's splicer goes on from there.
  *       With ``wait`` set, a header is taken only once its whole payload is in the socket (FIONREAD), so
  *       ``partial`` stays None: the call stops there instead, the header left unread, with ``need`` the bytes
- *       (header and payload) the socket must hold for it; ``need`` is REQUEST_SIZE where the socket holds less
- *       than a header (and is not at its end), else 0. The caller may then sleep until the socket holds that
- *       much (SO_RCVLOWAT) and be woken once per request, not once per segment that arrives.
+ *       (header and payload) the socket must hold for it. ``need`` is REQUEST_SIZE where the socket holds
+ *       less than a header (and is not at its end), with or without ``wait``, else 0. The caller may then
+ *       sleep until the socket holds that much (SO_RCVLOWAT) and be woken once per request, not once per
+ *       segment that arrives.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -532,7 +533,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
     while (count < most && at + SIMPLE_HEADER <= arena.len) {
         ssize_t got = recv(sock, h, REQUEST_SIZE, MSG_PEEK | MSG_DONTWAIT);
         if (got != REQUEST_SIZE) {
-            if (wait && (got > 0 || (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))))
+            if (got > 0 || (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
                 need = REQUEST_SIZE;
             break;
         }
