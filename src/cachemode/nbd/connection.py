@@ -365,7 +365,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         server would receive header and first bytes into memory and splice the rest as it trickles in, through
         the event loop each time; with SO_RCVLOWAT the kernel wakes it once the whole request is there, and
         one C call takes it. The transport stays paused meanwhile (it would read the payload into memory), and
-        the socket's low-water mark goes back to 1 before it reads again."""
+        the socket's low-water mark goes back to 1 before it reads again. On a Unix socket (no mark, see
+        :meth:`_splice_run`) only a header is waited for, and any bytes wake it."""
         splicer = self._splicer
         if not need or splicer is None or self.closing or self.closed:
             self._stop_awaiting()
