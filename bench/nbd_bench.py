@@ -24,6 +24,7 @@ mode: it is compared in writeback and unsafe (its writeback), and shown for refe
     .venv/bin/python bench/nbd_bench.py --modes writethrough --jobs randread-4k --cold     # cache misses
 
     .venv/bin/python bench/nbd_bench.py --tls --servers cachemode,nbdkit --modes writeback
+    .venv/bin/python bench/nbd_bench.py --unix --modes writeback,unsafe      # every server on a Unix socket
 
 ``--rate-iops N`` holds fio to N requests a second, so that no server runs flat out; ``--connections K`` runs
 K fio jobs, each with its own NBD connection (K guests of one host), sharing that rate equally:
