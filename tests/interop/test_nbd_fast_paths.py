@@ -46,6 +46,16 @@ def traced(
     )
 
 
+def run_script(srv: ServeProcess, script: str) -> str:
+    """Run a libnbd script against ``srv``, then stop the server, which must exit cleanly; the script's output."""
+    try:
+        out = nbdsh(srv.uri, script).stdout
+    finally:
+        rc, _, err = srv.stop(signal.SIGTERM)
+    assert rc == 0, err
+    return out
+
+
 # A page-cache read must not wait on the device in any buffered mode: O_DSYNC makes writes durable and
 # leaves reads alone, and the write cache switched off makes writes FUA -- neither changes a read.
 @pytest.mark.parametrize(
@@ -59,20 +69,16 @@ def test_buffered_reads_are_served_inline_in_every_buffered_mode(tmp_path: Path,
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     srv = traced(image, trace, "preadv2,pread64,sendfile", *args)
-    try:
-        script = (
-            "small = bytes(range(256)) * 16\n"
-            "big = bytes(reversed(range(256))) * 4096\n"
-            f"h.pwrite(small, {4 * MIB})\n"
-            f"h.pwrite(big, {8 * MIB})\n"
-            f"assert h.pread(4096, {4 * MIB}) == small\n"
-            f"assert h.pread({MIB}, {8 * MIB}) == big\n"
-            "print('ok')\n"
-        )
-        assert nbdsh(srv.uri, script).stdout.strip() == "ok"
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    script = (
+        "small = bytes(range(256)) * 16\n"
+        "big = bytes(reversed(range(256))) * 4096\n"
+        f"h.pwrite(small, {4 * MIB})\n"
+        f"h.pwrite(big, {8 * MIB})\n"
+        f"assert h.pread(4096, {4 * MIB}) == small\n"
+        f"assert h.pread({MIB}, {8 * MIB}) == big\n"
+        "print('ok')\n"
+    )
+    assert run_script(srv, script).strip() == "ok"
     text = trace.read_text()
     # The 4 KiB read: one preadv2 with RWF_NOWAIT in the event loop (a pool read would be a plain pread64).
     assert re.search(rf"preadv2\(\d+, .*iov_len=4096\}}\], 1, {4 * MIB}, RWF_NOWAIT\) = 4096", text), text
@@ -97,21 +103,17 @@ def test_large_plain_writes_are_spliced_and_flushed(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     srv = traced(image, trace, "splice,fdatasync,pwritev2", "--cache", "writeback")
-    try:
-        script = (
-            "import random\n"
-            "a = random.Random(1).randbytes(1 << 20)\n"
-            "b = random.Random(2).randbytes(300 * 1024)\n"
-            f"h.pwrite(a, {MIB})\n"
-            f"h.pwrite(b, {3 * MIB} + 512)\n"
-            "h.flush()\n"
-            f"assert h.pread(len(a), {MIB}) == a\n"
-            f"assert h.pread(len(b), {3 * MIB} + 512) == b\n"
-        )
-        nbdsh(srv.uri, script)
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    script = (
+        "import random\n"
+        "a = random.Random(1).randbytes(1 << 20)\n"
+        "b = random.Random(2).randbytes(300 * 1024)\n"
+        f"h.pwrite(a, {MIB})\n"
+        f"h.pwrite(b, {3 * MIB} + 512)\n"
+        "h.flush()\n"
+        f"assert h.pread(len(a), {MIB}) == a\n"
+        f"assert h.pread(len(b), {3 * MIB} + 512) == b\n"
+    )
+    run_script(srv, script)
     data = image.read_bytes()
     assert data[MIB : 2 * MIB] == random.Random(1).randbytes(MIB)
     assert data[3 * MIB + 512 : 3 * MIB + 512 + 300 * 1024] == random.Random(2).randbytes(300 * 1024)
@@ -133,13 +135,9 @@ def test_writes_that_need_the_stack_are_not_spliced(tmp_path: Path, args: list[s
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     srv = traced(image, trace, "splice", *args)
-    try:
-        fua = "nbd.CMD_FLAG_FUA" if flags == "FUA" else "0"
-        script = f"import os\na = os.urandom(1 << 20)\nh.pwrite(a, {MIB}, {fua})\nassert h.pread(len(a), {MIB}) == a\n"
-        nbdsh(srv.uri, script)
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    fua = "nbd.CMD_FLAG_FUA" if flags == "FUA" else "0"
+    script = f"import os\na = os.urandom(1 << 20)\nh.pwrite(a, {MIB}, {fua})\nassert h.pread(len(a), {MIB}) == a\n"
+    run_script(srv, script)
     assert splice_calls(trace.read_text()) == ([], []), trace.read_text()
 
 
@@ -286,25 +284,21 @@ def test_native_aio_submits_a_burst_in_one_call(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     srv = traced(image, trace, "io_submit", "--cache", "none")
-    try:
-        script = (
-            "import random\n"
-            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
-            "def burst(make):\n"
-            "    for first in range(0, 64, 16):\n"
-            "        for i in range(first, first + 16):\n"
-            "            make(i)\n"
-            "        while h.aio_in_flight() > 0:\n"
-            "            h.poll(-1)\n"
-            "burst(lambda i: h.aio_pwrite(blocks[i], i * 65536))\n"
-            "bufs = [nbd.Buffer(4096) for _ in range(64)]\n"
-            "burst(lambda i: h.aio_pread(bufs[i], i * 65536))\n"
-            "assert [b.to_bytearray() for b in bufs] == blocks\n"
-        )
-        nbdsh(srv.uri, script)
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    script = (
+        "import random\n"
+        "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+        "def burst(make):\n"
+        "    for first in range(0, 64, 16):\n"
+        "        for i in range(first, first + 16):\n"
+        "            make(i)\n"
+        "        while h.aio_in_flight() > 0:\n"
+        "            h.poll(-1)\n"
+        "burst(lambda i: h.aio_pwrite(blocks[i], i * 65536))\n"
+        "bufs = [nbd.Buffer(4096) for _ in range(64)]\n"
+        "burst(lambda i: h.aio_pread(bufs[i], i * 65536))\n"
+        "assert [b.to_bytearray() for b in bufs] == blocks\n"
+    )
+    run_script(srv, script)
     counts = [int(n) for n in re.findall(r"io_submit\(0x[0-9a-f]+, (\d+),", trace.read_text())]
     assert sum(counts) == 128, counts
     assert len(counts) < 128 and max(counts) > 1, counts
@@ -447,24 +441,20 @@ def test_on_a_unix_socket_large_writes_are_spliced_as_they_come(tmp_path: Path) 
     image = tmp_path / "disk.img"
     trace = tmp_path / "trace.txt"
     srv = traced(image, trace, "setsockopt,splice", "--cache", "writeback", unix=tmp_path / "nbd.sock")
-    try:
-        script = (
-            "import random\n"
-            "blocks = [random.Random(i).randbytes(1 << 20) for i in range(12)]\n"
-            "for i, block in enumerate(blocks):\n"
-            "    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(block)), i << 20)\n"
-            "    while h.aio_in_flight() >= 4:\n"
-            "        h.poll(-1)\n"
-            "while h.aio_in_flight():\n"
-            "    h.poll(-1)\n"
-            "assert h.pread(4096, 5 << 20) == blocks[5][:4096]\n"
-            "h.flush()\n"
-            "print('ok')\n"
-        )
-        assert nbdsh(srv.uri, script).stdout.strip() == "ok"
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    script = (
+        "import random\n"
+        "blocks = [random.Random(i).randbytes(1 << 20) for i in range(12)]\n"
+        "for i, block in enumerate(blocks):\n"
+        "    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(block)), i << 20)\n"
+        "    while h.aio_in_flight() >= 4:\n"
+        "        h.poll(-1)\n"
+        "while h.aio_in_flight():\n"
+        "    h.poll(-1)\n"
+        "assert h.pread(4096, 5 << 20) == blocks[5][:4096]\n"
+        "h.flush()\n"
+        "print('ok')\n"
+    )
+    assert run_script(srv, script).strip() == "ok"
     data = image.read_bytes()
     for i in range(12):
         assert data[i * MIB : (i + 1) * MIB] == random.Random(i).randbytes(MIB), i
@@ -487,23 +477,19 @@ def test_small_writes_to_cached_pages_are_stored_through_the_mapped_image(tmp_pa
     trace = tmp_path / "trace.txt"
     env = {**os.environ, "CACHEMODE_NBD_MAP": mapped}
     srv = traced(image, trace, "pwrite64,mincore,fdatasync", "--cache", "writeback", env=env)
-    try:
-        script = (
-            "import random\n"
-            f"h.pwrite(random.Random(9).randbytes(1 << 20), {4 * MIB})\n"
-            "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
-            "for first in range(0, 64, 16):\n"
-            "    for i in range(first, first + 16):\n"
-            f"        h.aio_pwrite(blocks[i], {4 * MIB} + i * 16384)\n"
-            "    while h.aio_in_flight() > 0:\n"
-            "        h.poll(-1)\n"
-            "h.flush()\n"
-            f"assert [h.pread(4096, {4 * MIB} + i * 16384) for i in range(64)] == blocks\n"
-        )
-        nbdsh(srv.uri, script)
-    finally:
-        rc, _, err = srv.stop(signal.SIGTERM)
-    assert rc == 0, err
+    script = (
+        "import random\n"
+        f"h.pwrite(random.Random(9).randbytes(1 << 20), {4 * MIB})\n"
+        "blocks = [random.Random(i).randbytes(4096) for i in range(64)]\n"
+        "for first in range(0, 64, 16):\n"
+        "    for i in range(first, first + 16):\n"
+        f"        h.aio_pwrite(blocks[i], {4 * MIB} + i * 16384)\n"
+        "    while h.aio_in_flight() > 0:\n"
+        "        h.poll(-1)\n"
+        "h.flush()\n"
+        f"assert [h.pread(4096, {4 * MIB} + i * 16384) for i in range(64)] == blocks\n"
+    )
+    run_script(srv, script)
     data = image.read_bytes()
     assert all(
         data[4 * MIB + i * 16384 : 4 * MIB + i * 16384 + 4096] == random.Random(i).randbytes(4096) for i in range(64)
