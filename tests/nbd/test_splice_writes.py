@@ -58,16 +58,17 @@ def call(
     fd: int | None = None,
     pipes: int = 2,
     wait: bool = False,
+    with_need: bool = False,
 ) -> tuple:
-    """``splice_writes``' result; without ``wait``, less its ``need`` (0, or a header's worth where the socket
-    holds less: see test_without_waiting_need_is_a_header_or_nothing)."""
+    """``splice_writes``' result; without ``wait`` (unless ``with_need``), less its ``need`` (0, or a header's
+    worth where the socket holds less: see test_without_waiting_need_is_a_header_or_nothing)."""
     ours, _, ends, image_fd = rig
     ends = ends if pipes == 2 else (*ends[:2], -1, -1)
     result = batch.splice_writes(
         ours.fileno(), *ends, image_fd if fd is None else fd, arena, 0, SIZE, 32 << 20, 511, LOW, HIGH,
         room, SMALL_REPLY, most, wait,
     )  # fmt: skip
-    if wait:
+    if wait or with_need:
         return result
     assert result[-1] in (0, 28)
     return result[:-1]
@@ -217,10 +218,6 @@ def test_without_waiting_need_is_a_header_or_nothing(rig: tuple) -> None:
 
 def batch_need(rig: tuple) -> int:
     """``need`` of a call without ``wait`` that takes nothing."""
-    ours, _, ends, image_fd = rig
-    result = batch.splice_writes(
-        ours.fileno(), *ends, image_fd, bytearray(4096), 0, SIZE, 32 << 20, 511, LOW, HIGH, 1 << 30, SMALL_REPLY,
-        64, False,
-    )  # fmt: skip
+    result = call(rig, bytearray(4096), with_need=True)
     assert result[:5] == (0, 0, 0, [], None)
     return result[5]
