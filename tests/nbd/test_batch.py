@@ -99,6 +99,22 @@ def test_what_the_page_cache_cannot_serve_at_once_is_a_miss(image: tuple[int, by
         os.close(w)
 
 
+def test_reads_known_to_miss_are_listed_without_a_second_probe(image: tuple[int, bytes]) -> None:
+    """``known``: the leading entries a fused call already found uncached are listed as misses and charged,
+    though here their pages are cached (a second probe would serve them); the entries after are probed."""
+    fd, data = image
+    entries = scan([(1, 0, 4096), (2, 4096, 4096), (3, 8192, 4096)])
+    arena = memoryview(bytearray(64 * 1024))
+    index, at, charged, misses = batch.read_batch(fd, entries, 0, 3, arena, 0, False, 1 << 30, SMALL_REPLY, 1)
+    assert (index, misses, charged) == (3, [0], 3 * cost(c.CMD_READ, 4096))
+    assert bytes(arena[:at]) == b"".join(
+        replies.read_header(False, cookie, offset, 4096) + data[offset : offset + 4096]
+        for cookie, offset in ((2, 4096), (3, 8192))
+    )
+    index, at, _, misses = batch.read_batch(fd, entries, 1, 3, arena, 0, False, 1 << 30, SMALL_REPLY, 1)
+    assert (index, misses) == (3, [1])
+
+
 def test_the_scanner_takes_only_the_fast_path_reads() -> None:
     good = headers([(1, 0, 4096)])
     for bad in (
@@ -265,7 +281,7 @@ def serve(
     structured: bool = False,
     room: int = 1 << 30,
     most: int = 99,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, bool]:
     return batch.serve_reads(
         src, pos, len(src), SIZE, 32 << 20, 0, 65536, fd, arena, at, structured, room, SMALL_REPLY, most
     )
@@ -286,8 +302,8 @@ def test_the_fused_call_serves_the_leading_reads_as_the_core_would(image: tuple[
         for cookie, offset, length in reads
     )
     src = prefix + headers(reads) + write + headers(reads)
-    pos, at, count = serve(src, fd, arena, pos=len(prefix), at=100, structured=structured)
-    assert (pos, at, count) == (len(prefix) + 4 * REQUEST.size, 100 + len(expected), 4)
+    pos, at, count, missed = serve(src, fd, arena, pos=len(prefix), at=100, structured=structured)
+    assert (pos, at, count, missed) == (len(prefix) + 4 * REQUEST.size, 100 + len(expected), 4, False)
     assert bytes(arena[100:at]) == expected
     whole = headers(reads[:2])
     assert serve(whole + whole[:27], fd, arena)[::2] == (2 * REQUEST.size, 2)
@@ -309,10 +325,10 @@ def test_the_fused_call_takes_only_what_the_scanner_takes(image: tuple[int, byte
         REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, 2, 100, 512),
     ):
         src = good + bad + good
-        pos, at, count = batch.serve_reads(
+        pos, at, count, missed = batch.serve_reads(
             src, 0, len(src), SIZE, 32 << 20, 511, 65536, fd, arena, 0, False, 1 << 30, SMALL_REPLY, 99
         )
-        assert (pos, at, count) == (REQUEST.size, 16 + 4096, 1)
+        assert (pos, at, count, missed) == (REQUEST.size, 16 + 4096, 1, False)
         assert bytes(arena[16:at]) == data[:4096]
 
 
@@ -322,15 +338,15 @@ def test_the_fused_call_stops_at_the_budget_the_arena_most_and_a_miss(image: tup
     arena = memoryview(bytearray(64 * 1024))
     one = cost(c.CMD_READ, 4096)
     reply = 16 + 4096
-    assert serve(src, fd, arena, room=2 * one + one // 2) == (2 * REQUEST.size, 2 * reply, 2)
+    assert serve(src, fd, arena, room=2 * one + one // 2) == (2 * REQUEST.size, 2 * reply, 2, False)
     small = memoryview(bytearray(100 + 3 * reply + 10))
-    assert serve(src, fd, small, at=100) == (3 * REQUEST.size, 100 + 3 * reply, 3)
-    assert serve(src, fd, arena, most=1) == (REQUEST.size, reply, 1)
-    assert serve(src, fd, arena, room=0) == (0, 0, 0)
-    assert serve(src, fd, arena, room=-one) == (0, 0, 0)  # an overdrawn budget (Ledger.room < 0)
+    assert serve(src, fd, small, at=100) == (3 * REQUEST.size, 100 + 3 * reply, 3, False)
+    assert serve(src, fd, arena, most=1) == (REQUEST.size, reply, 1, False)
+    assert serve(src, fd, arena, room=0) == (0, 0, 0, False)
+    assert serve(src, fd, arena, room=-one) == (0, 0, 0, False)  # an overdrawn budget (Ledger.room < 0)
     r, w = os.pipe()  # preadv2 fails on a pipe, as a cold page's RWF_NOWAIT read does: nothing is taken
     try:
-        assert serve(src, r, arena) == (0, 0, 0)
+        assert serve(src, r, arena) == (0, 0, 0, True)  # stopped at a miss: the caller is told
     finally:
         os.close(r)
         os.close(w)

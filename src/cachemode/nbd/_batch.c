@@ -10,25 +10,29 @@
  *       block -- packed as native uint64 triples (cookie, offset, length), and where the run stopped. It
  *       decides nothing else: the first header it does not take is parsed by the core in Python.
  *
- *   read_batch(fd, entries, index, stop, arena, at, structured, room, small_reply) -> (index, at, charged, misses)
+ *   read_batch(fd, entries, index, stop, arena, at, structured, room, small_reply[, known]) -> (index, at, charged, misses)
  *       for the transport (cachemode.nbd.connection): from entry ``index`` to ``stop`` at most, preadv2(RWF_NOWAIT) each READ's
  *       data into ``arena`` behind the room for its reply header, and write that header (a simple reply, or
  *       one structured OFFSET_DATA chunk with DONE: the layouts of cachemode.nbd.replies.read_header, checked
  *       byte for byte by the tests). Stops before an entry whose charge (length + small_reply) would take
  *       ``charged`` past ``room`` (the memory budget left) or whose reply does not fit in the arena. Entries
  *       the page cache could not serve at once are listed in ``misses`` (charged, nothing written for them:
- *       the caller reads them asynchronously).
+ *       the caller reads them asynchronously). The first ``known`` entries from ``index`` (default 0) are
+ *       such misses already -- serve_reads stopped at one -- and are listed without a second probe: a
+ *       RWF_NOWAIT miss starts the page's read, so a second probe soon after may hit, and the READ meant for
+ *       the asynchronous path would be served inline after an extra system call.
  *
  *   serve_reads(src, pos, end, size, max_block, unaligned, max_length, fd, arena, at, structured, room,
- *               small_reply, most) -> (pos, at, count)
+ *               small_reply, most) -> (pos, at, count, missed)
  *       the two above fused, for the transport, on bytes just received at a request boundary: from ``pos``
  *       to ``end`` of ``src``, each complete header scan_reads would take is served as read_batch would
  *       serve it, its reply written into ``arena`` from ``at``. Stops, the header left for the core to parse,
  *       at the first header scan_reads would not take, a READ the page cache cannot serve at once, the
- *       ``room`` or arena limits of read_batch, or after ``most`` requests. Why: most wakes of a connection
- *       reading at random bring only such READs, and per wake the interpreter's work around the two calls
- *       (parse, events, admission, dispatch) cost more than the reads themselves; a fused call leaves the
- *       Python around it at a handful of lines.
+ *       ``room`` or arena limits of read_batch, or after ``most`` requests; ``missed`` says it stopped at a
+ *       miss (read_batch's ``known``). Why: most wakes of a connection reading at random bring only such
+ *       READs, and per wake the interpreter's work around the two calls (parse, events, admission,
+ *       dispatch) cost more than the reads themselves; a fused call leaves the Python around it at a handful
+ *       of lines.
  *
  *   scan_writes(src, pos, size, max_block, unaligned, max_length) -> (entries, pos)
  *       the same for plain WRITEs (no flags) whose payload is complete in ``src``: quadruples (cookie, offset,
@@ -222,10 +226,10 @@ static int serve_read(int fd, unsigned char *h, int structured, uint64_t cookie,
 static PyObject *read_batch(PyObject *self, PyObject *args) {
     int fd, structured;
     Py_buffer entries, arena;
-    Py_ssize_t index, stop, at;
+    Py_ssize_t index, stop, at, known = 0;
     unsigned long long room, small_reply;
-    if (!PyArg_ParseTuple(args, "iy*nnw*npKK", &fd, &entries, &index, &stop, &arena, &at, &structured, &room,
-                          &small_reply))
+    if (!PyArg_ParseTuple(args, "iy*nnw*npKK|n", &fd, &entries, &index, &stop, &arena, &at, &structured, &room,
+                          &small_reply, &known))
         return NULL;
     PyObject *misses = PyList_New(0);
     if (misses == NULL)
@@ -241,12 +245,13 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
     unsigned char *a = arena.buf;
     Py_ssize_t header = structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
     unsigned long long charged = 0;
+    const Py_ssize_t probe_from = known > 0 ? index + known : index;
     for (; index < count; index++) {
         uint64_t cookie = e[3 * index], offset = e[3 * index + 1], length = e[3 * index + 2];
         if (charged + length + small_reply > room || at + header + (Py_ssize_t)length > arena.len)
             break;
         charged += length + small_reply;
-        if (!serve_read(fd, a + at, structured, cookie, offset, length)) {
+        if (index < probe_from || !serve_read(fd, a + at, structured, cookie, offset, length)) {
             if (append_new(misses, PyLong_FromSsize_t(index)) < 0)
                 goto fail;
             continue;
@@ -285,6 +290,7 @@ static PyObject *serve_reads(PyObject *self, PyObject *args) {
     const Py_ssize_t header = structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
     unsigned long long charged = 0;
     Py_ssize_t count = 0;
+    int missed = 0;
     while (count < most && end - pos >= REQUEST_SIZE) {
         uint64_t cookie, offset;
         uint32_t length;
@@ -292,8 +298,10 @@ static PyObject *serve_reads(PyObject *self, PyObject *args) {
             break;
         if (charged + length + small_reply > room || at + header + (Py_ssize_t)length > arena.len)
             break;
-        if (!serve_read(fd, a + at, structured, cookie, offset, length))
+        if (!serve_read(fd, a + at, structured, cookie, offset, length)) {
+            missed = 1;
             break;
+        }
         charged += length + small_reply;
         at += header + (Py_ssize_t)length;
         pos += REQUEST_SIZE;
@@ -301,7 +309,7 @@ static PyObject *serve_reads(PyObject *self, PyObject *args) {
     }
     PyBuffer_Release(&src);
     PyBuffer_Release(&arena);
-    return Py_BuildValue("nnn", pos, at, count);
+    return Py_BuildValue("nnnO", pos, at, count, missed ? Py_True : Py_False);
 }
 
 static PyObject *scan_writes(PyObject *self, PyObject *args) { return scan(args, CMD_WRITE); }

@@ -106,6 +106,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         self._lowat = 1  # the socket's SO_RCVLOWAT
         self._whole_payloads = False  # wait for a large WRITE's whole payload in the socket (TCP: _splice_run)
         self._splice_running = False  # inside _splice_run (whose replies sit in the shared arena, unsent)
+        self._missed_run: ReadRun | None = None  # its first READ missed the page cache in _serve_reads
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -194,16 +195,19 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             if self.tx is None:
                 self._handshake_data(bytes(self.server.scratch[:nbytes]))
             elif not self.tx.closed:
-                start = self._serve_reads(nbytes) if self._sock_fd >= 0 else 0
+                start, missed = self._serve_reads(nbytes) if self._sock_fd >= 0 else (0, False)
                 if start < nbytes:
-                    self._receive(self.tx.buffer_updated(nbytes, start))
+                    events = self.tx.buffer_updated(nbytes, start)
+                    if missed and events and events[0].__class__ is ReadRun:
+                        self._missed_run = events[0]  # read asynchronously without a second probe (_dispatch)
+                    self._receive(events)
                 if self._read_on:
                     self._read_ahead()
         except ProtocolError as err:
             log.info("%s: closing: %s", self.peer, err)
             self._abort()
 
-    def _serve_reads(self, nbytes: int) -> int:
+    def _serve_reads(self, nbytes: int) -> tuple[int, bool]:
         """Serve the leading run of small plain READs among the ``nbytes`` just received into the scratch
         buffer with one C call (``_batch.serve_reads``: the core's own scan and the READ fast path of
         :meth:`_dispatch`, fused), and hand their replies to the transport; return how many of the bytes it
@@ -212,16 +216,18 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         replies' bookkeeping -- cost more CPU than the reads (see docs/nbd.md). Only where reading need not
         wait (:meth:`_must_pause`: nothing held back, below the in-flight bound, budget left, no payload being
         spliced) and no payload is awaited, not closing or shutting down. The charge of the run is taken and
-        released within the call (``room`` bounds it), so the ledger sees only what the transport keeps."""
+        released within the call (``room`` bounds it), so the ledger sees only what the transport keeps. Also
+        whether it stopped at a READ the page cache could not serve at once: that one has started the page's
+        read, and is read asynchronously without a second probe (which may find the page by then)."""
         tx = self.tx
         assert tx is not None
         limits = tx.read_limits()
         server = self.server
         if limits is None or self.closing or server.shutting_down or self._awaiting or self._must_pause():
-            return 0
+            return 0, False
         arena = self._next_arena(None, 0, 0)
         scratch, size, max_block, unaligned, max_length = limits
-        pos, at, count = serve_reads(
+        pos, at, count, missed = serve_reads(
             scratch,
             0,
             nbytes,
@@ -248,7 +254,7 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 server.reply_arena = None
                 self._account_queued()
                 self._update_reading()
-        return pos
+        return pos, missed
 
     def data_received(self, data: bytes) -> None:  # a transport without buffered reads
         if self.closed:
@@ -636,6 +642,10 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                 count = len(ev)
                 server.stats.requests += count - 1
                 i = 0
+                known = 0  # leading READs known to miss (see _serve_reads)
+                if ev is self._missed_run:
+                    self._missed_run = None
+                    known = 1
                 if nowait_fd is not None and not server.shutting_down:
                     while i < count:
                         if not arena_size:
@@ -647,7 +657,16 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
                         if room <= 0 or stop <= i:
                             break
                         taken, apos, charged, misses = read_batch(
-                            nowait_fd, ev.entries, i, stop, arena, apos, structured, room, SMALL_REPLY
+                            nowait_fd,
+                            ev.entries,
+                            i,
+                            stop,
+                            arena,
+                            apos,
+                            structured,
+                            room,
+                            SMALL_REPLY,
+                            known if not i else 0,
                         )
                         if charged:
                             ledger.charge(charged)
