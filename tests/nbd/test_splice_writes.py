@@ -1,6 +1,6 @@
-"""``_batch.splice_writes`` on its own, on a real socket pair, a real pipe and a real image file: it takes only
-whole-header large plain WRITEs the core would stream, writes each payload only once all of it is in the pipe,
-leaves everything else in the socket, and stops at the budget, the count and the arena."""
+"""``_batch.splice_writes`` on its own, on a real socket pair (Unix, and loopback TCP), a real pipe and a real
+image file: it takes only whole-header large plain WRITEs the core would stream, writes each payload only once all
+of it is in the pipe, leaves everything else in the socket, and stops at the budget, the count and the arena."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cachemode.nbd import constants as c
 from cachemode.nbd import replies
 
 KIB = 1024
+SIOCOUTQNSD = 0x894B  # bytes a TCP socket has not sent yet
 SIZE = 8 << 20
 LOW, HIGH = 256 * KIB, 1 << 20
 SMALL_REPLY = 4096
@@ -29,9 +31,22 @@ def header(cookie: int, offset: int, length: int, command: int = c.CMD_WRITE, fl
     return struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int], int]]:
-    ours, theirs = socket.socketpair()
+def connected_pair(family: str) -> tuple[socket.socket, socket.socket]:
+    """(ours, theirs): a Unix socket pair, or a loopback TCP connection (whose segments the kernel may merge)."""
+    if family == "unix":
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)  # a payload or two fit in the window
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, theirs
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def rig(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[socket.socket, socket.socket, tuple[int, int, int, int], int]]:
+    ours, theirs = connected_pair(request.param)
     ours.setblocking(False)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     ends: list[int] = []
@@ -75,9 +90,14 @@ def call(
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
-    """Everything queued on the peer's side before the call (a socket pair has no network in between)."""
+    """Everything queued on the peer's side before the call: a socket pair has no network in between, and
+    over loopback TCP a segment sent is one queued at the other end (so: wait until none is left unsent)."""
     sock.setblocking(True)
     sock.sendall(data)
+    if sock.family == socket.AF_INET:
+        deadline = time.monotonic() + 10
+        while struct.unpack("i", fcntl.ioctl(sock, SIOCOUTQNSD, b"\0" * 4))[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 def test_a_run_of_whole_writes_is_written_and_answered_up_to_the_first_other_header(rig: tuple) -> None:
@@ -152,6 +172,7 @@ def test_a_failed_write_consumes_its_payload_and_reports_the_error(rig: tuple, t
 
 
 @pytest.mark.parametrize("pipes", [2, 1])
+@pytest.mark.parametrize("rig", ["unix"], indirect=True)  # TCP merges small sends into larger segments
 def test_a_payload_in_more_fragments_than_a_pipe_has_slots(rig: tuple, pipes: int) -> None:
     """1 MiB in 1 KiB segments needs 1024 slots: the pipes' 512 (256 with one pipe) are full before the
     payload is in; it is handed back, nothing written, the second pipe used before that."""
