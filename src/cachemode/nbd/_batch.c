@@ -10,9 +10,10 @@
  *       block -- packed as native uint64 triples (cookie, offset, length), and where the run stopped. It
  *       decides nothing else: the first header it does not take is parsed by the core in Python.
  *
- *   read_batch(fd, entries, index, stop, arena, at, structured, room, small_reply[, known]) -> (index, at, charged, misses)
- *       for the transport (cachemode.nbd.connection): from entry ``index`` to ``stop`` at most, preadv2(RWF_NOWAIT) each READ's
- *       data into ``arena`` behind the room for its reply header, and write that header (a simple reply, or
+ *   read_batch(fd, entries, index, stop, arena, at, structured, room, small_reply[, known])
+ *       -> (index, at, charged, misses)
+ *       for the transport (cachemode.nbd.connection): from entry ``index`` to ``stop`` at most,
+ *       preadv2(RWF_NOWAIT) each READ's data into ``arena`` behind the room for its reply header, and write that header (a simple reply, or
  *       one structured OFFSET_DATA chunk with DONE: the layouts of cachemode.nbd.replies.read_header, checked
  *       byte for byte by the tests). Stops before an entry whose charge (length + small_reply) would take
  *       ``charged`` past ``room`` (the memory budget left) or whose reply does not fit in the arena. Entries
@@ -625,7 +626,7 @@ fail:
 static PyMethodDef methods[] = {
     {"scan_reads", scan_reads, METH_VARARGS, "The run of plain READ headers at pos: (entries, pos)."},
     {"read_batch", read_batch, METH_VARARGS, "Serve a run of READs from the page cache into a reply arena."},
-    {"serve_reads", serve_reads, METH_VARARGS, "Serve the leading run of plain READs in received bytes: (pos, at, count)."},
+    {"serve_reads", serve_reads, METH_VARARGS, "Serve the leading run of plain READs in received bytes: (pos, at, count, missed)."},
     {"scan_writes", scan_writes, METH_VARARGS, "The run of plain WRITEs with their payloads at pos: (entries, pos)."},
     {"write_batch", write_batch, METH_VARARGS, "Write a run of WRITEs to a file, replies into a reply arena."},
     {"mapped_copy", mapped_copy, METH_VARARGS, "Copy bytes into a file mapping; False if a SIGBUS stopped it."},
