@@ -225,15 +225,15 @@ def test_reads_that_miss_the_page_cache(tmp_path: Path, mode: str, uring: str) -
     srv = traced(image, trace, "io_uring_enter,pread64,preadv2", "--cache", mode, env=env)
     reads = ((0, 4096), (12288, 4096), (65536, 32768), (200000, 4096), (40960, 100000))
     wanted = {(4 << 20) + off for off, _ in reads}
+    script = (
+        f"import random\ndata = random.Random(3).randbytes(1 << 20)\nfor off, n in {reads!r}:\n"
+        "    assert h.pread(n, (4 << 20) + off) == data[off : off + n], off\n"
+    )
     try:
         nbdsh(srv.uri, "import random\nh.pwrite(random.Random(3).randbytes(1 << 20), 4 << 20)\n")
         for _ in range(20):
             evict(image, 4 * MIB, MIB)
             marker = len(trace.read_text())
-            script = (
-                f"import random\ndata = random.Random(3).randbytes(1 << 20)\nfor off, n in {reads!r}:\n"
-                "    assert h.pread(n, (4 << 20) + off) == data[off : off + n], off\n"
-            )
             nbdsh(srv.uri, script)
             text = trace.read_text()[marker:]
             probes = re.findall(r"preadv2\(\d+, .*\], 1, (\d+), RWF_NOWAIT\) = (-?\d+)", text)
