@@ -23,7 +23,8 @@ from cachemode.nbd import constants as c
 from cachemode.nbd.client import Client
 from cachemode.nbd.server import EXT4_SUPER_MAGIC, filesystem_magic
 from tests.interop.test_serve_cli import client_for
-from tests.nbd.serving import MIB, ServeProcess, ThreadServer, nbdsh, need, need_libnbd_python
+from tests.nbd.serving import MIB, ServeProcess, ThreadServer, nbdsh, need, need_libnbd_python, served
+from tests.nbd.test_splice_writes import dirty_pages
 
 pytestmark = pytest.mark.interop
 
@@ -579,3 +580,47 @@ def test_bursts_of_small_reads_are_served_by_the_fused_call_and_the_rest_by_the_
         srv.stop()
         disk.close()
     assert path.read_bytes()[3 * MIB : 3 * MIB + 4096] == new
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"])
+def test_large_writes_over_dirty_pages_are_received_into_the_mapped_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: str
+) -> None:
+    """A client streams 1 MiB WRITEs over the same 4 MiB again and again without a FLUSH: the first round
+    finds those pages clean and is spliced; once they are dirty, the C loop receives payloads straight into
+    the server's mapping of the image (``stats.mapped_writes``; none with CACHEMODE_NBD_MAP=0). Every round
+    reads back as written, and the FLUSH at the end leaves none of those pages dirty."""
+    if mapped == "1" and on_filesystem(tmp_path) != EXT4_SUPER_MAGIC:
+        pytest.skip("the image is mapped only on ext2/3/4, and the test directory is elsewhere")
+    monkeypatch.setenv("CACHEMODE_NBD_MAP", mapped)
+    image = tmp_path / "disk.img"
+    with served(image, size=16 * MIB) as srv:
+        probe = os.open(image, os.O_RDONLY)
+        try:
+            dirty_pages(probe, 0, 4 * MIB)  # skips where the kernel lacks cachestat(2)
+            with client_for(srv.uri) as cl:
+                for rnd in range(8):
+                    payloads = [random.Random(rnd * 4 + i).randbytes(MIB) for i in range(4)]
+                    stream = b"".join(
+                        struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, c.CMD_WRITE, i, i * MIB, MIB) + payloads[i]
+                        for i in range(4)
+                    )
+                    sender = threading.Thread(target=cl.sock.sendall, args=(stream,))
+                    sender.start()
+                    assert sorted((r.cookie, r.error) for r in (cl.read_reply() for _ in range(4))) == [
+                        (i, 0) for i in range(4)
+                    ]
+                    sender.join()
+                    assert [cl.pread(MIB, i * MIB) for i in range(4)] == payloads, rnd
+                    if rnd >= 2 and srv.server.stats.mapped_writes:
+                        break
+                cl.flush()
+                assert dirty_pages(probe, 0, 4 * MIB) == 0  # the mode layer was told of the writes it did not see
+        finally:
+            os.close(probe)
+        stored = srv.server.stats.mapped_writes
+    assert image.read_bytes()[: 4 * MIB] == b"".join(payloads)
+    if mapped == "1":
+        assert stored > 0
+    else:
+        assert stored == 0

@@ -4,8 +4,10 @@ of it is in the pipe, leaves everything else in the socket, and stops at the bud
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import random
 import socket
@@ -74,19 +76,24 @@ def call(
     pipes: int = 2,
     wait: bool = False,
     with_need: bool = False,
+    mapping: mmap.mmap | None = None,
 ) -> tuple:
     """``splice_writes``' result; without ``wait`` (unless ``with_need``), less its ``need`` (0, or a header's
-    worth where the socket holds less: see test_without_waiting_need_is_a_header_or_nothing)."""
+    worth where the socket holds less: see test_without_waiting_need_is_a_header_or_nothing); without
+    ``mapping``, less its ``mapped`` (then 0)."""
     ours, _, ends, image_fd = rig
     ends = ends if pipes == 2 else (*ends[:2], -1, -1)
-    result = batch.splice_writes(
+    *result, mapped = batch.splice_writes(
         ours.fileno(), *ends, image_fd if fd is None else fd, arena, 0, SIZE, 32 << 20, 511, LOW, HIGH,
-        room, SMALL_REPLY, most, wait,
+        room, SMALL_REPLY, most, wait, mapping,
     )  # fmt: skip
+    if mapping is not None:
+        return (*result, mapped)
+    assert mapped == 0
     if wait or with_need:
-        return result
+        return tuple(result)
     assert result[-1] in (0, 28)
-    return result[:-1]
+    return tuple(result[:-1])
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
@@ -242,3 +249,78 @@ def batch_need(rig: tuple) -> int:
     result = call(rig, bytearray(4096), with_need=True)
     assert result[:5] == (0, 0, 0, [], None)
     return result[5]
+
+
+class CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recent")]
+
+
+def dirty_pages(fd: int, offset: int, length: int) -> int:
+    """How many pages of the range are dirty in the page cache (cachestat(2), Linux 6.5); skips the test where
+    the kernel lacks it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    span = (ctypes.c_uint64 * 2)(offset, length)
+    stat = CacheStat()
+    if libc.syscall(451, fd, span, ctypes.byref(stat), 0) != 0:  # __NR_cachestat
+        pytest.skip(f"cachestat(2) failed: {os.strerror(ctypes.get_errno())} (it needs Linux 6.5)")
+    return stat.dirty
+
+
+def dirty_and_clean(fd: int, dirty: tuple[int, int], clean: tuple[int, int]) -> None:
+    """Make the ``clean`` range written and synced, then the ``dirty`` one written (old bytes) and not yet
+    synced; skips where the filesystem keeps written pages dirty whatever is synced (tmpfs)."""
+    os.pwrite(fd, random.Random(20).randbytes(clean[1]), clean[0])
+    os.fsync(fd)
+    os.pwrite(fd, random.Random(21).randbytes(dirty[1]), dirty[0])
+    if dirty_pages(fd, *clean) or dirty_pages(fd, *dirty) != dirty[1] // mmap.PAGESIZE:
+        pytest.skip("the test directory's filesystem does not clean synced pages (tmpfs?)")
+
+
+def test_with_the_mapping_a_payload_over_dirty_pages_is_received_into_it(rig: tuple) -> None:
+    """With ``wait`` and the image's mapping, a payload whose pages are all dirty in the page cache is received
+    into the mapping (``mapped``), one over clean pages is spliced as before; both land whole, both answered."""
+    _, theirs, _, fd = rig
+    dirty_and_clean(fd, dirty=(2 << 20, HIGH), clean=(4 << 20, HIGH))
+    a, b = random.Random(22).randbytes(HIGH), random.Random(23).randbytes(HIGH)
+    send_all(theirs, header(1, 2 << 20, HIGH) + a + header(2, 4 << 20, HIGH) + b)
+    arena = bytearray(4096)
+    with mmap.mmap(fd, SIZE) as mapping:
+        count, at, charged, errors, partial, need, mapped = call(rig, arena, wait=True, mapping=mapping)
+    assert (count, errors, partial, need, mapped) == (2, [], None, 28, 1)
+    assert charged == 2 * (HIGH + SMALL_REPLY)
+    assert bytes(arena[:at]) == replies.simple(1) + replies.simple(2)
+    assert os.pread(fd, HIGH, 2 << 20) == a
+    assert os.pread(fd, HIGH, 4 << 20) == b
+    assert dirty_pages(fd, 4 << 20, HIGH) == HIGH // mmap.PAGESIZE  # b went in by splice, a buffered write
+
+
+def test_without_waiting_the_mapping_is_not_used(rig: tuple) -> None:
+    """Without ``wait`` the payload may not be all there, and nothing may be written before it is: spliced."""
+    _, theirs, _, fd = rig
+    dirty_and_clean(fd, dirty=(2 << 20, HIGH), clean=(4 << 20, HIGH))
+    a = random.Random(24).randbytes(HIGH)
+    send_all(theirs, header(3, 2 << 20, HIGH) + a)
+    with mmap.mmap(fd, SIZE) as mapping:
+        assert call(rig, bytearray(4096), mapping=mapping)[::6] == (1, 0)
+    assert os.pread(fd, HIGH, 2 << 20) == a
+
+
+def test_a_fault_in_the_mapping_leaves_the_rest_to_a_pwrite(rig: tuple) -> None:
+    """A page of the mapping that cannot be written (here: made read-only) fails the receive into it with
+    EFAULT: the rest of the payload is received into memory and pwritten, and the payload lands whole."""
+    _, theirs, _, fd = rig
+    dirty_and_clean(fd, dirty=(2 << 20, HIGH), clean=(4 << 20, HIGH))
+    a = random.Random(25).randbytes(HIGH)
+    send_all(theirs, header(4, 2 << 20, HIGH) + a)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with mmap.mmap(fd, SIZE) as mapping:
+        view = ctypes.c_char.from_buffer(mapping)
+        page = ctypes.addressof(view) + (2 << 20) + HIGH // 2
+        try:
+            assert libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ) == 0
+            count, at, _, errors, _, _, mapped = call(rig, bytearray(4096), wait=True, mapping=mapping)
+        finally:
+            libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+            del view
+    assert (count, at, errors, mapped) == (1, 16, [], 1)
+    assert os.pread(fd, HIGH, 2 << 20) == a

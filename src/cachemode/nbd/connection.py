@@ -56,13 +56,14 @@ SENDFILE_MIN = 128 * 1024
 class Stats:
     """Counters a test, the demo or the lab can read."""
 
-    __slots__ = ("connections", "errors", "flushes", "fused_reads", "refused", "requests")
+    __slots__ = ("connections", "errors", "flushes", "fused_reads", "mapped_writes", "refused", "requests")
 
     def __init__(self) -> None:
         self.connections = 0
         self.refused = 0
         self.requests = 0
         self.fused_reads = 0  # of the requests, READs served by the fused call (_serve_reads)
+        self.mapped_writes = 0  # of the requests, large WRITEs received into the mapped image (_splice_run)
         self.flushes = 0
         self.errors = 0
 
@@ -307,7 +308,9 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         """Large plain WRITEs waiting whole in the socket, one after another, spliced into the image by one C
         call (``_batch.splice_writes``: the header peeked, taken only where the core would take it the same
         way, its payload socket -> pipe -> image, its reply into the arena), as far as the in-flight bound, the
-        budget and the arena allow; what it does not take is left in the socket for the core.
+        budget and the arena allow; what it does not take is left in the socket for the core. A payload waited
+        for whole, over pages all dirty in the page cache, is received straight into the mapped image instead
+        (``server.write_map``; counted in ``stats.mapped_writes``): that skips the filesystem's write path.
 
         Returns how many requests it took, and how many bytes the socket must hold for the next one (see
         ``splice_writes``), for :meth:`_await_payload`: with ``wait``, a WRITE is taken only with its whole
@@ -331,13 +334,19 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
             return 0, 0
         size, max_block, unaligned, low, high = limits
         arena = self._next_arena(None, 0, 0)
-        count, apos, charged, errors, partial, need = splice_writes(
-            self._sock_fd, *pipes, server.splice_fd, arena, 0, size, max_block, unaligned, low,
-            min(high, splicer.capacity), room, SMALL_REPLY, most, wait and self._whole_payloads,
-        )  # fmt: skip
+        try:
+            count, apos, charged, errors, partial, need, mapped = splice_writes(
+                self._sock_fd, *pipes, server.splice_fd, arena, 0, size, max_block, unaligned, low,
+                min(high, splicer.capacity), room, SMALL_REPLY, most, wait and self._whole_payloads, server.write_map,
+            )  # fmt: skip
+        except OSError as err:  # the socket or a pipe failed inside a request it took: this stream is lost
+            log.info("%s: closing: %s", self.peer, err)
+            self._abort()
+            return 0, 0
         if not count:
             return 0, need
         server.stats.requests += count
+        server.stats.mapped_writes += mapped
         self._note_pending = True  # the mode layer is told before any of the replies goes out (_note_writes)
         ledger.charge(charged)
         self._batch_cost += charged

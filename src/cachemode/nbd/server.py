@@ -302,8 +302,9 @@ def filesystem_magic(fd: int) -> int | None:
 
 
 def map_image(fd: int, size: int) -> mmap.mmap | None:
-    """The image, mapped shared and writable, for small inline writes (``_batch.write_batch``); None where it
-    cannot be mapped, is not on ext2/3/4 (:data:`EXT4_SUPER_MAGIC`), or ``CACHEMODE_NBD_MAP=0``.
+    """The image, mapped shared and writable, for small inline writes (``_batch.write_batch``) and large ones
+    over dirty pages (``_batch.splice_writes``); None where it cannot be mapped, is not on ext2/3/4
+    (:data:`EXT4_SUPER_MAGIC`), or ``CACHEMODE_NBD_MAP=0``.
 
     Why: a small pwrite into a large page-cache folio costs the kernel a walk over all of the folio's blocks
     (about 18 us for 4 KiB on a file filled by 1 MiB writes, ext4 on Linux 6.18, against 1-2 us once its
