@@ -552,48 +552,48 @@ static int all_dirty(int fd, uint64_t offset, uint64_t length) {
     return cs.cache == pages && cs.dirty == pages && cs.writeback == 0;
 }
 
+/* Receive ``n`` bytes, all queued in the socket already, into ``buf``: how many landed (all of them, unless a
+ * fault in ``buf`` stopped the copy: EFAULT), or -1 with errno set when the socket itself failed. */
+static ssize_t recv_queued(int sock, unsigned char *buf, uint64_t n) {
+    uint64_t done = 0;
+    while (done < n) {
+        ssize_t got = recv(sock, buf + done, (size_t)(n - done), MSG_DONTWAIT | MSG_WAITALL);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && errno == EFAULT)
+            break;
+        if (got <= 0) {
+            if (got == 0)
+                errno = ECONNRESET;
+            return -1;
+        }
+        done += (uint64_t)got;
+    }
+    return (ssize_t)done;
+}
+
 /* Receive ``length`` bytes, all queued in the socket already, into ``dst`` (the image's mapping), then
  * pwrite to fd at ``offset`` whatever a fault kept from landing there: 0, the pwrite's errno, or -1 with
  * errno set when the socket itself failed. */
 static int recv_mapped(int sock, unsigned char *dst, int fd, uint64_t offset, uint64_t length) {
-    uint64_t done = 0;
-    while (done < length) {
-        ssize_t n = recv(sock, dst + done, (size_t)(length - done), MSG_DONTWAIT | MSG_WAITALL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EFAULT)
-            break;
-        if (n <= 0) {
-            if (n == 0)
-                errno = ECONNRESET;
-            return -1;
-        }
-        done += (uint64_t)n;
-    }
-    if (done == length)
+    ssize_t done = recv_queued(sock, dst, length);
+    if (done < 0)
+        return -1;
+    uint64_t left = length - (uint64_t)done;
+    if (!left)
         return 0;
-    uint64_t left = length - done;
     unsigned char *bounce = malloc((size_t)left);
     if (bounce == NULL) {
         errno = ENOMEM;
         return -1;
     }
-    uint64_t got = 0;
-    while (got < left) {
-        ssize_t n = recv(sock, bounce + got, (size_t)(left - got), MSG_DONTWAIT | MSG_WAITALL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            if (n == 0)
-                errno = ECONNRESET;
-            free(bounce);
-            return -1;
-        }
-        got += (uint64_t)n;
+    if (recv_queued(sock, bounce, left) != (ssize_t)left) { /* memory of our own does not fault */
+        free(bounce);
+        return -1;
     }
     int err = 0;
     for (uint64_t w = 0; w < left && !err;) {
-        ssize_t n = pwrite(fd, bounce + w, (size_t)(left - w), (off_t)(offset + done + w));
+        ssize_t n = pwrite(fd, bounce + w, (size_t)(left - w), (off_t)(offset + (uint64_t)done + w));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -603,6 +603,38 @@ static int recv_mapped(int sock, unsigned char *dst, int fd, uint64_t offset, ui
     }
     free(bounce);
     return err;
+}
+
+/* Splice what the socket holds of a ``length``-byte payload into the pipes without blocking, the first pipe
+ * until its slots are full, then the next of ``pipes``; ``in`` counts the bytes in each. Stops short where the
+ * payload has not all arrived, both pipes are full, or the stream ended or failed (the caller's splicer goes on
+ * from there and finds out). */
+static void fill_pipes(int sock, const int writers[2], int pipes, uint64_t length, uint64_t in[2]) {
+    int cur = 0, retried = 0;
+    while (in[0] + in[1] < length) {
+        ssize_t n = splice(sock, NULL, writers[cur], NULL, (size_t)(length - in[0] - in[1]),
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            int queued = 0;
+            if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) {
+                if (!retried) { /* the bytes may have come after the splice found none: once more first */
+                    retried = 1;
+                    continue;
+                }
+                retried = 0;
+                if (cur + 1 < pipes) { /* this pipe's slots are full */
+                    cur++;
+                    continue;
+                }
+            }
+        }
+        if (n <= 0)
+            return;
+        retried = 0;
+        in[cur] += (uint64_t)n;
+    }
 }
 
 static PyObject *splice_writes(PyObject *self, PyObject *args) {
@@ -665,56 +697,21 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
         }
         charged += length + small_reply;
         count++;
-        if (wait && map != NULL && offset <= map_len && length <= map_len - offset && all_dirty(fd, offset, length)) {
-            int err = recv_mapped(sock, map + offset, fd, offset, length);
-            if (err < 0) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                goto fail;
-            }
-            if (err) {
-                if (append_new(errors, Py_BuildValue("Ki", (unsigned long long)cookie, err)) < 0)
-                    goto fail;
-                continue;
-            }
-            put_simple_reply(a + at, cookie);
-            at += SIMPLE_HEADER;
-            mapped++;
-            continue;
-        }
         uint64_t in[2] = {0, 0};
-        int cur = 0, retried = 0;
-        while (in[0] + in[1] < length) {
-            ssize_t n = splice(sock, NULL, writers[cur], NULL, (size_t)(length - in[0] - in[1]),
-                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n < 0 && errno == EAGAIN) {
-                int queued = 0;
-                if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) {
-                    if (!retried) { /* the bytes may have come after the splice found none: once more first */
-                        retried = 1;
-                        continue;
-                    }
-                    retried = 0;
-                    if (cur + 1 < pipes) { /* this pipe's slots are full */
-                        cur++;
-                        continue;
-                    }
-                }
-            }
-            if (n <= 0) /* not all there yet, full pipes, the end of the stream or an error: the caller's splicer */
+        int by_map = wait && map != NULL && offset <= map_len && length <= map_len - offset &&
+                     all_dirty(fd, offset, length);
+        if (!by_map) {
+            fill_pipes(sock, writers, pipes, length, in);
+            if (in[0] + in[1] < length) {
+                partial = Py_BuildValue("KKKKK", (unsigned long long)cookie, (unsigned long long)offset,
+                                        (unsigned long long)length, (unsigned long long)in[0],
+                                        (unsigned long long)in[1]);
+                if (partial == NULL)
+                    goto fail;
                 break;
-            retried = 0;
-            in[cur] += (uint64_t)n;
+            }
         }
-        if (in[0] + in[1] < length) {
-            partial = Py_BuildValue("KKKKK", (unsigned long long)cookie, (unsigned long long)offset,
-                                    (unsigned long long)length, (unsigned long long)in[0], (unsigned long long)in[1]);
-            if (partial == NULL)
-                goto fail;
-            break;
-        }
-        int err = drain_pipes(readers, in, fd, offset);
+        int err = by_map ? recv_mapped(sock, map + offset, fd, offset, length) : drain_pipes(readers, in, fd, offset);
         if (err < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
@@ -724,6 +721,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
                 goto fail;
             continue;
         }
+        mapped += by_map;
         put_simple_reply(a + at, cookie);
         at += SIMPLE_HEADER;
     }
