@@ -374,24 +374,30 @@ static int guarded_copy(unsigned char *dst, const unsigned char *src, size_t n) 
     return 0;
 }
 
+/* The system's page size, asked once. */
+static uint64_t page_size(void) {
+    static uint64_t page;
+    if (!page)
+        page = (uint64_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
 /* Whether every page of [at, at + n) of the mapping base is in the page cache and up to date. */
 static int resident(unsigned char *base, uint64_t at, uint64_t n) {
-    static long page;
-    if (!page)
-        page = sysconf(_SC_PAGESIZE);
-    uint64_t first = at - at % (uint64_t)page, end = at + n;
+    const uint64_t page = page_size();
+    uint64_t first = at - at % page, end = at + n;
     unsigned char vec[128];
     while (first < end) {
-        uint64_t span = end - first, most = (uint64_t)page * sizeof vec;
+        uint64_t span = end - first, most = page * sizeof vec;
         if (span > most)
             span = most;
         if (mincore(base + first, (size_t)span, vec) < 0)
             return 0;
-        uint64_t pages = (span + (uint64_t)page - 1) / (uint64_t)page;
+        uint64_t pages = (span + page - 1) / page;
         for (uint64_t i = 0; i < pages; i++)
             if (!(vec[i] & 1))
                 return 0;
-        first += pages * (uint64_t)page;
+        first += pages * page;
     }
     return 1;
 }
@@ -411,6 +417,20 @@ static PyObject *mapped_copy(PyObject *self, PyObject *args) {
     PyBuffer_Release(&mapping);
     PyBuffer_Release(&data);
     return result;
+}
+
+/* pwrite all ``n`` bytes of ``buf`` to fd at ``offset``: 0, or the errno of the write that failed. */
+static int pwrite_all(int fd, const unsigned char *buf, uint64_t n, uint64_t offset) {
+    uint64_t done = 0;
+    while (done < n) {
+        ssize_t w = pwrite(fd, buf + done, (size_t)(n - done), (off_t)(offset + done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? errno : EIO;
+        done += (uint64_t)w;
+    }
+    return 0;
 }
 
 static PyObject *write_batch(PyObject *self, PyObject *args) {
@@ -453,21 +473,10 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
             goto fail;
         }
         charged += length + small_reply;
-        uint64_t done = 0;
         int err = 0;
-        if (map != NULL && offset <= map_len && length <= map_len - offset && resident(map, offset, length) &&
-            guarded_copy(map + offset, data + from, (size_t)length) == 0)
-            done = length; /* else (a SIGBUS) pwrite it: that reports the error, if it is one, as an errno */
-        while (done < length) {
-            ssize_t w = pwrite(fd, data + from + done, (size_t)(length - done), (off_t)(offset + done));
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w <= 0) {
-                err = w < 0 ? errno : EIO;
-                break;
-            }
-            done += (uint64_t)w;
-        }
+        if (map == NULL || offset > map_len || length > map_len - offset || !resident(map, offset, length) ||
+            guarded_copy(map + offset, data + from, (size_t)length) != 0)
+            err = pwrite_all(fd, data + from, length, offset); /* after a SIGBUS too: it reports the error */
         if (err) {
             if (append_new(errors, Py_BuildValue("ni", index, err)) < 0)
                 goto fail;
@@ -536,11 +545,8 @@ static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_
  * (cachestat(2), Linux 6.5; 0 where the kernel lacks it). */
 static int all_dirty(int fd, uint64_t offset, uint64_t length) {
     static int missing;
-    static long page;
     if (missing)
         return 0;
-    if (!page)
-        page = sysconf(_SC_PAGESIZE);
     struct { uint64_t off, len; } range = {offset, length};
     struct { uint64_t cache, dirty, writeback, evicted, recently_evicted; } cs;
     if (syscall(__NR_cachestat, fd, &range, &cs, 0) != 0) {
@@ -548,7 +554,7 @@ static int all_dirty(int fd, uint64_t offset, uint64_t length) {
             missing = 1;
         return 0;
     }
-    uint64_t p = (uint64_t)page, pages = (offset + length + p - 1) / p - offset / p;
+    const uint64_t p = page_size(), pages = (offset + length + p - 1) / p - offset / p;
     return cs.cache == pages && cs.dirty == pages && cs.writeback == 0;
 }
 
@@ -591,16 +597,7 @@ static int recv_mapped(int sock, unsigned char *dst, int fd, uint64_t offset, ui
         free(bounce);
         return -1;
     }
-    int err = 0;
-    for (uint64_t w = 0; w < left && !err;) {
-        ssize_t n = pwrite(fd, bounce + w, (size_t)(left - w), (off_t)(offset + (uint64_t)done + w));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            err = n < 0 ? errno : EIO;
-        else
-            w += (uint64_t)n;
-    }
+    int err = pwrite_all(fd, bounce, left, offset + (uint64_t)done);
     free(bounce);
     return err;
 }
