@@ -21,6 +21,7 @@ of the filled image. ``--rate-iops`` holds fio to a fixed rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -28,14 +29,42 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from nbd_bench import JOBS, cost, fill_image, free_endpoint, run_fio, server_command, unit, wait_listening
+from nbd_bench import (
+    JOBS,
+    Endpoint,
+    cost,
+    fill_image,
+    free_endpoint,
+    run_fio,
+    server_command,
+    unit,
+    wait_listening,
+)
 from proc_cpu import process_user_system
 
 MIXED = ("randrw-mixed", "randrw", "4k", 16)
 """A guest's mix (see the module's docstring); fio's options for it are MIXED_FIO."""
 MIXED_FIO = ("--rwmixread=70", "--bssplit=4k/80:1m/20")
+
+
+@contextlib.contextmanager
+def serving(src: str, mode: str, image: str, tmp: str, unix: bool = False) -> Iterator[tuple[Endpoint, int]]:
+    """A fresh ``cachemode serve`` of ``image`` imported from ``src``, listening, the page cache synced:
+    (where it listens, its pid); stopped with SIGTERM at the end."""
+    where = free_endpoint(unix, tmp)
+    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+    command = server_command("cachemode", mode, image, where)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(where, proc)
+        os.sync()
+        yield where, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def one(
@@ -44,19 +73,10 @@ def one(
     """One run of ``job`` against a fresh server imported from ``src`` (on a Unix socket with ``unix``)."""
     name, rw, bs, depth = job
     extra = MIXED_FIO if job == MIXED else ()
-    where = free_endpoint(unix, tmp)
-    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
-    command = server_command("cachemode", mode, image, where)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(where, proc)
-        os.sync()
-        user0, sys0 = process_user_system(proc.pid)
+    with serving(src, mode, image, tmp, unix) as (where, pid):
+        user0, sys0 = process_user_system(pid)
         run = run_fio(where, rw, bs, depth, runtime, os.path.getsize(image), tmp, False, rate_iops, extra)
-        user1, sys1 = process_user_system(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        user1, sys1 = process_user_system(pid)
     return {
         "cpu": cost(name, user1 - user0 + sys1 - sys0, run),
         "user": cost(name, user1 - user0, run),

@@ -18,43 +18,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
-from nbd_bench import fill_image, fio_uri, free_endpoint, server_command, wait_listening
+from nbd_ab import serving
+from nbd_bench import fill_image, fio_uri
 from proc_cpu import process_user_system
 
 
 def one_round(src: str, mode: str, image: str, passes: int, tmp: str) -> list[float]:
     """Server CPU (ms per GiB) of each pass, against a fresh server imported from ``src``."""
-    where = free_endpoint(False, tmp)
-    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
-    proc = subprocess.Popen(
-        server_command("cachemode", mode, image, where), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     costs = []
-    try:
-        wait_listening(where, proc)
-        os.sync()
-        size = os.path.getsize(image)
-        out = os.path.join(tmp, "fio.json")
+    size = os.path.getsize(image)
+    out = os.path.join(tmp, "fio.json")
+    with serving(src, mode, image, tmp) as (where, pid):
         for _ in range(passes):
-            user0, sys0 = process_user_system(proc.pid)
+            user0, sys0 = process_user_system(pid)
             subprocess.run(
                 ["fio", "--name=pass", "--ioengine=nbd", f"--uri={fio_uri(where, False)}", "--rw=write", "--bs=1m",
                  "--iodepth=4", f"--size={size}", f"--io_size={size}", "--output-format=json", f"--output={out}"],
                 check=True, stdout=subprocess.DEVNULL,
             )  # fmt: skip
-            user1, sys1 = process_user_system(proc.pid)
+            user1, sys1 = process_user_system(pid)
             text = Path(out).read_text()
             written = json.loads(text[text.index("{") :])["jobs"][0]["write"]["io_bytes"]
             costs.append((user1 - user0 + sys1 - sys0) * 1e3 / (written / (1 << 30)))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
     return costs
 
 
