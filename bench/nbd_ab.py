@@ -80,6 +80,7 @@ def one(
     return {
         "cpu": cost(name, user1 - user0 + sys1 - sys0, run),
         "user": cost(name, user1 - user0, run),
+        "iops": run["iops"],
         "load": os.getloadavg()[0],
     }
 
@@ -114,7 +115,10 @@ def main() -> int:
                     shutil.copyfile(template, image)
                 r = one(src, args.mode, image, job, args.runtime, tmp, args.rate_iops, args.unix)
                 results[side].append(r)
-                print(f"{side} cpu {r['cpu']:8.2f} user {r['user']:8.2f} {unit(args.job)}  load {r['load']:.2f}")
+                print(
+                    f"{side} cpu {r['cpu']:8.2f} user {r['user']:8.2f} {unit(args.job)}  {r['iops']:9.0f} req/s"
+                    f"  load {r['load']:.2f}"
+                )
     over = "a Unix socket" if args.unix else "loopback TCP"
     runs = f"{args.pairs} pairs of {args.runtime} s runs"
     print(f"{args.mode} {args.job} over {over}, {runs}, medians ({unit(args.job)}):")
@@ -122,7 +126,8 @@ def main() -> int:
         rs = results[side]
         cpu = statistics.median(r["cpu"] for r in rs)
         user = statistics.median(r["user"] for r in rs)
-        print(f"  {side} {src}: cpu {cpu:.2f} (user {user:.2f})")
+        rate = statistics.median(r["iops"] for r in rs)
+        print(f"  {side} {src}: cpu {cpu:.2f} (user {user:.2f}) at {rate:.0f} req/s")
     lower = sum(b["cpu"] < a["cpu"] for a, b in zip(results["A"], results["B"], strict=True))
     print(f"  B lower than A in {lower} of {args.pairs} pairs")
     return 0
