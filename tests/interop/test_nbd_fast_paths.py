@@ -92,7 +92,7 @@ def test_buffered_reads_are_served_inline_in_every_buffered_mode(tmp_path: Path,
 def splice_calls(text: str) -> tuple[list[str], list[str]]:
     """(socket -> pipe, pipe -> image) splice lines of a trace."""
     into_pipe = re.findall(r"splice\(\d+, NULL, \d+, NULL, \d+, SPLICE_F_MOVE\|SPLICE_F_NONBLOCK\) = \d+", text)
-    into_image = re.findall(r"splice\(\d+, NULL, \d+, \[\d+\], \d+, 0\) = \d+", text)
+    into_image = re.findall(r"splice\(\d+, NULL, \d+, \[\d+\], \d+, (?:0|SPLICE_F_MOVE)\) = \d+", text)
     return into_pipe, into_image
 
 

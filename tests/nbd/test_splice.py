@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cachemode.nbd import _batch as batch
 from cachemode.nbd.requests import Request
-from cachemode.nbd.splice import PayloadSplicer, splice_available
+from cachemode.nbd.splice import PIPES_DRY, PIPES_ENDED, PayloadSplicer, splice_available
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="no splice(2) here")
 
@@ -138,3 +139,35 @@ def test_a_write_error_still_consumes_the_payload(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not fatal and error is not None and error.errno == errno.EBADF
+
+
+def test_fill_pipes_says_why_it_stopped_and_drain_pipes_writes_or_drops(tmp_path: Path) -> None:
+    """The C halves the splicer runs per wake (``_batch.fill_pipes``, ``_batch.drain_pipes``) on a real socket
+    pair, pipe and file: what the socket holds goes into the pipe, and the call says whether the socket ran dry
+    or ended; the pipe's bytes then land at the offset, or are read out and dropped."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    pipe_r, pipe_w = os.pipe()
+    image = tmp_path / "img"
+    image.write_bytes(bytes(8192))
+    fd = os.open(image, os.O_RDWR)
+    try:
+        theirs.sendall(PAYLOAD[:1000])
+        assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 0, 0) == (1000, 0, PIPES_DRY)
+        theirs.sendall(PAYLOAD[1000:3000])
+        assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 1000, 0) == (3000, 0, 0)
+        assert batch.drain_pipes(pipe_r, -1, 3000, 0, fd, 100, False) == 0
+        assert image.read_bytes()[100:3100] == PAYLOAD[:3000]
+        theirs.sendall(PAYLOAD[:500])
+        theirs.shutdown(socket.SHUT_WR)
+        assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 0, 0) == (500, 0, PIPES_ENDED)
+        assert batch.drain_pipes(pipe_r, -1, 500, 0, fd, 0, True) == 0  # dropped: the pipe is empty, the file as it was
+        assert image.read_bytes()[:100] == bytes(100)
+        os.set_blocking(pipe_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(pipe_r, 1)
+    finally:
+        for f in (pipe_r, pipe_w, fd):
+            os.close(f)
+        ours.close()
+        theirs.close()

@@ -90,6 +90,18 @@
  *       dirtied by a splice or a pwrite faults once, at the first such copy. A fault the kernel cannot
  *       resolve (EFAULT) leaves the rest of the payload to be received into memory and pwritten, which
  *       reports the error.
+ *
+ *   fill_pipes(sock, pipe_w, pipe2_w, length, in_first, in_second) -> (in_first, in_second, state)
+ *   drain_pipes(pipe_r, pipe2_r, in_first, in_second, fd, offset, discard) -> errno or 0
+ *       the two halves of a payload's splice that splice_writes runs inline, for the splicer
+ *       (cachemode.nbd.splice) that goes on with a payload splice_writes left ``partial``: splice what the
+ *       socket holds into the pipes until they hold ``length`` bytes, and say why it stopped short (0 filled,
+ *       1 the socket holds nothing more, 2 both pipes full, 3 end of stream; OSError where the socket or a
+ *       pipe failed); then move the pipes' bytes into ``fd`` at ``offset``, or read them out and drop them
+ *       (``discard``, or after a failed write, whose errno it returns). Why in C: a payload that trickles in
+ *       (a Unix socket never holds a whole one) wakes the splicer a few times per MiB, and per wake the
+ *       interpreter's loop -- several splice calls, the BlockingIOError that ends them, the FIONREAD --
+ *       cost more than the splices.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -501,11 +513,10 @@ fail:
     return NULL;
 }
 
-/* Moves ``length`` bytes out of pipes[0] then pipes[1] (in[] each) into ``fd`` at ``offset``; on a write error
- * the rest is read out and dropped (the payload is consumed all the same). Returns 0 or the write's errno; -1
- * with errno set when a pipe itself failed. */
-static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_t offset) {
-    int err = 0;
+/* Moves the bytes in pipes[0] then pipes[1] (in[] each) into ``fd`` at ``offset``; on a write error -- or
+ * from the start, where ``err`` is already set -- the rest is read out and dropped (the payload is consumed all
+ * the same). Returns ``err``, or the write's errno; -1 with errno set when a pipe itself failed. */
+static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_t offset, int err) {
     for (int p = 0; p < 2; p++) {
         uint64_t left = in[p];
         while (left) {
@@ -602,12 +613,16 @@ static int recv_mapped(int sock, unsigned char *dst, int fd, uint64_t offset, ui
     return err;
 }
 
-/* Splice what the socket holds of a ``length``-byte payload into the pipes without blocking, the first pipe
- * until its slots are full, then the next of ``pipes``; ``in`` counts the bytes in each. Stops short where the
- * payload has not all arrived, both pipes are full, or the stream ended or failed (the caller's splicer goes on
- * from there and finds out). */
-static void fill_pipes(int sock, const int writers[2], int pipes, uint64_t length, uint64_t in[2]) {
-    int cur = 0, retried = 0;
+/* Why fill_pipes stopped (its Python twin's codes: cachemode.nbd.splice). */
+enum { PIPES_FILLED, PIPES_DRY, PIPES_FULL, PIPES_ENDED, PIPES_FAILED = -1 };
+
+/* Splice what the socket holds of a payload into the pipes without blocking, until they hold ``length`` bytes
+ * of it: the first pipe until its slots are full, then the next of ``pipes`` (the second one at once where it
+ * holds some already); ``in`` counts the bytes in each. Returns PIPES_FILLED, or where it stopped short: the
+ * socket holds nothing more (PIPES_DRY), both pipes' slots are full (PIPES_FULL: read them out and call again),
+ * the stream ended (PIPES_ENDED), or the socket or a pipe failed (PIPES_FAILED, errno set). */
+static int fill_pipes(int sock, const int writers[2], int pipes, uint64_t length, uint64_t in[2]) {
+    int cur = in[1] ? 1 : 0, retried = 0;
     while (in[0] + in[1] < length) {
         ssize_t n = splice(sock, NULL, writers[cur], NULL, (size_t)(length - in[0] - in[1]),
                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -615,23 +630,59 @@ static void fill_pipes(int sock, const int writers[2], int pipes, uint64_t lengt
             continue;
         if (n < 0 && errno == EAGAIN) {
             int queued = 0;
-            if (ioctl(sock, FIONREAD, &queued) == 0 && queued > 0) {
-                if (!retried) { /* the bytes may have come after the splice found none: once more first */
-                    retried = 1;
-                    continue;
-                }
-                retried = 0;
-                if (cur + 1 < pipes) { /* this pipe's slots are full */
-                    cur++;
-                    continue;
-                }
+            if (ioctl(sock, FIONREAD, &queued) != 0 || queued <= 0)
+                return PIPES_DRY;
+            if (!retried) { /* the bytes may have come after the splice found none: once more first */
+                retried = 1;
+                continue;
             }
+            retried = 0;
+            if (cur + 1 < pipes) { /* this pipe's slots are full */
+                cur++;
+                continue;
+            }
+            return PIPES_FULL;
         }
-        if (n <= 0)
-            return;
+        if (n < 0)
+            return PIPES_FAILED;
+        if (n == 0)
+            return PIPES_ENDED;
         retried = 0;
         in[cur] += (uint64_t)n;
     }
+    return PIPES_FILLED;
+}
+
+static PyObject *py_fill_pipes(PyObject *self, PyObject *args) {
+    int sock, writers[2];
+    unsigned long long length, first, second;
+    if (!PyArg_ParseTuple(args, "iiiKKK", &sock, &writers[0], &writers[1], &length, &first, &second))
+        return NULL;
+    if (writers[0] < 0) {
+        PyErr_SetString(PyExc_ValueError, "no pipe");
+        return NULL;
+    }
+    uint64_t in[2] = {first, second};
+    int state = fill_pipes(sock, writers, writers[1] >= 0 ? 2 : 1, length, in);
+    if (state == PIPES_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("KKi", (unsigned long long)in[0], (unsigned long long)in[1], state);
+}
+
+static PyObject *py_drain_pipes(PyObject *self, PyObject *args) {
+    int readers[2], fd, discard;
+    unsigned long long first, second, offset;
+    if (!PyArg_ParseTuple(args, "iiKKiKp", &readers[0], &readers[1], &first, &second, &fd, &offset, &discard))
+        return NULL;
+    if (readers[0] < 0 || (readers[1] < 0 && second)) {
+        PyErr_SetString(PyExc_ValueError, "bytes in a missing pipe");
+        return NULL;
+    }
+    const uint64_t in[2] = {first, second};
+    int err = drain_pipes(readers, in, fd, offset, discard ? EIO : 0);
+    if (err < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(discard ? 0 : err);
 }
 
 static PyObject *splice_writes(PyObject *self, PyObject *args) {
@@ -698,8 +749,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
         int by_map = wait && map != NULL && offset <= map_len && length <= map_len - offset &&
                      all_dirty(fd, offset, length);
         if (!by_map) {
-            fill_pipes(sock, writers, pipes, length, in);
-            if (in[0] + in[1] < length) {
+            if (fill_pipes(sock, writers, pipes, length, in) != PIPES_FILLED) {
                 partial = Py_BuildValue("KKKKK", (unsigned long long)cookie, (unsigned long long)offset,
                                         (unsigned long long)length, (unsigned long long)in[0],
                                         (unsigned long long)in[1]);
@@ -708,7 +758,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
                 break;
             }
         }
-        int err = by_map ? recv_mapped(sock, map + offset, fd, offset, length) : drain_pipes(readers, in, fd, offset);
+        int err = by_map ? recv_mapped(sock, map + offset, fd, offset, length) : drain_pipes(readers, in, fd, offset, 0);
         if (err < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
@@ -745,6 +795,8 @@ static PyMethodDef methods[] = {
     {"write_batch", write_batch, METH_VARARGS, "Write a run of WRITEs to a file, replies into a reply arena."},
     {"mapped_copy", mapped_copy, METH_VARARGS, "Copy bytes into a file mapping; False if a SIGBUS stopped it."},
     {"splice_writes", splice_writes, METH_VARARGS, "Splice a run of large plain WRITEs from a socket into a file."},
+    {"fill_pipes", py_fill_pipes, METH_VARARGS, "Splice what a socket holds of a payload into pipes: (in, in2, state)."},
+    {"drain_pipes", py_drain_pipes, METH_VARARGS, "Move a payload out of pipes into a file: 0 or the write's errno."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import struct
-import termios
 from collections.abc import Callable
 from typing import Any
 
+from cachemode.nbd._batch import drain_pipes, fill_pipes
 from cachemode.nbd.requests import Request
 
 SPLICE_MIN = 256 * 1024
@@ -31,6 +30,9 @@ PIPE_SIZE = SPLICE_MAX
 """Capacity asked for each of a connection's two pipes (the default ``/proc/sys/fs/pipe-max-size``, which binds
 all but privileged users). A pipe counts the socket's page fragments, not bytes: a 1 MiB payload often needs
 more than one pipe's 256 slots, and without a second pipe it would be read out into memory (a second copy)."""
+
+PIPES_DRY, PIPES_FULL, PIPES_ENDED = 1, 2, 3
+"""Why ``_batch.fill_pipes`` stopped short: the socket holds nothing more, both pipes are full, end of stream."""
 
 Done = Callable[[Request, "OSError | None", bool], None]
 """``done(request, error, fatal)``: error None when the payload is in the image; fatal when the stream
@@ -68,8 +70,7 @@ class PayloadSplicer:
         self._spilled: list[bytes] = []
         self._pipes: list[tuple[int, int]] = []
         self._in = [0, 0]  # payload bytes in each pipe
-        self._cur = 0  # the pipe being filled
-        self._remaining = 0
+        self._remaining = 0  # payload bytes still in the socket
         self._error: OSError | None = None
         self.capacity = 0
         for _ in range(2):
@@ -114,52 +115,37 @@ class PayloadSplicer:
         self._done = done
         self._error = error
         self._in = [first, second]
-        self._cur = 1 if second else 0
         self._remaining = req.length - len(head) - first - second
         self._pump()
 
     def _pump(self) -> None:
-        """Splice whatever the socket has, until the payload is complete or the socket runs dry."""
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        retried = False
+        """Splice whatever the socket has, until the payload is complete or the socket runs dry (one C call,
+        ``_batch.fill_pipes``, per wake: the first pipe until its slots are full, then the second)."""
+        _, pipe_w, _, pipe2_w = self.pipes
         while self._remaining:
+            first, second = self._in
+            want = first + second + self._remaining
             try:
-                n = os.splice(self._sock_fd, self._pipes[self._cur][1], self._remaining, flags=flags)
-            except BlockingIOError:
-                if not self._socket_has_data():
-                    self.watch(self._pump)
-                    return
-                if not retried:  # the bytes may have come after the splice found none: once more first
-                    retried = True
-                    continue
-                retried = False
-                if self._cur + 1 < len(self._pipes):  # this pipe is full, not the socket empty: the next one
-                    self._cur += 1
-                    continue
-                if not self._spill():
-                    return
-                continue
+                first, second, state = fill_pipes(self._sock_fd, pipe_w, pipe2_w, want, first, second)
             except OSError as exc:
                 self._finish(exc, fatal=True)
                 return
-            if n == 0:
+            self._in = [first, second]
+            self._remaining = want - first - second
+            if state == PIPES_DRY:
+                self.watch(self._pump)
+                return
+            if state == PIPES_ENDED:
                 self._finish(ConnectionResetError("end of stream inside a WRITE payload"), fatal=True)
                 return
-            retried = False
-            self._remaining -= n
-            self._in[self._cur] += n
+            if state == PIPES_FULL and not self._spill():
+                return
         self.unwatch(self._pump)
         self._write()
 
-    def _socket_has_data(self) -> bool:
-        try:
-            return struct.unpack("i", fcntl.ioctl(self._sock_fd, termios.FIONREAD, b"\0" * 4))[0] > 0
-        except OSError:
-            return False
-
     def _write(self) -> None:
         """Write the bytes taken out of the pipes (head first), then move the pipes' into the image behind
-        them, first pipe first -- or discard them all after an error."""
+        them, first pipe first (``_batch.drain_pipes``) -- or discard them all after an error."""
         req = self._req
         assert req is not None
         pos = req.offset
@@ -173,22 +159,14 @@ class PayloadSplicer:
             except OSError as exc:
                 self._error = exc
         pos += len(self._head) + sum(len(chunk) for chunk in self._spilled)
+        pipe_r, _, pipe2_r, _ = self.pipes
         try:
-            for (pipe_r, _), n in zip(self._pipes, self._in, strict=False):
-                while n:
-                    if self._error is None:
-                        try:
-                            moved = os.splice(pipe_r, self._image_fd, n, offset_dst=pos)
-                        except OSError as exc:
-                            self._error = exc
-                            continue
-                    else:
-                        moved = len(os.read(pipe_r, n))
-                    n -= moved
-                    pos += moved
+            err = drain_pipes(pipe_r, pipe2_r, *self._in, self._image_fd, pos, self._error is not None)
         except OSError as exc:  # a pipe itself failed: nothing sensible is left to do
             self._finish(exc, fatal=True)
             return
+        if err:
+            self._error = OSError(err, os.strerror(err))
         self._finish(self._error, fatal=False)
 
     def _spill(self) -> bool:
@@ -203,7 +181,6 @@ class PayloadSplicer:
             self._finish(exc, fatal=True)
             return False
         self._in = [0, 0]
-        self._cur = 0
         return True
 
     def watch(self, callback: Callable[[], None]) -> None:
@@ -228,7 +205,6 @@ class PayloadSplicer:
         self._spilled = []
         self._error = None
         self._in = [0, 0]
-        self._cur = 0
 
     def _finish(self, error: OSError | None, *, fatal: bool) -> None:
         self.unwatch(self._pump)
