@@ -582,23 +582,27 @@ def test_bursts_of_small_reads_are_served_by_the_fused_call_and_the_rest_by_the_
     assert path.read_bytes()[3 * MIB : 3 * MIB + 4096] == new
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.parametrize("mapped", ["1", "0"])
 def test_large_writes_over_dirty_pages_are_received_into_the_mapped_image(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: str, transport: str
 ) -> None:
     """A client streams 1 MiB WRITEs over the same 4 MiB again and again without a FLUSH: the first round
-    finds those pages clean and is spliced; once they are dirty, the C loop receives payloads straight into
-    the server's mapping of the image (``stats.mapped_writes``; none with CACHEMODE_NBD_MAP=0). Every round
-    reads back as written, and the FLUSH at the end leaves none of those pages dirty."""
+    finds those pages clean and is spliced; once they are dirty, the payloads go straight into the server's
+    mapping of the image (``stats.mapped_writes``; none with CACHEMODE_NBD_MAP=0): over TCP the C loop
+    receives each one, whole in the socket, into it; over a Unix socket, which never holds a whole one, the
+    splicer reads each from its pipes into it once all of it is there. Every round reads back as written, and
+    the FLUSH at the end leaves none of those pages dirty."""
     if mapped == "1" and on_filesystem(tmp_path) != EXT4_SUPER_MAGIC:
         pytest.skip("the image is mapped only on ext2/3/4, and the test directory is elsewhere")
     monkeypatch.setenv("CACHEMODE_NBD_MAP", mapped)
     image = tmp_path / "disk.img"
-    with served(image, size=16 * MIB) as srv:
+    unix = tmp_path / "nbd.sock" if transport == "unix" else None
+    with served(image, size=16 * MIB, unix=unix) as srv:
         probe = os.open(image, os.O_RDONLY)
         try:
             dirty_pages(probe, 0, 4 * MIB)  # skips where the kernel lacks cachestat(2)
-            with client_for(srv.uri) as cl:
+            with Client(socket_path=str(unix)) if unix else client_for(srv.uri) as cl:
                 for rnd in range(8):
                     payloads = [random.Random(rnd * 4 + i).randbytes(MIB) for i in range(4)]
                     stream = b"".join(

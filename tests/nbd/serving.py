@@ -40,13 +40,18 @@ def need_libnbd_python() -> None:
 
 
 class ThreadServer:
-    """A :class:`Server` on its own event loop in a daemon thread, listening on 127.0.0.1:<ephemeral>."""
+    """A :class:`Server` on its own event loop in a daemon thread, listening on 127.0.0.1:<ephemeral>, or on
+    the Unix socket ``unix``."""
 
-    def __init__(self, disk: Any, export_name: str = "", **server_options: Any) -> None:
+    def __init__(self, disk: Any, export_name: str = "", unix: Path | None = None, **server_options: Any) -> None:
         self.disk = disk
         self.loop = new_event_loop()
         self.server = Server(disk, export_name=export_name, loop=self.loop, **server_options)
-        self.port = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
+        if unix is None:
+            self.port = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
+        else:
+            self.loop.run_until_complete(self.server.start_unix(str(unix)))
+        self.unix = unix
         self.uri = self.server.uri
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-server", daemon=True)
         self.thread.start()
@@ -68,12 +73,14 @@ def served(
     read_only: bool = False,
     size: int = 64 * MIB,
     export_name: str = "",
+    unix: Path | None = None,
 ) -> Iterator[ThreadServer]:
-    """Open (creating if needed) ``path`` as a disk and serve it for the duration of the block."""
+    """Open (creating if needed) ``path`` as a disk and serve it for the duration of the block (on the Unix
+    socket ``unix``, if given)."""
     if not path.exists():
         open_disk(path, "writeback", create_size=size).close()
     disk = open_disk(path, mode, write_cache=write_cache, read_only=read_only)
-    srv = ThreadServer(disk, export_name=export_name)
+    srv = ThreadServer(disk, export_name=export_name, unix=unix)
     try:
         yield srv
     finally:

@@ -156,12 +156,15 @@ def test_fill_pipes_says_why_it_stopped_and_drain_pipes_writes_or_drops(tmp_path
         assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 0, 0) == (1000, 0, PIPES_DRY)
         theirs.sendall(PAYLOAD[1000:3000])
         assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 1000, 0) == (3000, 0, 0)
-        assert batch.drain_pipes(pipe_r, -1, 3000, 0, fd, 100, False) == 0
+        assert batch.drain_pipes(pipe_r, -1, 3000, 0, fd, 100, False) == (0, False)
         assert image.read_bytes()[100:3100] == PAYLOAD[:3000]
         theirs.sendall(PAYLOAD[:500])
         theirs.shutdown(socket.SHUT_WR)
         assert batch.fill_pipes(ours.fileno(), pipe_w, -1, 3000, 0, 0) == (500, 0, PIPES_ENDED)
-        assert batch.drain_pipes(pipe_r, -1, 500, 0, fd, 0, True) == 0  # dropped: the pipe is empty, the file as it was
+        assert batch.drain_pipes(pipe_r, -1, 500, 0, fd, 0, True) == (
+            0,
+            False,
+        )  # dropped: the pipe is empty, the file as it was
         assert image.read_bytes()[:100] == bytes(100)
         os.set_blocking(pipe_r, False)
         with pytest.raises(BlockingIOError):

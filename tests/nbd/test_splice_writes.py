@@ -294,15 +294,41 @@ def test_with_the_mapping_a_payload_over_dirty_pages_is_received_into_it(rig: tu
     assert dirty_pages(fd, 4 << 20, HIGH) == HIGH // mmap.PAGESIZE  # b went in by splice, a buffered write
 
 
-def test_without_waiting_the_mapping_is_not_used(rig: tuple) -> None:
-    """Without ``wait`` the payload may not be all there, and nothing may be written before it is: spliced."""
+def test_without_waiting_a_whole_payload_over_dirty_pages_goes_from_the_pipes_into_the_mapping(rig: tuple) -> None:
+    """Without ``wait`` a payload is taken as it comes, into the pipes. Once all of it is there, over pages all
+    dirty, it is read from the pipes into the mapping (``mapped``) instead of spliced into the file: still
+    nothing written before it is whole. Over clean pages it is spliced."""
     _, theirs, _, fd = rig
-    dirty_and_clean(fd, dirty=(2 << 20, HIGH), clean=(4 << 20, HIGH))
-    a = random.Random(24).randbytes(HIGH)
-    send_all(theirs, header(3, 2 << 20, HIGH) + a)
+    dirty_and_clean(fd, dirty=(2 << 20, LOW), clean=(4 << 20, LOW))
+    a, b = random.Random(24).randbytes(LOW), random.Random(26).randbytes(LOW)
+    send_all(theirs, header(3, 2 << 20, LOW) + a + header(5, 4 << 20, LOW) + b)
     with mmap.mmap(fd, SIZE) as mapping:
-        assert call(rig, bytearray(4096), mapping=mapping)[::6] == (1, 0)
-    assert os.pread(fd, HIGH, 2 << 20) == a
+        count, _, _, errors, partial, _, mapped = call(rig, bytearray(4096), mapping=mapping)
+    assert (count, errors, partial, mapped) == (2, [], None, 1)
+    assert os.pread(fd, LOW, 2 << 20) == a
+    assert os.pread(fd, LOW, 4 << 20) == b
+    assert dirty_pages(fd, 4 << 20, LOW) == LOW // mmap.PAGESIZE  # b went in by splice, a buffered write
+
+
+def test_a_fault_in_the_mapping_leaves_the_rest_of_the_pipes_to_a_splice(rig: tuple) -> None:
+    """A page of the mapping that cannot be written (made read-only) stops the read from the pipes into it
+    with EFAULT: the rest stays in the pipes and is spliced into the file, and the payload lands whole."""
+    _, theirs, _, fd = rig
+    dirty_and_clean(fd, dirty=(2 << 20, LOW), clean=(4 << 20, LOW))
+    a = random.Random(27).randbytes(LOW)
+    send_all(theirs, header(6, 2 << 20, LOW) + a)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with mmap.mmap(fd, SIZE) as mapping:
+        view = ctypes.c_char.from_buffer(mapping)
+        page = ctypes.addressof(view) + (2 << 20) + LOW // 2
+        try:
+            assert libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ) == 0
+            count, at, _, errors, partial, _, mapped = call(rig, bytearray(4096), mapping=mapping)
+        finally:
+            libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+            del view
+    assert (count, at, errors, partial, mapped) == (1, 16, [], None, 1)
+    assert os.pread(fd, LOW, 2 << 20) == a
 
 
 def test_a_fault_in_the_mapping_leaves_the_rest_to_a_pwrite(rig: tuple) -> None:

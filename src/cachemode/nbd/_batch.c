@@ -89,16 +89,19 @@
  *       dirty page written through the mapping since it was last cleaned takes the copy without a fault; one
  *       dirtied by a splice or a pwrite faults once, at the first such copy. A fault the kernel cannot
  *       resolve (EFAULT) leaves the rest of the payload to be received into memory and pwritten, which
- *       reports the error.
+ *       reports the error. Without ``wait``, a payload that is all in the pipes over such pages is read
+ *       from the pipes into the mapping instead of spliced into ``fd`` (drain_pipes; counted in ``mapped``
+ *       too): whole by then, so nothing is written before it is.
  *
  *   fill_pipes(sock, pipe_w, pipe2_w, length, in_first, in_second) -> (in_first, in_second, state)
- *   drain_pipes(pipe_r, pipe2_r, in_first, in_second, fd, offset, discard) -> errno or 0
+ *   drain_pipes(pipe_r, pipe2_r, in_first, in_second, fd, offset, discard[, mapping]) -> (errno or 0, mapped)
  *       the two halves of a payload's splice that splice_writes runs inline, for the splicer
  *       (cachemode.nbd.splice) that goes on with a payload splice_writes left ``partial``: splice what the
  *       socket holds into the pipes until they hold ``length`` bytes, and say why it stopped short (0 filled,
  *       1 the socket holds nothing more, 2 both pipes full, 3 end of stream; OSError where the socket or a
- *       pipe failed); then move the pipes' bytes into ``fd`` at ``offset``, or read them out and drop them
- *       (``discard``, or after a failed write, whose errno it returns). Why in C: a payload that trickles in
+ *       pipe failed); then move the pipes' bytes into ``fd`` at ``offset`` -- read into ``mapping`` (as
+ *       splice_writes' own) where their pages are all dirty, ``mapped`` then True -- or read them out and drop
+ *       them (``discard``, or after a failed write, whose errno it returns). Why in C: a payload that trickles in
  *       (a Unix socket never holds a whole one) wakes the splicer a few times per MiB, and per wake the
  *       interpreter's loop -- several splice calls, the BlockingIOError that ends them, the FIONREAD --
  *       cost more than the splices.
@@ -513,15 +516,57 @@ fail:
     return NULL;
 }
 
+#ifndef __NR_cachestat
+#define __NR_cachestat 451 /* the same number on every architecture but alpha (Linux 6.5) */
+#endif
+
+/* Whether every page of [offset, offset + length) of fd is in the page cache and dirty, none under writeback
+ * (cachestat(2), Linux 6.5; 0 where the kernel lacks it). */
+static int all_dirty(int fd, uint64_t offset, uint64_t length) {
+    static int missing;
+    if (missing)
+        return 0;
+    struct { uint64_t off, len; } range = {offset, length};
+    struct { uint64_t cache, dirty, writeback, evicted, recently_evicted; } cs;
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) != 0) {
+        if (errno == ENOSYS)
+            missing = 1;
+        return 0;
+    }
+    const uint64_t p = page_size(), pages = (offset + length + p - 1) / p - offset / p;
+    return cs.cache == pages && cs.dirty == pages && cs.writeback == 0;
+}
+
 /* Moves the bytes in pipes[0] then pipes[1] (in[] each) into ``fd`` at ``offset``; on a write error -- or
  * from the start, where ``err`` is already set -- the rest is read out and dropped (the payload is consumed all
- * the same). Returns ``err``, or the write's errno; -1 with errno set when a pipe itself failed. */
-static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_t offset, int err) {
+ * the same). With ``map`` (fd's shared mapping, ``map_len`` long; NULL: none), a range whose pages are all
+ * dirty in the page cache is read from the pipes straight into the mapping instead (``*mapped`` set): one
+ * copy, as the splice makes, without the filesystem's write path (see splice_writes); a fault the kernel
+ * cannot resolve (EFAULT) sends the rest through the splice. Returns ``err``, or the write's errno; -1 with
+ * errno set when a pipe itself failed. */
+static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_t offset, int err,
+                       unsigned char *map, uint64_t map_len, int *mapped) {
+    const uint64_t total = in[0] + in[1];
+    int by_map = !err && map != NULL && offset <= map_len && total <= map_len - offset && all_dirty(fd, offset, total);
+    *mapped = by_map;
     for (int p = 0; p < 2; p++) {
         uint64_t left = in[p];
         while (left) {
             ssize_t n;
-            if (!err) {
+            if (by_map) {
+                n = read(pipes[p], map + offset, (size_t)left);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n < 0 && errno == EFAULT) {
+                    by_map = 0;
+                    continue;
+                }
+                if (n <= 0) {
+                    if (n == 0)
+                        errno = EIO;
+                    return -1;
+                }
+            } else if (!err) {
                 loff_t pos = (loff_t)offset;
                 n = splice(pipes[p], NULL, fd, &pos, (size_t)left, SPLICE_F_MOVE);
                 if (n < 0 && errno == EINTR)
@@ -546,27 +591,6 @@ static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_
         }
     }
     return err;
-}
-
-#ifndef __NR_cachestat
-#define __NR_cachestat 451 /* the same number on every architecture but alpha (Linux 6.5) */
-#endif
-
-/* Whether every page of [offset, offset + length) of fd is in the page cache and dirty, none under writeback
- * (cachestat(2), Linux 6.5; 0 where the kernel lacks it). */
-static int all_dirty(int fd, uint64_t offset, uint64_t length) {
-    static int missing;
-    if (missing)
-        return 0;
-    struct { uint64_t off, len; } range = {offset, length};
-    struct { uint64_t cache, dirty, writeback, evicted, recently_evicted; } cs;
-    if (syscall(__NR_cachestat, fd, &range, &cs, 0) != 0) {
-        if (errno == ENOSYS)
-            missing = 1;
-        return 0;
-    }
-    const uint64_t p = page_size(), pages = (offset + length + p - 1) / p - offset / p;
-    return cs.cache == pages && cs.dirty == pages && cs.writeback == 0;
 }
 
 /* Receive ``n`` bytes, all queued in the socket already, into ``buf``: how many landed (all of them, unless a
@@ -670,19 +694,27 @@ static PyObject *py_fill_pipes(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_drain_pipes(PyObject *self, PyObject *args) {
-    int readers[2], fd, discard;
+    int readers[2], fd, discard, mapped;
     unsigned long long first, second, offset;
-    if (!PyArg_ParseTuple(args, "iiKKiKp", &readers[0], &readers[1], &first, &second, &fd, &offset, &discard))
+    PyObject *map_object = Py_None;
+    Py_buffer mapping = {0};
+    if (!PyArg_ParseTuple(args, "iiKKiKp|O", &readers[0], &readers[1], &first, &second, &fd, &offset, &discard,
+                          &map_object))
         return NULL;
     if (readers[0] < 0 || (readers[1] < 0 && second)) {
         PyErr_SetString(PyExc_ValueError, "bytes in a missing pipe");
         return NULL;
     }
+    if (map_object != Py_None && PyObject_GetBuffer(map_object, &mapping, PyBUF_WRITABLE) < 0)
+        return NULL;
     const uint64_t in[2] = {first, second};
-    int err = drain_pipes(readers, in, fd, offset, discard ? EIO : 0);
+    int err = drain_pipes(readers, in, fd, offset, discard ? EIO : 0, mapping.buf,
+                          mapping.obj != NULL ? (uint64_t)mapping.len : 0, &mapped);
+    if (mapping.obj != NULL)
+        PyBuffer_Release(&mapping);
     if (err < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromLong(discard ? 0 : err);
+    return Py_BuildValue("iO", discard ? 0 : err, mapped ? Py_True : Py_False);
 }
 
 static PyObject *splice_writes(PyObject *self, PyObject *args) {
@@ -758,7 +790,9 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
                 break;
             }
         }
-        int err = by_map ? recv_mapped(sock, map + offset, fd, offset, length) : drain_pipes(readers, in, fd, offset, 0);
+        int piped_to_map = 0; /* with wait, all_dirty said no already */
+        int err = by_map ? recv_mapped(sock, map + offset, fd, offset, length)
+                         : drain_pipes(readers, in, fd, offset, 0, wait ? NULL : map, map_len, &piped_to_map);
         if (err < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
@@ -768,7 +802,7 @@ static PyObject *splice_writes(PyObject *self, PyObject *args) {
                 goto fail;
             continue;
         }
-        mapped += by_map;
+        mapped += by_map || piped_to_map;
         put_simple_reply(a + at, cookie);
         at += SIMPLE_HEADER;
     }

@@ -63,7 +63,7 @@ class Stats:
         self.refused = 0
         self.requests = 0
         self.fused_reads = 0  # of the requests, READs served by the fused call (_serve_reads)
-        self.mapped_writes = 0  # of the requests, large WRITEs received into the mapped image (_splice_run)
+        self.mapped_writes = 0  # of the requests, large WRITEs stored through the mapped image (_splice_run)
         self.flushes = 0
         self.errors = 0
 
@@ -310,7 +310,8 @@ class NBDConnection(DirectPaths, asyncio.BufferedProtocol):
         way, its payload socket -> pipe -> image, its reply into the arena), as far as the in-flight bound, the
         budget and the arena allow; what it does not take is left in the socket for the core. A payload waited
         for whole, over pages all dirty in the page cache, is received straight into the mapped image instead
-        (``server.write_map``; counted in ``stats.mapped_writes``): that skips the filesystem's write path.
+        (``server.write_map``; counted in ``stats.mapped_writes``): that skips the filesystem's write path. One
+        taken as it comes goes from the pipes into the mapping once it is whole, where its pages are so.
 
         Returns how many requests it took, and how many bytes the socket must hold for the next one (see
         ``splice_writes``), for :meth:`_await_payload`: with ``wait``, a WRITE is taken only with its whole

@@ -63,7 +63,7 @@ class DirectPaths:
         req = ev.request
         if self._splicer is None and self._sock_fd >= 0:
             try:
-                self._splicer = PayloadSplicer(self.loop, self._sock_fd, self.server.splice_fd)
+                self._splicer = PayloadSplicer(self.loop, self._sock_fd, self.server.splice_fd, self.server.write_map)
             except OSError as exc:  # no pipe to be had (fd limit): receive the ordinary way
                 log.info("%s: no splice: %s", self.peer, exc)
         if self._splicer is None or self._sock_fd < 0 or not self._splicer.fits(req, ev.head):
@@ -92,6 +92,7 @@ class DirectPaths:
             return
         if error is None:
             self.server.note_write()
+            self.server.stats.mapped_writes += self._splicer.last_mapped
             reply = replies.simple(req.cookie)
         else:
             self.server.stats.errors += 1

@@ -58,10 +58,12 @@ class PayloadSplicer:
     transport's fd).
     """
 
-    def __init__(self, loop: Any, sock_fd: int, image_fd: int) -> None:
+    def __init__(self, loop: Any, sock_fd: int, image_fd: int, mapping: Any = None) -> None:
         self.loop = loop
         self._sock_fd = sock_fd
         self._image_fd = image_fd
+        self._mapping = mapping  # the image's shared mapping (server.write_map), or None: see _write
+        self.last_mapped = False  # the last payload written went from the pipes into the mapping
         self._watch_fd = -1
         self._watching: Callable[[], None] | None = None  # the callback watching the socket, if any
         self._req: Request | None = None
@@ -145,7 +147,10 @@ class PayloadSplicer:
 
     def _write(self) -> None:
         """Write the bytes taken out of the pipes (head first), then move the pipes' into the image behind
-        them, first pipe first (``_batch.drain_pipes``) -- or discard them all after an error."""
+        them, first pipe first (``_batch.drain_pipes``) -- or discard them all after an error. Where every
+        page the pipes' bytes land on is dirty in the page cache, they are read into the image's mapping
+        instead, past the filesystem's write path (``last_mapped``): the payload is whole by now, so this too
+        writes nothing before it is."""
         req = self._req
         assert req is not None
         pos = req.offset
@@ -161,7 +166,9 @@ class PayloadSplicer:
         pos += len(self._head) + sum(len(chunk) for chunk in self._spilled)
         pipe_r, _, pipe2_r, _ = self.pipes
         try:
-            err = drain_pipes(pipe_r, pipe2_r, *self._in, self._image_fd, pos, self._error is not None)
+            err, self.last_mapped = drain_pipes(
+                pipe_r, pipe2_r, *self._in, self._image_fd, pos, self._error is not None, self._mapping
+            )
         except OSError as exc:  # a pipe itself failed: nothing sensible is left to do
             self._finish(exc, fatal=True)
             return
