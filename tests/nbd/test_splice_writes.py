@@ -310,43 +310,26 @@ def test_without_waiting_a_whole_payload_over_dirty_pages_goes_from_the_pipes_in
     assert dirty_pages(fd, 4 << 20, LOW) == LOW // mmap.PAGESIZE  # b went in by splice, a buffered write
 
 
-def test_a_fault_in_the_mapping_leaves_the_rest_of_the_pipes_to_a_splice(rig: tuple) -> None:
-    """A page of the mapping that cannot be written (made read-only) stops the read from the pipes into it
-    with EFAULT: the rest stays in the pipes and is spliced into the file, and the payload lands whole."""
+@pytest.mark.parametrize("wait", [True, False], ids=["received", "from-pipes"])
+def test_a_fault_in_the_mapping_leaves_the_rest_to_the_file(rig: tuple, wait: bool) -> None:
+    """A page of the mapping that cannot be written (here: made read-only) stops the copy into it with EFAULT,
+    and the payload lands whole all the same. With ``wait`` the payload is received from the socket into the
+    mapping, and the rest is received into memory and pwritten; without, it is read from the pipes into the
+    mapping, and the rest stays in the pipes and is spliced into the file."""
     _, theirs, _, fd = rig
-    dirty_and_clean(fd, dirty=(2 << 20, LOW), clean=(4 << 20, LOW))
-    a = random.Random(27).randbytes(LOW)
-    send_all(theirs, header(6, 2 << 20, LOW) + a)
+    length = HIGH if wait else LOW
+    dirty_and_clean(fd, dirty=(2 << 20, length), clean=(4 << 20, length))
+    a = random.Random(25).randbytes(length)
+    send_all(theirs, header(4, 2 << 20, length) + a)
     libc = ctypes.CDLL(None, use_errno=True)
     with mmap.mmap(fd, SIZE) as mapping:
         view = ctypes.c_char.from_buffer(mapping)
-        page = ctypes.addressof(view) + (2 << 20) + LOW // 2
+        page = ctypes.addressof(view) + (2 << 20) + length // 2
         try:
             assert libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ) == 0
-            count, at, _, errors, partial, _, mapped = call(rig, bytearray(4096), mapping=mapping)
+            count, at, _, errors, partial, _, mapped = call(rig, bytearray(4096), wait=wait, mapping=mapping)
         finally:
             libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
             del view
     assert (count, at, errors, partial, mapped) == (1, 16, [], None, 1)
-    assert os.pread(fd, LOW, 2 << 20) == a
-
-
-def test_a_fault_in_the_mapping_leaves_the_rest_to_a_pwrite(rig: tuple) -> None:
-    """A page of the mapping that cannot be written (here: made read-only) fails the receive into it with
-    EFAULT: the rest of the payload is received into memory and pwritten, and the payload lands whole."""
-    _, theirs, _, fd = rig
-    dirty_and_clean(fd, dirty=(2 << 20, HIGH), clean=(4 << 20, HIGH))
-    a = random.Random(25).randbytes(HIGH)
-    send_all(theirs, header(4, 2 << 20, HIGH) + a)
-    libc = ctypes.CDLL(None, use_errno=True)
-    with mmap.mmap(fd, SIZE) as mapping:
-        view = ctypes.c_char.from_buffer(mapping)
-        page = ctypes.addressof(view) + (2 << 20) + HIGH // 2
-        try:
-            assert libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ) == 0
-            count, at, _, errors, _, _, mapped = call(rig, bytearray(4096), wait=True, mapping=mapping)
-        finally:
-            libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE)
-            del view
-    assert (count, at, errors, mapped) == (1, 16, [], 1)
-    assert os.pread(fd, HIGH, 2 << 20) == a
+    assert os.pread(fd, length, 2 << 20) == a
