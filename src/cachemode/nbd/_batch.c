@@ -830,7 +830,7 @@ static PyMethodDef methods[] = {
     {"mapped_copy", mapped_copy, METH_VARARGS, "Copy bytes into a file mapping; False if a SIGBUS stopped it."},
     {"splice_writes", splice_writes, METH_VARARGS, "Splice a run of large plain WRITEs from a socket into a file."},
     {"fill_pipes", py_fill_pipes, METH_VARARGS, "Splice what a socket holds of a payload into pipes: (in, in2, state)."},
-    {"drain_pipes", py_drain_pipes, METH_VARARGS, "Move a payload out of pipes into a file: 0 or the write's errno."},
+    {"drain_pipes", py_drain_pipes, METH_VARARGS, "Move a payload out of pipes into a file or its mapping: (0 or the write's errno, mapped)."},
     {NULL, NULL, 0, NULL},
 };
 
