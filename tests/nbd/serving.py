@@ -51,7 +51,6 @@ class ThreadServer:
             self.port = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
         else:
             self.loop.run_until_complete(self.server.start_unix(str(unix)))
-        self.unix = unix
         self.uri = self.server.uri
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd-test-server", daemon=True)
         self.thread.start()

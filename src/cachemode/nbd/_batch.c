@@ -537,6 +537,20 @@ static int all_dirty(int fd, uint64_t offset, uint64_t length) {
     return cs.cache == pages && cs.dirty == pages && cs.writeback == 0;
 }
 
+/* One read(2) of up to ``n`` bytes out of a pipe that holds some, retried on EINTR: how many, or -1 with errno
+ * set (EIO where the pipe turned out empty). */
+static ssize_t read_pipe(int pipe, unsigned char *dst, size_t n) {
+    ssize_t got;
+    do
+        got = read(pipe, dst, n);
+    while (got < 0 && errno == EINTR);
+    if (got == 0) {
+        errno = EIO;
+        return -1;
+    }
+    return got;
+}
+
 /* Moves the bytes in pipes[0] then pipes[1] (in[] each) into ``fd`` at ``offset``; on a write error -- or
  * from the start, where ``err`` is already set -- the rest is read out and dropped (the payload is consumed all
  * the same). With ``map`` (fd's shared mapping, ``map_len`` long; NULL: none), a range whose pages are all
@@ -554,18 +568,13 @@ static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_
         while (left) {
             ssize_t n;
             if (by_map) {
-                n = read(pipes[p], map + offset, (size_t)left);
-                if (n < 0 && errno == EINTR)
-                    continue;
+                n = read_pipe(pipes[p], map + offset, (size_t)left);
                 if (n < 0 && errno == EFAULT) {
                     by_map = 0;
                     continue;
                 }
-                if (n <= 0) {
-                    if (n == 0)
-                        errno = EIO;
+                if (n < 0)
                     return -1;
-                }
             } else if (!err) {
                 loff_t pos = (loff_t)offset;
                 n = splice(pipes[p], NULL, fd, &pos, (size_t)left, SPLICE_F_MOVE);
@@ -577,14 +586,9 @@ static int drain_pipes(const int pipes[2], const uint64_t in[2], int fd, uint64_
                 }
             } else {
                 unsigned char sink[65536];
-                n = read(pipes[p], sink, left < sizeof sink ? (size_t)left : sizeof sink);
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n <= 0) {
-                    if (n == 0)
-                        errno = EIO;
+                n = read_pipe(pipes[p], sink, left < sizeof sink ? (size_t)left : sizeof sink);
+                if (n < 0)
                     return -1;
-                }
             }
             left -= (uint64_t)n;
             offset += (uint64_t)n;
